@@ -1,0 +1,47 @@
+"""Atomic writes: write to a temporary file in the same folder, then rename over the target."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Calls `write(tmp_path)` and renames tmp_path to `path`; a crash leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return path
+
+
+def save_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def save_torch(path: str | Path, obj: Any) -> Path:
+    """torch.save of tensors/dicts of plain types, loadable with torch.load(weights_only=True)."""
+    return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(weights_only=True) with a clear error for a missing, truncated or tampered file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
+        raise ValueError(f"{path}: cannot be loaded as a weights-only torch file ({type(err).__name__}: {err})") from None

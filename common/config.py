@@ -1,0 +1,281 @@
+"""Typed experiment configuration: YAML files under `simulations/configs/` plus `key.sub=value` overrides.
+
+Every section is a pydantic model with unknown keys forbidden and strict types, so a typo or a
+wrong type never falls back to a default. `load_config` turns any validation failure into a
+`ConfigError` whose message is one line per problem, naming the dotted key and the allowed range.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "simulations" / "configs"
+
+# Training images per class of the datasets whose size is known before loading them.
+KNOWN_TRAIN_PER_CLASS = {"cifar10": 5000}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; str() is one line per problem, each naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: Literal["cifar10", "imagefolder", "tiny"] = "cifar10"
+    path: str | None = None  # then $FEDDISTILL_DATA, then ~/.cache/feddistill/data
+    download: bool = False  # torchvision CIFAR10(download=True) when the files are missing
+    train_per_class: int | None = Field(None, ge=1)  # a reduced, seeded slice of the training set
+    test_per_class: int | None = Field(None, ge=1)
+    tiny_per_class: int = Field(20, ge=1, le=1000)  # only for name=tiny (generated, unit tests)
+
+
+class SplitConfig(_Section):
+    pipc: int | None = Field(50, ge=0)  # public (server-side, safe) images per class
+    public_ratio: float | None = Field(None, gt=0.0, lt=1.0)  # alternative to pipc
+    num_clients: int = Field(3, ge=1, le=1000)
+    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = Field(0.5, gt=0.0)  # Dirichlet concentration
+    classes_per_client: int = Field(2, ge=1)  # for partition=shards
+    min_partition_size: int = Field(1, ge=0)  # Dirichlet resamples until every client has this many
+    client_holdout: float = Field(0.1, ge=0.0, lt=1.0)  # slice of each shard for local evaluation
+    seed: int | None = None  # defaults to the experiment seed
+
+    @model_validator(mode="after")
+    def _one_public_size(self) -> SplitConfig:
+        if self.public_ratio is not None and self.pipc is not None:
+            raise ValueError("split.pipc and split.public_ratio are exclusive: set one, the other to null")
+        if self.public_ratio is None and self.pipc is None:
+            raise ValueError("split.pipc: set pipc (>= 0) or public_ratio (0 < r < 1)")
+        return self
+
+
+class ModelConfig(_Section):
+    width: int = Field(128, ge=1, le=4096)
+    depth: int = Field(3, ge=1, le=5)
+    norm: Literal["instancenorm", "batchnorm", "none"] = "instancenorm"
+
+
+class FederationConfig(_Section):
+    rounds: int = Field(3, ge=1)
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    min_clients: int = Field(1, ge=1)  # minimum replies per round (and nodes to wait for)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.01, gt=0.0, le=10.0)
+    lr_decay: float = Field(1.0, gt=0.0, le=1.0)  # lr of round r = lr * lr_decay ** (r - 1)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    eval_batch_size: int = Field(500, ge=1)
+    client_num_cpus: float = Field(1.0, gt=0.0)
+    client_num_gpus: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class DistillConfig(_Section):
+    enabled: bool = False  # run distillation on the server after the last federated round
+    method: Literal["random", "dm", "dsv", "dm+dkkt"] = "dm+dkkt"
+    ipc: int = Field(10, ge=1)
+    init: Literal["real", "noise"] = "real"
+    iterations: int = Field(1000, ge=0)
+    lr_img: float = Field(1.0, gt=0.0)
+    momentum_img: float = Field(0.5, ge=0.0, lt=1.0)
+    batch_real: int = Field(256, ge=1)
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    # Deep KKT (DSV) terms; see docs/method.md for which of these are our choices.
+    dkkt_weight: float = Field(1.0, ge=0.0)  # w_kkt: weight of L_DKKT against L_DM
+    primal_weight: float = Field(2e-3, ge=0.0)  # beta1 (DSV CIFAR setting)
+    aug_weight: float = Field(5.0, ge=0.0)  # eta: weight of the KKT terms on an augmented view
+    tv_weight: float = Field(0.0, ge=0.0)  # beta2, off for CIFAR as in DSV
+    norm_weight: float = Field(0.0, ge=0.0)  # beta3, off for CIFAR as in DSV
+    lambda_init: float = Field(0.5, ge=0.0)
+    lambda_lr: float = Field(1e-2, gt=0.0)
+    num_seeds: int = Field(1, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    # Progress metrics are read back every log_every iterations: each read is a device sync that would
+    # otherwise stall the GPU pipeline once per iteration.
+    log_every: int = Field(10, ge=1)
+
+
+class EvaluationConfig(_Section):
+    epochs: int = Field(1000, ge=1)
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    batch_size: int = Field(256, ge=1)
+    num_nets: int = Field(5, ge=1)
+    dsa: bool = True
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    federation: FederationConfig = FederationConfig()
+    distill: DistillConfig = DistillConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        check_against_dataset(self, train_per_class_of(self))
+        if self.federation.min_clients > self.split.num_clients:
+            raise ValueError(
+                f"federation.min_clients={self.federation.min_clients}: must be <= split.num_clients={self.split.num_clients}"
+            )
+        if self.split.partition == "shards" and self.split.num_clients + self.split.classes_per_client - 1 < 10:
+            # Client p holds classes p .. p+k-1 (mod 10); fewer windows than classes would leave private images unassigned.
+            raise ValueError(
+                "split.classes_per_client: num_clients + classes_per_client - 1 must be >= the number of classes (10) "
+                f"so that every private image lands in a shard; got {self.split.num_clients} + {self.split.classes_per_client} - 1"
+            )
+        return self
+
+
+def train_per_class_of(cfg: ExperimentConfig) -> int | None:
+    """Training images per class, when known without loading the data."""
+    known = cfg.data.tiny_per_class if cfg.data.name == "tiny" else KNOWN_TRAIN_PER_CLASS.get(cfg.data.name)
+    if cfg.data.train_per_class is not None:
+        return min(cfg.data.train_per_class, known) if known else cfg.data.train_per_class
+    return known
+
+
+def public_per_class(split: SplitConfig, train_per_class: int) -> int:
+    """pipc, or the public ratio turned into images per class (at least 1)."""
+    if split.pipc is not None:
+        return split.pipc
+    return max(1, round(split.public_ratio * train_per_class))
+
+
+def check_against_dataset(cfg: ExperimentConfig, train_per_class: int | None) -> None:
+    """Checks that need the number of training images per class; raises ValueError naming the key."""
+    if train_per_class is None:
+        return
+    if cfg.data.train_per_class is not None and cfg.data.train_per_class > train_per_class:
+        raise ValueError(f"data.train_per_class={cfg.data.train_per_class}: must be <= {train_per_class} (images per class)")
+    pipc = public_per_class(cfg.split, train_per_class)
+    if pipc > train_per_class:
+        raise ValueError(f"split.pipc={pipc}: must be between 0 and {train_per_class} (training images per class)")
+    private_total = (train_per_class - pipc) * 10
+    if cfg.split.num_clients > private_total:
+        raise ValueError(
+            f"split.num_clients={cfg.split.num_clients}: must be <= {private_total} (private images left after pipc={pipc})"
+        )
+    if cfg.distill.method in ("random", "dm", "dm+dkkt") or cfg.distill.init == "real":
+        if pipc == 0:
+            raise ValueError(
+                f"split.pipc=0: distill.method={cfg.distill.method!r} with init={cfg.distill.init!r} needs public images; "
+                "use pipc >= 1 or method=dsv with init=noise"
+            )
+        if cfg.distill.ipc > pipc and (cfg.distill.init == "real" or cfg.distill.method == "random"):
+            raise ValueError(
+                f"distill.ipc={cfg.distill.ipc}: must be <= split.pipc={pipc} with init=real "
+                "(or method=random); use init=noise or a larger pipc"
+            )
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent_keys = _allowed_keys(e["loc"][:-1])
+            guess = difflib.get_close_matches(str(e["loc"][-1]), parent_keys, n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else ""
+            lines.append(f"{key}: unknown key (allowed: {', '.join(parent_keys)}){hint}")
+        elif e["type"] == "value_error":
+            lines.append(str(e["ctx"]["error"]))
+        else:
+            given = e.get("input")
+            shown = "" if isinstance(given, (dict, list)) else f"={given!r}"
+            lines.append(f"{key}{shown}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: Iterable[Any]) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`["federation.rounds=5", "data.path=/x"]` -> {"federation.rounds": 5, "data.path": "/x"} (values as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Sets dotted keys in a nested dict (a copy); unknown keys are caught later by validation."""
+    merged = _deep_copy(raw)
+    for dotted, value in overrides.items():
+        node = merged
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{dotted}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a file under simulations/configs/ (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{Path(name_or_path).stem}.yaml"
+    if candidate.exists():
+        return candidate
+    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {str(name_or_path)!r}: no such file, and no config of that name (available: {available})")
+
+
+def build_config(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Validates a nested dict (plus dotted overrides) into an ExperimentConfig, or raises ConfigError."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: the top level must be a mapping of sections, got {type(raw).__name__}")
+    merged = apply_overrides(dict(raw), overrides or {})
+    try:
+        return ExperimentConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Loads a YAML config by path or name and applies dotted overrides."""
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path}: not valid YAML ({err})") from None
+    return build_config(raw, overrides)
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

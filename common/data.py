@@ -1,0 +1,283 @@
+"""Datasets by name, decoded once to uint8 arrays and cached; normalisation as in the DM reference."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common.atomic import atomic_write
+from common.config import DataConfig
+
+# CIFAR-10 statistics used by the DM reference (utils.get_dataset).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+
+
+def to_normalized_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W), scaled to [0, 1] and normalised with the CIFAR-10 mean/std."""
+    x = torch.as_tensor(images, device=device).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of the normalisation: (N, C, H, W) -> [0, 1] values (clamped)."""
+    mean = torch.tensor(CIFAR10_MEAN, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x * std + mean).clamp(0.0, 1.0)
+
+
+DATA_ENV = "FEDDISTILL_DATA"  # where the dataset is: a .tar.gz archive, an ImageFolder dir, or a torchvision root
+CACHE_ENV = "FEDDISTILL_CACHE"  # where decoded arrays are cached (default ~/.cache/feddistill)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class DataError(RuntimeError):
+    """A dataset that is missing, corrupt or malformed; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ImageArrays:
+    """Images as uint8 (N, H, W, C) with int64 labels (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def per_class(self, num_classes: int) -> np.ndarray:
+        return np.bincount(self.labels, minlength=num_classes)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    classes: tuple[str, ...]
+    train: ImageArrays
+    test: ImageArrays
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "feddistill")
+
+
+def resolve_data_path(configured: str | None) -> Path:
+    """data.path, else $FEDDISTILL_DATA, else ~/.cache/feddistill/data."""
+    if configured:
+        return Path(configured).expanduser()
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    return cache_dir() / "data"
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
+    """The dataset named by `cfg`, sliced to `train_per_class`/`test_per_class` if set (seeded)."""
+    if cfg.name == "tiny":
+        dataset = make_tiny_dataset(cfg.tiny_per_class, seed=seed)
+    else:
+        path = resolve_data_path(cfg.path)
+        if _is_imagefolder(path):
+            dataset = load_imagefolder(path)
+        elif cfg.name == "cifar10":
+            dataset = load_torchvision_cifar10(path, download=cfg.download)
+        else:
+            raise DataError(_missing_message(path, cfg.name))
+        if cfg.name == "cifar10" and dataset.classes != CIFAR10_CLASSES:
+            raise DataError(f"{path}: class folders {list(dataset.classes)} are not CIFAR-10's {list(CIFAR10_CLASSES)}")
+    return Dataset(
+        dataset.name,
+        dataset.classes,
+        _slice_per_class(dataset.train, cfg.train_per_class, dataset.num_classes, seed),
+        _slice_per_class(dataset.test, cfg.test_per_class, dataset.num_classes, seed + 1),
+    )
+
+
+def _is_imagefolder(path: Path) -> bool:
+    return path.is_file() and path.name.endswith((".tar.gz", ".tgz")) or (path / "train").is_dir()
+
+
+def _missing_message(path: Path, name: str) -> str:
+    return (
+        f"no {name} dataset at {path}. Point data.path (or ${DATA_ENV}) at the CIFAR-10 archive "
+        "(e.g. shared/data/cifar10-jpeg.tar.gz) or an ImageFolder directory with train/<class>/ and test/<class>/"
+        + (", or set data.download=true to fetch CIFAR-10 with torchvision (needs internet)" if name == "cifar10" else "")
+    )
+
+
+def _slice_per_class(arrays: ImageArrays, per_class: int | None, num_classes: int, seed: int) -> ImageArrays:
+    if per_class is None:
+        return arrays
+    rng = np.random.default_rng(seed)
+    keep = np.concatenate(
+        [rng.permutation(np.flatnonzero(arrays.labels == c))[:per_class] for c in range(num_classes)]
+    )
+    keep.sort()
+    return ImageArrays(arrays.images[keep], arrays.labels[keep])
+
+
+# ---------------------------------------------------------------- ImageFolder (directory or .tar.gz), cached
+
+
+def load_imagefolder(path: Path) -> Dataset:
+    """`train/<class>/*` and `test/<class>/*` images, decoded once and cached as uint8 arrays."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(_missing_message(path, "imagefolder"))
+    cached = cache_dir() / f"imagefolder-{_source_key(path)}.npz"
+    if cached.exists():
+        try:
+            return _read_cache(cached, path)
+        except (OSError, ValueError, KeyError) as err:
+            raise DataError(f"cache file {cached} is unreadable ({err}); delete it to decode {path} again") from None
+    files = _read_tar(path) if path.is_file() else _read_dir(path)
+    dataset = _decode(files, path)
+    atomic_write(
+        cached,
+        lambda tmp: _write_npz(tmp, dataset),
+    )
+    return dataset
+
+
+def _source_key(path: Path) -> str:
+    if path.is_file():
+        st = path.stat()
+        ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    else:
+        entries = sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+        ident = f"{path.resolve()}|{entries}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _write_npz(tmp: Path, dataset: Dataset) -> None:
+    with open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            classes=np.array(dataset.classes),
+            train_images=dataset.train.images,
+            train_labels=dataset.train.labels,
+            test_images=dataset.test.images,
+            test_labels=dataset.test.labels,
+        )
+
+
+def _read_cache(cached: Path, source: Path) -> Dataset:
+    with np.load(cached, allow_pickle=False) as z:
+        return Dataset(
+            source.name,
+            tuple(str(c) for c in z["classes"]),
+            ImageArrays(z["train_images"], z["train_labels"]),
+            ImageArrays(z["test_images"], z["test_labels"]),
+        )
+
+
+_MEMBER = re.compile(r"(?:^|/)(train|test)/([^/]+)/([^/]+)$")
+
+
+def _read_tar(path: Path) -> list[tuple[str, str, str, bytes]]:
+    """(split, class, name, bytes) of every image in the archive."""
+    out = []
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                m = _MEMBER.search(member.name)
+                if member.isfile() and m and member.name.lower().endswith(IMAGE_SUFFIXES):
+                    out.append((m[1], m[2], m[3], tar.extractfile(member).read()))
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+        raise DataError(
+            f"{path}: corrupt or truncated archive ({type(err).__name__}: {err}); copy it again "
+            "(shared/data/README.md gives its sha256)"
+        ) from None
+    return out
+
+
+def _read_dir(path: Path) -> list[tuple[str, str, str, bytes]]:
+    return [
+        (p.parent.parent.name, p.parent.name, p.name, p.read_bytes())
+        for split in ("train", "test")
+        for p in (path / split).glob("*/*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+
+
+def _decode(files: list[tuple[str, str, str, bytes]], source: Path) -> Dataset:
+    classes = tuple(sorted({cls for split, cls, _, _ in files if split == "train"}))
+    if not classes:
+        raise DataError(f"{source}: no images under train/<class>/ (expected an ImageFolder layout)")
+    test_classes = {cls for split, cls, _, _ in files if split == "test"}
+    if not test_classes:
+        raise DataError(f"{source}: no images under test/<class>/")
+    if not test_classes <= set(classes):
+        raise DataError(f"{source}: test classes {sorted(test_classes - set(classes))} have no training folder")
+    index = {c: i for i, c in enumerate(classes)}
+    splits: dict[str, tuple[list[np.ndarray], list[int]]] = {"train": ([], []), "test": ([], [])}
+    for split, cls, name, blob in sorted(files, key=lambda f: f[:3]):
+        try:
+            with Image.open(io.BytesIO(blob)) as img:
+                array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except (OSError, SyntaxError) as err:
+            raise DataError(f"{source}: {split}/{cls}/{name} is not a readable image ({type(err).__name__})") from None
+        splits[split][0].append(array)
+        splits[split][1].append(index[cls])
+    shapes = {a.shape for images, _ in splits.values() for a in images}
+    if len(shapes) != 1:
+        raise DataError(f"{source}: images have different sizes {sorted(shapes)}; all must share one size")
+    arrays = {k: ImageArrays(np.stack(v[0]), np.asarray(v[1], dtype=np.int64)) for k, v in splits.items()}
+    return Dataset(source.name, classes, arrays["train"], arrays["test"])
+
+
+# ---------------------------------------------------------------- torchvision CIFAR-10
+
+
+def load_torchvision_cifar10(root: Path, download: bool = False) -> Dataset:
+    """torchvision's CIFAR10 under `root` (fetched there first when `download`)."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        train = CIFAR10(str(root), train=True, download=download)
+        test = CIFAR10(str(root), train=False, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
+        raise DataError(f"{_missing_message(root, 'cifar10')} (torchvision: {err})") from None
+    return Dataset(
+        "cifar10",
+        tuple(train.classes),
+        ImageArrays(np.asarray(train.data, dtype=np.uint8), np.asarray(train.targets, dtype=np.int64)),
+        ImageArrays(np.asarray(test.data, dtype=np.uint8), np.asarray(test.targets, dtype=np.int64)),
+    )
+
+
+# ---------------------------------------------------------------- generated data (unit tests only)
+
+
+def make_tiny_dataset(per_class: int = 20, num_classes: int = 10, image_size: int = 32, seed: int = 0) -> Dataset:
+    """A generated, learnable dataset (class = a colour and a stripe orientation, plus noise). Tests only."""
+    rng = np.random.default_rng(seed)
+    colours = rng.uniform(40, 215, size=(num_classes, 3))
+    yy, xx = np.mgrid[0:image_size, 0:image_size]
+    patterns = np.stack(
+        [colours[c] + 30 * np.sin((xx * np.cos(c) + yy * np.sin(c)) * 0.8)[..., None] for c in range(num_classes)]
+    )
+
+    def split(n_per_class: int) -> ImageArrays:
+        labels = np.repeat(np.arange(num_classes), n_per_class)
+        noisy = patterns[labels] + rng.normal(0, 20, size=(len(labels), image_size, image_size, 3))
+        return ImageArrays(np.clip(noisy, 0, 255).astype(np.uint8), labels.astype(np.int64))
+
+    train, test = split(per_class), split(max(1, per_class // 2))
+    return Dataset("tiny", tuple(f"class{c}" for c in range(num_classes)), train, test)

@@ -1,0 +1,80 @@
+"""ConvNet-3, the application model shared by the edge, the DM embedder and the evaluation net.
+
+Matches the DM reference ConvNet (width 128, depth 3, instance norm realised as
+GroupNorm(C, C), ReLU, 2x2 average pooling, linear head on the flattened trunk).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Norm = Literal["instancenorm", "batchnorm", "none"]
+
+
+def _norm_layer(norm: Norm, channels: int) -> nn.Module:
+    if norm == "instancenorm":
+        return nn.GroupNorm(channels, channels, affine=True)
+    if norm == "batchnorm":
+        return nn.BatchNorm2d(channels)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"model.norm must be one of instancenorm, batchnorm, none; got {norm!r}")
+
+
+class ConvNet(nn.Module):
+    """Conv(3x3) -> norm -> ReLU -> AvgPool(2) blocks, then a linear classifier.
+
+    Input (N, C, H, W); `embed` returns (N, width * (H / 2**depth) * (W / 2**depth)).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        channels: int = 3,
+        image_size: int = 32,
+        width: int = 128,
+        depth: int = 3,
+        norm: Norm = "instancenorm",
+    ) -> None:
+        super().__init__()
+        if image_size % (2**depth):
+            raise ValueError(f"model.depth={depth} halves the image {depth} times; {image_size} px is not divisible by {2**depth}")
+        layers: list[nn.Module] = []
+        in_channels = channels
+        for _ in range(depth):
+            layers += [
+                nn.Conv2d(in_channels, width, kernel_size=3, padding=1),
+                _norm_layer(norm, width),
+                nn.ReLU(inplace=True),
+                nn.AvgPool2d(kernel_size=2, stride=2),
+            ]
+            in_channels = width
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = width * (image_size // 2**depth) ** 2
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened trunk features, (N, feature_dim)."""
+        return self.features(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+def build_model(
+    num_classes: int = 10,
+    channels: int = 3,
+    image_size: int = 32,
+    width: int = 128,
+    depth: int = 3,
+    norm: Norm = "instancenorm",
+) -> ConvNet:
+    """A freshly initialised ConvNet (PyTorch default init, as in the DM reference)."""
+    return ConvNet(num_classes, channels, image_size, width, depth, norm)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

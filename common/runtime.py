@@ -1,0 +1,25 @@
+"""Seeding and device selection: the one place for both."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seeds python, numpy and torch (CPU and CUDA); returns a CPU generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """`auto`: CUDA when available, else CPU. `cuda` without a GPU is an error, not a silent fallback."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was requested but torch.cuda.is_available() is False; use device=auto or cpu")
+    return torch.device(preference)

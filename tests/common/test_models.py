@@ -1,0 +1,68 @@
+"""ConvNet-3 shapes and size, and the one model<->ArrayRecord converter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from common.models import build_model, count_parameters
+from common.records import load_record_into, model_to_record, record_to_state_dict
+from common.runtime import pick_device, seed_everything
+
+
+def test_convnet3_shapes_and_parameter_count():
+    model = build_model()
+    x = torch.randn(4, 3, 32, 32)
+    assert model(x).shape == (4, 10)
+    assert model.embed(x).shape == (4, 2048)
+    assert count_parameters(model) == 320_010  # 3 conv(128) + 3 GroupNorm(128,128) + Linear(2048, 10)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 3 and all(n.num_groups == n.num_channels == 128 for n in norms)
+
+
+@pytest.mark.parametrize(("width", "depth", "norm", "feat"), [(32, 2, "batchnorm", 32 * 8 * 8), (16, 4, "none", 16 * 2 * 2)])
+def test_width_depth_norm_are_configurable(width, depth, norm, feat):
+    model = build_model(width=width, depth=depth, norm=norm)
+    assert model.embed(torch.randn(2, 3, 32, 32)).shape == (2, feat)
+
+
+def test_depth_that_does_not_divide_the_image_is_rejected():
+    with pytest.raises(ValueError, match="model.depth=3"):
+        build_model(image_size=20, depth=3)
+
+
+def test_arrayrecord_round_trip_is_exact():
+    seed_everything(0)
+    model = build_model(width=16)
+    record = model_to_record(model)
+    assert isinstance(record, ArrayRecord)
+    restored = load_record_into(build_model(width=16), record)
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), restored.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), restored(x))
+
+
+def test_arrayrecord_mismatches_are_named():
+    record = model_to_record(build_model(width=16))
+    with pytest.raises(ValueError, match=r"features.0.weight: shape \(16, 3, 3, 3\) != expected \(8, 3, 3, 3\)"):
+        record_to_state_dict(record, build_model(width=8))
+    arrays = dict(build_model(width=16).state_dict())
+    arrays["smuggled"] = torch.zeros(3, 32, 32)
+    arrays["classifier.bias"] = arrays["classifier.bias"].double()
+    with pytest.raises(ValueError, match=r"unexpected keys \['smuggled'\].*classifier.bias: dtype torch.float64"):
+        record_to_state_dict(ArrayRecord(arrays), build_model(width=16))
+
+
+def test_seeding_makes_models_identical_and_device_is_cpu_here():
+    seed_everything(5)
+    a = build_model(width=8)
+    seed_everything(5)
+    b = build_model(width=8)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device=cuda"):
+            pick_device("cuda")
