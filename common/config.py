@@ -244,15 +244,15 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A YAML path, or the name of a file under simulations/configs/ (with or without .yaml)."""
+def resolve_config_path(name_or_path: str | Path, directory: Path = CONFIG_DIR) -> Path:
+    """A YAML path, or the name of a file under `directory` (simulations/configs/; with or without .yaml)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
-    candidate = CONFIG_DIR / f"{Path(name_or_path).stem}.yaml"
+    candidate = directory / f"{Path(name_or_path).stem}.yaml"
     if candidate.exists():
         return candidate
-    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    available = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
     raise ConfigError(f"config {str(name_or_path)!r}: no such file, and no config of that name (available: {available})")
 
 

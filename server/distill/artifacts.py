@@ -1,0 +1,60 @@
+"""Files of a distillation run, all written atomically.
+
+<dir>/<name>.pt    images, labels, lambdas (loadable with torch.load(weights_only=True))
+<dir>/<name>.json  method, seed, ipc, iteration, full config
+<dir>/<name>.png   a grid, one row per class
+<dir>/result.json  accuracies, mean, std, method, ipc, seed, timings
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from common.atomic import atomic_write, load_torch, save_json, save_torch
+from common.data import denormalize
+from server.distill.methods import SyntheticSet
+
+
+def save_synthetic(syn: SyntheticSet, out_dir: Path, name: str = "synthetic", iteration: int | None = None) -> Path:
+    """Writes <name>.pt and <name>.json under out_dir; returns the .pt path."""
+    out_dir = Path(out_dir)
+    tensors = {"images": syn.images.detach().cpu(), "labels": syn.labels.cpu()}
+    if syn.lambdas is not None:
+        tensors["lambdas"] = syn.lambdas.detach().cpu()
+    path = save_torch(out_dir / f"{name}.pt", tensors)
+    ipc = int(torch.bincount(syn.labels).max()) if syn.labels.numel() else 0
+    meta = {"method": syn.method, "seed": syn.seed, "ipc": ipc, "iteration": iteration, "config": syn.config}
+    save_json(out_dir / f"{name}.json", meta)
+    return path
+
+
+def load_synthetic(out_dir: Path, name: str = "synthetic") -> SyntheticSet:
+    """Reads back what save_synthetic wrote (tensors with weights_only=True)."""
+    out_dir = Path(out_dir)
+    tensors = load_torch(out_dir / f"{name}.pt")
+    meta = json.loads((out_dir / f"{name}.json").read_text())
+    lambdas = tensors.get("lambdas")
+    return SyntheticSet(tensors["images"], tensors["labels"], lambdas, meta["method"], meta["seed"], meta["config"])
+
+
+def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, num_classes: int | None = None) -> Path:
+    """PNG of the de-normalised images, one row per class (shorter rows padded with black)."""
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    per_class = [images[labels == c] for c in range(num_classes)]
+    width = max(max(len(p) for p in per_class), 1)
+    rows = []
+    for p in per_class:
+        pad = images.new_zeros((width - len(p), *images.shape[1:]))
+        rows.append(torch.cat([denormalize(p.detach().cpu().float()), pad.cpu().float()]))
+    grid = make_grid(torch.cat(rows), nrow=width, padding=2, pad_value=1.0)
+    return atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
+
+
+def save_result(path: Path, result: dict[str, Any]) -> Path:
+    """result.json (atomic)."""
+    return save_json(path, result)

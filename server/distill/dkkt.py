@@ -1,0 +1,149 @@
+"""Deep KKT (DKKT) loss of Deep Support Vectors (Lee et al. 2024) against a frozen model theta*.
+
+RESEARCH.md section 1.3, as implemented (g_j = grad_theta CE(f(x_j; theta*), y_j), P = number of parameters):
+    L_stat(X)  = (1/P) * || theta* + sum_j lambda_j g_j ||_1
+    L_prim(X)  = (1/n) * sum_j [argmax f(x_j) != y_j] * CE_j
+    L_kkt(X)   = L_stat(X) + primal_weight * L_prim(X)
+    L_DKKT     = L_kkt(S) + aug_weight * L_kkt(A(S)) + tv_weight * L_tv(S) + norm_weight * L_norm(S)
+
+sum_j lambda_j g_j is computed as the gradient of the lambda-weighted CE sum (linearity of the gradient):
+one forward and one backward through theta*, kept in the graph (create_graph semantics via torch.func.grad)
+so that the loss is differentiable w.r.t. the images and lambda. This is exact because the model treats
+samples independently (instance norm, or batch norm in eval mode), and it never materialises the n x P
+per-sample gradients that vmap(grad) would (500 images x 320k parameters = 160M floats, all of which the
+backward of the lambda-weighted sum would have to keep). `naive_stationarity_loss` is the per-sample loop
+used as the correctness guard.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad
+
+from common.config import DistillConfig
+from server.distill.dsa import DSAParams, apply_dsa
+
+
+def freeze_model(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """A copy of `model` on `device`, in eval mode, with requires_grad off (the caller's model is untouched)."""
+    return copy.deepcopy(model).to(device).eval().requires_grad_(False)
+
+
+def _flat_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def _stationarity_distance(params: dict[str, torch.Tensor], weighted_grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(1/P) * sum over all parameters of |theta* + sum_j lambda_j g_j|."""
+    total = sum(p.numel() for p in params.values())
+    return sum((params[k] + weighted_grads[k]).abs().sum() for k in params) / total
+
+
+def stationarity_and_logits(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_stat for candidates (x, y) with multipliers `lambdas`, and the logits f(x; theta*) (both differentiable)."""
+    params = _flat_params(model)
+    buffers = dict(model.named_buffers())
+
+    def weighted_ce(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = functional_call(model, (p, buffers), (x,))
+        return (lambdas * F.cross_entropy(logits, y, reduction="none")).sum(), logits
+
+    weighted_grads, logits = grad(weighted_ce, has_aux=True)(params)
+    return _stationarity_distance(params, weighted_grads), logits
+
+
+def stationarity_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
+    """L_stat, batched (one double backward)."""
+    return stationarity_and_logits(model, x, y, lambdas)[0]
+
+
+def naive_stationarity_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
+    """L_stat from explicit per-sample gradients, one torch.autograd.grad per sample (slow; the test guard)."""
+    params = {k: v.clone().requires_grad_(True) for k, v in _flat_params(model).items()}
+    buffers = dict(model.named_buffers())
+    summed = {k: torch.zeros_like(v) for k, v in params.items()}
+    for j in range(x.shape[0]):
+        logits = functional_call(model, (params, buffers), (x[j : j + 1],))
+        g = torch.autograd.grad(F.cross_entropy(logits, y[j : j + 1]), list(params.values()), create_graph=True)
+        summed = {k: summed[k] + lambdas[j] * gj for k, gj in zip(params, g)}
+    return _stationarity_distance(_flat_params(model), summed)
+
+
+def primal_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(1/n) sum_j [argmax != y_j] * CE_j: zero when every candidate is classified as its label."""
+    wrong = (logits.argmax(dim=1) != y).to(logits.dtype)
+    return (wrong * F.cross_entropy(logits, y, reduction="none")).mean()
+
+
+def kkt_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, primal_weight: float
+) -> dict[str, torch.Tensor]:
+    """{'kkt': L_stat + primal_weight * L_prim, 'stat': L_stat, 'primal': L_prim}."""
+    stat, logits = stationarity_and_logits(model, x, y, lambdas)
+    prim = primal_loss(logits, y)
+    return {"kkt": stat + primal_weight * prim, "stat": stat, "primal": prim}
+
+
+def tv_loss(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation: mean |vertical difference| + mean |horizontal difference|."""
+    return (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean() + (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean()
+
+
+def norm_loss(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared pixel value (in normalised space)."""
+    return x.pow(2).mean()
+
+
+def dkkt_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lambdas: torch.Tensor,
+    cfg: DistillConfig,
+    aug: DSAParams | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_DKKT and its terms; `aug` is the DSA draw for the augmented view (one group per image)."""
+    plain = kkt_loss(model, x, y, lambdas, cfg.primal_weight)
+    total = plain["kkt"]
+    terms = {"stat": plain["stat"], "primal": plain["primal"]}
+    if cfg.aug_weight > 0:
+        augmented = kkt_loss(model, apply_dsa(x, aug), y, lambdas, cfg.primal_weight)
+        total = total + cfg.aug_weight * augmented["kkt"]
+        terms.update(stat_aug=augmented["stat"], primal_aug=augmented["primal"])
+    if cfg.tv_weight > 0:
+        terms["tv"] = tv_loss(x)
+        total = total + cfg.tv_weight * terms["tv"]
+    if cfg.norm_weight > 0:
+        terms["norm"] = norm_loss(x)
+        total = total + cfg.norm_weight * terms["norm"]
+    return total, terms
+
+
+class Multipliers:
+    """One Lagrange multiplier lambda_j >= 0 per synthetic image, with its own Adam optimiser.
+
+    Dual feasibility is kept by projection: lambda.clamp_(min=0) after every step.
+    """
+
+    def __init__(self, n: int, init: float, lr: float, device: torch.device | str) -> None:
+        self.values = torch.full((n,), float(init), device=device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.values], lr=lr)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        with torch.no_grad():
+            self.values.clamp_(min=0.0)
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """lambda mean, min and how many are at 0 (the candidates DSV would have removed)."""
+        v = self.values.detach()
+        return {"lambda_mean": v.mean(), "lambda_min": v.min(), "lambda_zeros": (v == 0).sum()}

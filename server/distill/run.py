@@ -1,0 +1,124 @@
+"""Distil, checkpoint, save and evaluate over several seeds; the entry point used by the CLI and the ServerApp."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from common.config import ExperimentConfig, config_to_dict
+from common.runtime import pick_device
+from server.distill.artifacts import save_grid, save_result, save_synthetic
+from server.distill.evaluate import evaluate_synthetic, mean_std
+from server.distill.methods import SyntheticSet, distill
+
+_SHOWN = ("loss", "dm", "dkkt", "stat", "primal", "lambda_mean", "lambda_min", "lambda_zeros")
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in _SHOWN if k in metrics)
+
+
+def eval_seeds(seed: int, num_nets: int) -> list[int]:
+    """Seeds of the evaluation nets of distillation seed `seed`: the same for every method, so runs pair up."""
+    return [1000 * seed + i for i in range(num_nets)]
+
+
+def run_distillation(
+    cfg: ExperimentConfig,
+    model: nn.Module | None,
+    public_x: torch.Tensor,
+    public_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    out_dir: Path,
+    show_progress: bool = True,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
+    """For seeds cfg.seed + k (k < cfg.distill.num_seeds): distil, checkpoint every checkpoint_every
+    iterations, save out_dir/seed_<k>/{synthetic.pt,.json,.png,result.json}, evaluate with
+    cfg.evaluation.num_nets nets; writes and returns out_dir/result.json (mean +- std over seeds x nets).
+    num_classes defaults to max test label + 1."""
+    out_dir = Path(out_dir)
+    device = pick_device(cfg.device)
+    num_classes = int(test_y.max()) + 1 if num_classes is None else num_classes
+    full_config = config_to_dict(cfg)
+    dcfg = cfg.distill
+    public_x, public_y = public_x.to(device), public_y.to(device)
+    test_x, test_y = test_x.to(device), test_y.to(device)
+    per_seed: list[dict[str, Any]] = []
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[stats]}"),
+    )
+    with Progress(*columns, disable=not show_progress) as progress:
+        for k in range(dcfg.num_seeds):
+            seed = cfg.seed + k
+            seed_dir = out_dir / f"seed_{k}"
+            task = progress.add_task(f"{dcfg.method} seed {seed}", total=max(dcfg.iterations, 1), stats="")
+
+            def on_iteration(it: int, metrics: dict[str, float], current: SyntheticSet, task: int = task) -> None:
+                progress.update(task, completed=it, stats=_format(metrics))
+                if it % dcfg.checkpoint_every == 0:
+                    current.config = full_config
+                    save_synthetic(current, seed_dir, name="checkpoint", iteration=it)
+
+            start = time.perf_counter()
+            syn = distill(model, public_x, public_y, dcfg, cfg.model, num_classes, seed, device, on_iteration)
+            distill_s = time.perf_counter() - start
+            progress.update(task, completed=max(dcfg.iterations, 1))
+            syn.config = full_config
+            save_synthetic(syn, seed_dir, iteration=dcfg.iterations if dcfg.method != "random" else 0)
+            save_grid(syn.images, syn.labels, seed_dir / "synthetic.png", num_classes)
+
+            eval_task = progress.add_task(f"evaluate seed {seed}", total=cfg.evaluation.num_nets, stats="")
+            start = time.perf_counter()
+            accuracies = []
+            for net_seed in eval_seeds(seed, cfg.evaluation.num_nets):
+                accuracies += evaluate_synthetic(
+                    syn.images, syn.labels, test_x, test_y, cfg.evaluation, cfg.model, [net_seed], device,
+                    num_classes, dcfg.dsa_strategy,
+                )
+                progress.update(eval_task, advance=1, stats=f"acc={accuracies[-1]:.4f}")
+            evaluate_s = time.perf_counter() - start
+            mean, std = mean_std(accuracies)
+            seed_result = {
+                "method": dcfg.method,
+                "ipc": dcfg.ipc,
+                "seed": seed,
+                "accuracies": accuracies,
+                "mean": mean,
+                "std": std,
+                "timings": {"distill_s": distill_s, "evaluate_s": evaluate_s},
+            }
+            save_result(seed_dir / "result.json", seed_result)
+            per_seed.append(seed_result)
+
+    all_acc = [a for r in per_seed for a in r["accuracies"]]
+    mean, std = mean_std(all_acc)
+    result = {
+        "method": dcfg.method,
+        "ipc": dcfg.ipc,
+        "seeds": [r["seed"] for r in per_seed],
+        "num_nets": cfg.evaluation.num_nets,
+        "accuracies": all_acc,
+        "mean": mean,
+        "std": std,
+        "per_seed": per_seed,
+        "timings": {
+            "distill_s": sum(r["timings"]["distill_s"] for r in per_seed),
+            "evaluate_s": sum(r["timings"]["evaluate_s"] for r in per_seed),
+        },
+        "device": str(device),
+        "config": full_config,
+    }
+    save_result(out_dir / "result.json", result)
+    return result

@@ -1,0 +1,114 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.atomic import load_torch
+from common.config import DistillConfig, ExperimentConfig, ModelConfig
+from common.models import build_model
+from server.distill.artifacts import load_synthetic
+from server.distill.methods import SyntheticSet, distill
+from server.distill.run import run_distillation
+
+C, SIZE, IPC, PIPC = 3, 16, 2, 4
+
+
+def data(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    patterns = torch.randn(C, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(C).repeat(per_class)
+    return patterns[y] + 0.5 * torch.randn(len(y), 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)), y
+
+
+def experiment(method: str, **overrides: object) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(
+        {
+            "seed": 3,
+            "device": "cpu",
+            "data": {"name": "tiny", "tiny_per_class": 10},
+            "split": {"pipc": PIPC, "num_clients": 1},
+            "model": {"width": 8},
+            "distill": {"method": method, "ipc": IPC, "iterations": 3, "checkpoint_every": 2, "batch_real": 4}
+            | overrides,
+            "evaluation": {"epochs": 2, "num_nets": 2},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def theta_star() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(C, 3, SIZE, 8, 3)
+
+
+@pytest.mark.parametrize("method", ["random", "dm", "dsv", "dm+dkkt"])
+def test_each_method_runs_end_to_end_and_writes_its_artifacts(method, theta_star, tmp_path):
+    public_x, public_y = data(PIPC, seed=1)
+    test_x, test_y = data(5, seed=2)
+    cfg = experiment(method, num_seeds=2)
+    result = run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path, show_progress=False)
+
+    assert result["seeds"] == [3, 4] and len(result["accuracies"]) == 4
+    on_disk = json.loads((tmp_path / "result.json").read_text())
+    assert on_disk["accuracies"] == result["accuracies"] and on_disk["method"] == method
+    for k in range(2):
+        seed_dir = tmp_path / f"seed_{k}"
+        tensors = load_torch(seed_dir / "synthetic.pt")  # weights_only=True
+        assert tensors["images"].shape == (C * IPC, 3, SIZE, SIZE)
+        assert tensors["labels"].tolist() == [0, 0, 1, 1, 2, 2]
+        assert ("lambdas" in tensors) == (method in ("dsv", "dm+dkkt"))
+        assert (seed_dir / "synthetic.png").stat().st_size > 0
+        assert (seed_dir / "checkpoint.pt").exists() == (method != "random")
+        seed_result = json.loads((seed_dir / "result.json").read_text())
+        assert len(seed_result["accuracies"]) == 2 and seed_result["seed"] == 3 + k
+        loaded = load_synthetic(seed_dir)
+        assert loaded.method == method and loaded.config["distill"]["method"] == method
+
+
+def test_random_takes_public_images_and_real_init_starts_from_them():
+    public_x, public_y = data(PIPC, seed=1)
+    syn = distill(None, public_x, public_y, DistillConfig(method="random", ipc=IPC), ModelConfig(width=8), C, 0, "cpu")
+    for img, label in zip(syn.images, syn.labels):
+        assert (public_x[public_y == label] == img).flatten(1).all(1).any()
+    assert syn.lambdas is None
+
+
+def test_dkkt_methods_need_the_model():
+    public_x, public_y = data(PIPC, seed=1)
+    for method in ("dsv", "dm+dkkt"):
+        with pytest.raises(ValueError, match="needs the trained"):
+            distill(None, public_x, public_y, DistillConfig(method=method, ipc=IPC), ModelConfig(width=8), C, 0, "cpu")
+
+
+def test_dsv_from_noise_without_public_images_reports_metrics(theta_star):
+    cfg = DistillConfig(method="dsv", init="noise", ipc=IPC, iterations=4, log_every=2, lambda_lr=0.5)
+    empty_x, empty_y = torch.empty(0, 3, SIZE, SIZE), torch.empty(0, dtype=torch.long)
+    seen = []
+
+    def record(iteration: int, metrics: dict[str, float], current: SyntheticSet) -> None:
+        assert current.images.shape == (C * IPC, 3, SIZE, SIZE) and current.lambdas is not None
+        seen.append((iteration, metrics))
+
+    syn = distill(theta_star, empty_x, empty_y, cfg, ModelConfig(width=8), C, 0, "cpu", record)
+    assert [i for i, _ in seen] == [2, 4]
+    metrics = seen[-1][1]
+    assert {"loss", "dkkt", "stat", "primal", "stat_aug", "lambda_mean", "lambda_min", "lambda_zeros"} <= set(metrics)
+    assert metrics["lambda_min"] >= 0 and syn.lambdas.min() >= 0 and syn.lambdas.shape == (C * IPC,)
+    assert not torch.equal(syn.lambdas, torch.full((C * IPC,), cfg.lambda_init))  # lambda is optimised
+
+
+def test_distill_is_reproducible_per_seed(theta_star):
+    public_x, public_y = data(PIPC, seed=1)
+    cfg = DistillConfig(method="dm+dkkt", ipc=IPC, iterations=2, batch_real=4)
+    a = distill(theta_star, public_x, public_y, cfg, ModelConfig(width=8), C, 5, "cpu")
+    b = distill(theta_star, public_x, public_y, cfg, ModelConfig(width=8), C, 5, "cpu")
+    assert torch.equal(a.images, b.images) and torch.equal(a.lambdas, b.lambdas)
+
+
+def test_the_distillation_core_imports_nothing_from_flwr():
+    code = "import sys, server.distill.run; print(any(m.split('.')[0] == 'flwr' for m in sys.modules))"
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "False"
