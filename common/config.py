@@ -68,7 +68,10 @@ class FederationConfig(_Section):
     rounds: int = Field(3, ge=1)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
-    min_clients: int = Field(1, ge=1)  # minimum replies per round (and nodes to wait for)
+    # Replies a round needs, and connected nodes to wait for before it starts; null = every client.
+    # Set it below split.num_clients to let a federation survive dead edge devices.
+    min_clients: int | None = Field(None, ge=1)
+    round_timeout: float = Field(3600.0, gt=0.0)  # seconds a round waits for replies before going on without them
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -84,6 +87,8 @@ class FederationConfig(_Section):
 class DistillConfig(_Section):
     enabled: bool = False  # run distillation on the server after the last federated round
     method: Literal["random", "dm", "dsv", "dm+dkkt"] = "dm+dkkt"
+    # Methods also run after federation, for comparison in the run's summary.md (e.g. [random, dm]).
+    baselines: list[Literal["random", "dm", "dsv", "dm+dkkt"]] = Field(default_factory=list)
     ipc: int = Field(10, ge=1)
     init: Literal["real", "noise"] = "real"
     iterations: int = Field(1000, ge=0)
@@ -131,7 +136,7 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
         check_against_dataset(self, train_per_class_of(self))
-        if self.federation.min_clients > self.split.num_clients:
+        if self.federation.min_clients is not None and self.federation.min_clients > self.split.num_clients:
             raise ValueError(
                 f"federation.min_clients={self.federation.min_clients}: must be <= split.num_clients={self.split.num_clients}"
             )
@@ -142,6 +147,11 @@ class ExperimentConfig(_Section):
                 f"so that every private image lands in a shard; got {self.split.num_clients} + {self.split.classes_per_client} - 1"
             )
         return self
+
+
+def min_clients_of(cfg: ExperimentConfig) -> int:
+    """federation.min_clients, defaulting to every client."""
+    return cfg.federation.min_clients or cfg.split.num_clients
 
 
 def train_per_class_of(cfg: ExperimentConfig) -> int | None:
@@ -173,16 +183,18 @@ def check_against_dataset(cfg: ExperimentConfig, train_per_class: int | None) ->
         raise ValueError(
             f"split.num_clients={cfg.split.num_clients}: must be <= {private_total} (private images left after pipc={pipc})"
         )
-    if cfg.distill.method in ("random", "dm", "dm+dkkt") or cfg.distill.init == "real":
-        if pipc == 0:
+    for method in dict.fromkeys([cfg.distill.method, *cfg.distill.baselines]):
+        key = "distill.method" if method == cfg.distill.method else "distill.baselines"
+        needs_public = method != "dsv" or cfg.distill.init == "real"
+        if needs_public and pipc == 0:
             raise ValueError(
-                f"split.pipc=0: distill.method={cfg.distill.method!r} with init={cfg.distill.init!r} needs public images; "
+                f"split.pipc=0: {key}={method!r} with init={cfg.distill.init!r} needs public images; "
                 "use pipc >= 1 or method=dsv with init=noise"
             )
-        if cfg.distill.ipc > pipc and (cfg.distill.init == "real" or cfg.distill.method == "random"):
+        if cfg.distill.ipc > pipc and (cfg.distill.init == "real" or method == "random"):
             raise ValueError(
                 f"distill.ipc={cfg.distill.ipc}: must be <= split.pipc={pipc} with init=real "
-                "(or method=random); use init=noise or a larger pipc"
+                f"(or method=random, here {key}={method!r}); use init=noise or a larger pipc"
             )
 
 

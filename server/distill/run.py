@@ -81,13 +81,12 @@ def run_distillation(
 
             eval_task = progress.add_task(f"evaluate seed {seed}", total=cfg.evaluation.num_nets, stats="")
             start = time.perf_counter()
-            accuracies = []
-            for net_seed in eval_seeds(seed, cfg.evaluation.num_nets):
-                accuracies += evaluate_synthetic(
-                    syn.images, syn.labels, test_x, test_y, cfg.evaluation, cfg.model, [net_seed], device,
-                    num_classes, dcfg.dsa_strategy,
-                )
-                progress.update(eval_task, advance=1, stats=f"acc={accuracies[-1]:.4f}")
+            # All nets of this seed in one call: batched on CUDA (evaluate.py), one after another on the CPU.
+            accuracies = evaluate_synthetic(
+                syn.images, syn.labels, test_x, test_y, cfg.evaluation, cfg.model,
+                eval_seeds(seed, cfg.evaluation.num_nets), device, num_classes, dcfg.dsa_strategy,
+            )
+            progress.update(eval_task, completed=len(accuracies), stats=f"acc={sum(accuracies) / len(accuracies):.4f}")
             evaluate_s = time.perf_counter() - start
             mean, std = mean_std(accuracies)
             seed_result = {

@@ -1,0 +1,88 @@
+"""One edge client's private shard (train slice + held-out slice), loaded once per process.
+
+The shard is client k of `common.partition.make_split`; the server's public subset is in no shard.
+The full dataset is only read to cut the shard out of it (as a stand-in for a node that holds just its
+own images) and is not kept: the per-process cache holds shards, keyed by everything that selects them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.config import ExperimentConfig
+from common.data import load_dataset, resolve_data_path
+from common.partition import make_split, train_holdout
+
+
+@dataclass(frozen=True)
+class Shard:
+    """uint8 images (N, H, W, C) and int64 labels of one client's train and held-out slices."""
+
+    partition_id: int
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    holdout_images: np.ndarray
+    holdout_labels: np.ndarray
+    num_classes: int
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_images.shape[-1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_images.shape[1])
+
+
+_SHARDS: dict[str, Shard] = {}
+
+
+def shard_key(cfg: ExperimentConfig, partition_id: int, data_path: str | None) -> str:
+    data = cfg.data.model_dump(mode="json")
+    if cfg.data.name != "tiny":
+        data["path"] = str(resolve_data_path(data_path or cfg.data.path))
+    return json.dumps(
+        {"data": data, "split": cfg.split.model_dump(mode="json"), "seed": cfg.seed, "partition": partition_id},
+        sort_keys=True,
+    )
+
+
+def holdout_seed(cfg: ExperimentConfig, partition_id: int) -> int:
+    split_seed = cfg.split.seed if cfg.split.seed is not None else cfg.seed
+    return split_seed + 7919 * (partition_id + 1)
+
+
+def load_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | Path | None = None) -> Shard:
+    """Client `partition_id`'s shard, from the cache when this process loaded it before.
+
+    `data_path` (a node's own data location) wins over cfg.data.path and $FEDDISTILL_DATA.
+    """
+    if not 0 <= partition_id < cfg.split.num_clients:
+        raise ValueError(f"partition-id={partition_id}: must be in 0..{cfg.split.num_clients - 1} (split.num_clients)")
+    path = str(data_path) if data_path else None
+    key = shard_key(cfg, partition_id, path)
+    if key not in _SHARDS:
+        data_cfg = cfg.data.model_copy(update={"path": path}) if path else cfg.data
+        dataset = load_dataset(data_cfg, cfg.seed)
+        split = make_split(dataset.train.labels, cfg.split, cfg.seed)
+        train_idx, holdout_idx = train_holdout(
+            split.clients[partition_id], cfg.split.client_holdout, holdout_seed(cfg, partition_id)
+        )
+        images, labels = dataset.train.images, dataset.train.labels
+        _SHARDS[key] = Shard(
+            partition_id=partition_id,
+            train_images=images[train_idx],
+            train_labels=labels[train_idx],
+            holdout_images=images[holdout_idx],
+            holdout_labels=labels[holdout_idx],
+            num_classes=dataset.num_classes,
+        )
+    return _SHARDS[key]
+
+
+def clear_cache() -> None:
+    _SHARDS.clear()

@@ -1,0 +1,201 @@
+"""The server side of one federated run: FedAvg rounds, central test evaluation, per-round records, the received model.
+
+Run folder layout (`<output_dir>/<name>-<YYYYmmdd-HHMMSS>/`):
+  config.yaml            the resolved experiment config
+  metrics.jsonl          one line per round (round 0 = the initial model), see `round_line`
+  checkpoints/round_XXXX.pt  the global state_dict after each round (atomic writes)
+  received_model.pt      the final global state_dict (torch.load(weights_only=True)); what distillation consumes
+  summary.json           final test accuracy, best round, time
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp import Grid
+from torch import nn
+
+from common.atomic import atomic_write, save_json, save_torch
+from common.config import ConfigError, ExperimentConfig, config_to_dict
+from common.data import load_dataset, to_normalized_tensor
+from common.models import build_model
+from common.partition import make_split
+from common.records import load_record_into, model_to_record
+from common.runtime import pick_device, seed_everything
+from edge_client.protocol import round_lr
+from edge_client.train import evaluate
+from server.hooks import after_federation
+from server.summary import write_summary
+from server.strategy import EdgeFedAvg, ReplyObserver
+
+log = logging.getLogger("flwr.feddistill")
+
+OUTPUT_ENV = "FEDDISTILL_OUTPUT"  # where run folders go when the run config gives no absolute output-dir
+RECEIVED_MODEL = "received_model.pt"
+METRICS_FILE = "metrics.jsonl"
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def resolve_run_dir(cfg: ExperimentConfig, output_dir: str | Path | None = None, run_dir: str | Path | None = None) -> Path:
+    """An absolute, new run folder.
+
+    `run_dir` (absolute) is used as given. Otherwise `<root>/<name>-<YYYYmmdd-HHMMSS>[-k]` with root = `output_dir`,
+    else $FEDDISTILL_OUTPUT, else cfg.output_dir; a relative root is resolved against the current directory
+    (which, under `flwr run`, is the SuperLink's: pass an absolute output-dir there).
+    """
+    if run_dir:
+        path = Path(run_dir).expanduser()
+        if not path.is_absolute():
+            raise ConfigError(f"run-dir={str(run_dir)!r}: must be an absolute path (the app runs from another directory)")
+        return path
+    root = Path(output_dir or os.environ.get(OUTPUT_ENV) or cfg.output_dir).expanduser()
+    root = root if root.is_absolute() else (Path.cwd() / root)
+    stem = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, k = root / stem, 1
+    while path.exists():
+        k += 1
+        path = root / f"{stem}-{k}"
+    return path.resolve()
+
+
+def save_config(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    return atomic_write(run_dir / "config.yaml", lambda p: p.write_text(text))
+
+
+@dataclass
+class FederationOutcome:
+    run_dir: Path
+    model: nn.Module  # the received (final global) model, on CPU
+    rounds: list[dict[str, Any]]  # the lines of metrics.jsonl
+    distill: dict[str, Any] | None
+
+
+class RoundRecorder:
+    """Writes metrics.jsonl and the round's checkpoint when a round ends (called from the strategy's evaluate_fn)."""
+
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig, strategy: EdgeFedAvg, on_round: RoundCallback | None) -> None:
+        self.run_dir = run_dir
+        self.cfg = cfg
+        self.strategy = strategy
+        self.on_round = on_round
+        self.lines: list[dict[str, Any]] = []
+        self.start = self.last = time.perf_counter()
+
+    def end_round(self, server_round: int, state: dict[str, torch.Tensor], test: dict[str, float]) -> dict[str, Any]:
+        now = time.perf_counter()
+        line = round_line(self.cfg, server_round, test, self.strategy, seconds=now - self.last, elapsed=now - self.start)
+        self.last = now
+        self.lines.append(line)
+        save_torch(self.run_dir / "checkpoints" / f"round_{server_round:04d}.pt", state)
+        text = "".join(json.dumps(x, sort_keys=False) + "\n" for x in self.lines)
+        atomic_write(self.run_dir / METRICS_FILE, lambda p: p.write_text(text))
+        if self.on_round is not None:
+            self.on_round(line)
+        return line
+
+
+def round_line(
+    cfg: ExperimentConfig, server_round: int, test: dict[str, float], strategy: EdgeFedAvg, seconds: float, elapsed: float
+) -> dict[str, Any]:
+    """One metrics.jsonl record: test metrics, aggregated client metrics and reply counts of the round."""
+    train = strategy.train_replies.get(server_round)
+    held = strategy.evaluate_replies.get(server_round)
+    line: dict[str, Any] = {
+        "round": server_round,
+        "test_accuracy": test["test_accuracy"],
+        "test_loss": test["test_loss"],
+        "lr": round_lr(cfg, server_round) if server_round > 0 else None,
+        "clients_online": strategy.clients_online.get(server_round),
+        "sampled": strategy.clients_sampled.get(server_round, 0),
+        "replies": train.kept if train else 0,
+        "rejected": len(train.rejected) if train else 0,
+        "failed": len(train.failed) if train else 0,
+    }
+    for key in ("train_loss", "train_accuracy", "train_seconds"):
+        line[key] = train.metrics.get(key) if train else None
+    for key in ("eval_loss", "eval_accuracy"):
+        line[f"client_{key}"] = held.metrics.get(key) if held else None
+    line["seconds"] = round(seconds, 3)
+    line["elapsed"] = round(elapsed, 3)
+    return line
+
+
+def run_federation(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    on_round: RoundCallback | None = None,
+    observer: ReplyObserver | None = None,
+) -> FederationOutcome:
+    """Runs cfg.federation.rounds FedAvg rounds over the grid's nodes and writes the run folder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    dataset = load_dataset(cfg.data, cfg.seed)
+    split = make_split(dataset.train.labels, cfg.split, cfg.seed)
+    images = dataset.train.images
+    model = build_model(dataset.num_classes, images.shape[-1], images.shape[1], cfg.model.width, cfg.model.depth, cfg.model.norm)
+    strategy = EdgeFedAvg(cfg, model, observer)
+    recorder = RoundRecorder(run_dir, cfg, strategy, on_round)
+    test_x = to_normalized_tensor(dataset.test.images, device)
+    test_y = torch.as_tensor(dataset.test.labels, device=device)
+    evaluator = build_model(dataset.num_classes, images.shape[-1], images.shape[1], cfg.model.width, cfg.model.depth, cfg.model.norm)
+    evaluator.to(device)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_record_into(evaluator, arrays)
+        loss, accuracy = evaluate(evaluator, test_x, test_y, cfg.federation.eval_batch_size)
+        recorder.end_round(server_round, {k: v.detach().cpu() for k, v in evaluator.state_dict().items()},
+                           {"test_loss": loss, "test_accuracy": accuracy})
+        return MetricRecord({"test_loss": _finite_or(loss), "test_accuracy": _finite_or(accuracy)})
+
+    log.info("run folder %s; %d rounds over %d edge clients", run_dir, cfg.federation.rounds, cfg.split.num_clients)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=model_to_record(model),
+        num_rounds=cfg.federation.rounds,
+        evaluate_fn=evaluate_fn,
+        timeout=cfg.federation.round_timeout,
+    )
+    load_record_into(model, result.arrays)
+    model.cpu()
+    save_torch(run_dir / RECEIVED_MODEL, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    lines = recorder.lines
+    best = max(lines, key=lambda x: x["test_accuracy"])
+    save_json(
+        run_dir / "summary.json",
+        {
+            "name": cfg.name,
+            "rounds": cfg.federation.rounds,
+            "num_clients": cfg.split.num_clients,
+            "final_test_accuracy": lines[-1]["test_accuracy"],
+            "final_test_loss": lines[-1]["test_loss"],
+            "best_test_accuracy": best["test_accuracy"],
+            "best_round": best["round"],
+            "seconds": round(time.perf_counter() - recorder.start, 3),
+            "received_model": str(run_dir / RECEIVED_MODEL),
+        },
+    )
+    log.info("received model saved to %s (final test accuracy %.4f)", run_dir / RECEIVED_MODEL, lines[-1]["test_accuracy"])
+    distill = after_federation(cfg, model, dataset, split, run_dir)
+    write_summary(run_dir, cfg, lines, distill)
+    return FederationOutcome(run_dir, model, lines, distill)
+
+
+def _finite_or(value: float, default: float = 0.0) -> float:
+    return value if math.isfinite(value) else default

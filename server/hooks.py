@@ -1,0 +1,52 @@
+"""What the server does after the last federated round (the seam between federation and distillation)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.config import ExperimentConfig, build_config, config_to_dict
+from common.data import Dataset, to_normalized_tensor
+from common.partition import Split
+from common.runtime import pick_device
+
+log = logging.getLogger("flwr.feddistill")
+
+
+def distill_methods(cfg: ExperimentConfig) -> list[str]:
+    """The baselines, then the configured method (each once)."""
+    return list(dict.fromkeys([*cfg.distill.baselines, cfg.distill.method]))
+
+
+def after_federation(
+    cfg: ExperimentConfig, model: nn.Module, dataset: Dataset, split: Split, run_dir: Path
+) -> dict[str, dict[str, Any]] | None:
+    """When cfg.distill.enabled, distils from the received model, the public subset and the test set.
+
+    Runs distill.baselines and then distill.method, each into `<run_dir>/distill/<method>/`. The public
+    subset is `split.public` (indices into the training set; never in any client's shard). Images are
+    passed normalised, (N, C, H, W) float32 on the config's device, labels int64 (N,).
+    Returns {method: run_distillation's summary}, or None when disabled.
+    """
+    if not cfg.distill.enabled:
+        log.info("distill.enabled is false: no server-side distillation after federation")
+        return None
+    from server.distill.run import run_distillation  # lazy: the federation must not depend on distillation
+
+    device = pick_device(cfg.device)
+    public_x = to_normalized_tensor(dataset.train.images[split.public], device)
+    public_y = torch.as_tensor(dataset.train.labels[split.public], device=device)
+    test_x = to_normalized_tensor(dataset.test.images, device)
+    test_y = torch.as_tensor(dataset.test.labels, device=device)
+    model = model.to(device)
+    results = {}
+    for method in distill_methods(cfg):
+        method_cfg = build_config(config_to_dict(cfg), {"distill.method": method})
+        out_dir = Path(run_dir) / "distill" / method.replace("+", "_")
+        log.info("distilling (%s) from the received model and %d public images into %s", method, len(public_y), out_dir)
+        results[method] = run_distillation(method_cfg, model, public_x, public_y, test_x, test_y, out_dir, show_progress=True)
+    return results

@@ -1,0 +1,153 @@
+"""FedAvg with the privacy boundary in front of aggregation and the round's lr in every train message."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+
+from common.config import ExperimentConfig, min_clients_of
+from edge_client.protocol import round_config
+from server.boundary import ModelSpec, model_spec, screen_replies
+
+log = logging.getLogger("flwr.feddistill")
+
+# Called with ("train" | "evaluate", reply) for every reply a client returns, before screening (tests, auditing).
+ReplyObserver = Callable[[str, Message], None]
+
+
+@dataclass
+class RoundReplies:
+    """What came back in one round: counts per outcome, the rejection/failure reasons and aggregated metrics."""
+
+    sent: int = 0
+    kept: int = 0
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class EdgeFedAvg(FedAvg):
+    """FedAvg that screens every reply (server/boundary.py), keeps the good ones and fails loudly below min_clients.
+
+    Train and evaluate messages carry edge_client.protocol.round_config(cfg, round) (the lr decayed for
+    that round). Aggregated arrays are cast back to the model's dtypes (FedAvg's average is float).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, reference: nn.Module, observer: ReplyObserver | None = None) -> None:
+        fed = cfg.federation
+        evaluate_fraction = fed.fraction_evaluate if cfg.split.client_holdout > 0 else 0.0
+        super().__init__(
+            fraction_train=fed.fraction_train,
+            fraction_evaluate=evaluate_fraction,
+            min_train_nodes=min_clients_of(cfg),
+            min_evaluate_nodes=min_clients_of(cfg) if evaluate_fraction > 0 else 0,
+            # By default every client (each holds a distinct shard); fewer lets the run outlive dead devices.
+            min_available_nodes=min_clients_of(cfg),
+        )
+        self.cfg = cfg
+        self.spec: ModelSpec = model_spec(reference)
+        self.observer = observer
+        self.train_replies: dict[int, RoundReplies] = {}
+        self.evaluate_replies: dict[int, RoundReplies] = {}
+        self.clients_online: dict[int, int] = {}  # connected edge clients when each round started
+        self.clients_sampled: dict[int, int] = {}  # training messages sent in each round
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        online = len(list(grid.get_node_ids()))
+        self.clients_online[server_round] = online
+        if online < self.cfg.split.num_clients:
+            log.warning("round %d: %d of %d edge clients online", server_round, online, self.cfg.split.num_clients)
+        config = ConfigRecord({**config, **round_config(self.cfg, server_round)})
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.clients_sampled[server_round] = len(messages)
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        config = ConfigRecord({**config, **round_config(self.cfg, server_round)})
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = self._observe("train", replies)
+        screened = screen_replies(replies, self.spec)
+        record = self._log(server_round, "train", len(replies), screened.kept, screened.rejected, screened.failed)
+        self.train_replies[server_round] = record
+        if record.kept < min_clients_of(self.cfg):
+            reasons = summarize_reasons(screened.failed + screened.rejected) or "no replies"
+            raise RuntimeError(
+                f"round {server_round}: {record.kept} usable training replies of {len(replies)}, fewer than "
+                f"federation.min_clients={min_clients_of(self.cfg)} ({reasons})"
+            )
+        arrays, metrics = super().aggregate_train(server_round, screened.kept)
+        if metrics is not None:
+            record.metrics = dict(metrics)
+        return (self._restore_dtypes(arrays) if arrays is not None else None), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = self._observe("evaluate", replies)
+        screened = screen_replies(replies, None)
+        # A client with an empty held-out slice reports 0 examples: it carries no weight, drop it.
+        kept = [m for m in screened.kept if m.content["metrics"]["num-examples"] > 0]
+        record = self._log(server_round, "evaluate", len(replies), kept, screened.rejected, screened.failed)
+        self.evaluate_replies[server_round] = record
+        metrics = super().aggregate_evaluate(server_round, kept) if kept else None
+        if metrics is not None:
+            record.metrics = dict(metrics)
+        return metrics
+
+    def _observe(self, kind: str, replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)
+        if self.observer is not None:
+            for msg in replies:
+                self.observer(kind, msg)
+        return replies
+
+    @staticmethod
+    def _log(
+        server_round: int,
+        kind: str,
+        sent: int,
+        kept: list[Message],
+        rejected: list[tuple[int, str]],
+        failed: list[tuple[int, str]],
+    ) -> RoundReplies:
+        for node, reason in rejected:
+            log.warning("round %d %s: rejected the reply of node %d at the privacy boundary: %s", server_round, kind, node, reason)
+        for node, reason in failed:
+            log.warning("round %d %s: node %d failed: %s", server_round, kind, node, short_reason(reason))
+        return RoundReplies(sent=sent, kept=len(kept), rejected=list(rejected), failed=list(failed))
+
+    def _restore_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
+        out = {}
+        for name, array in arrays.items():
+            dtype = self.spec[name][1]
+            value = array.numpy()
+            if str(value.dtype) != dtype:
+                value = np.round(value) if np.dtype(dtype).kind in "iu" else value
+                value = value.astype(dtype)
+            out[name] = Array(np.ascontiguousarray(value))
+        return ArrayRecord(out)
+
+
+def short_reason(reason: str, limit: int = 400) -> str:
+    """The client's own error message out of a ClientApp failure (Ray wraps it in tracebacks), else the last line."""
+    marker = "ClientAppException occurred. Message:"
+    if marker in reason:
+        reason = reason.rsplit(marker, 1)[1].split("'>", 1)[0]
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else reason.strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def summarize_reasons(reasons: list[tuple[int, str]]) -> str:
+    """'node 12, node 34: <reason>; node 56: <other reason>', identical reasons grouped."""
+    grouped: dict[str, list[int]] = {}
+    for node, reason in reasons:
+        grouped.setdefault(short_reason(reason), []).append(node)
+    return "; ".join(", ".join(f"node {n}" for n in nodes) + f": {text}" for text, nodes in grouped.items())

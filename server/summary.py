@@ -1,0 +1,54 @@
+"""`summary.md` of a run folder: the federated rounds and, when distillation ran, one row per method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from common.atomic import atomic_write
+from common.config import ExperimentConfig
+
+
+def summary_markdown(cfg: ExperimentConfig, rounds: list[dict[str, Any]], distill: dict[str, dict[str, Any]] | None) -> str:
+    """Markdown with the per-round federation table and the distillation results (accuracies in %)."""
+    s, f = cfg.split, cfg.federation
+    pipc = s.pipc if s.pipc is not None else f"{s.public_ratio:.0%} of each class"
+    lines = [
+        f"# {cfg.name}",
+        "",
+        f"{s.num_clients} edge clients ({s.partition}), {f.rounds} FedAvg rounds; the server holds pipc = {pipc} "
+        f"public images per class; data {cfg.data.name}, seed {cfg.seed}.",
+        "",
+        "## Federated training (received model)",
+        "",
+        "| round | replies | test accuracy (%) | test loss |",
+        "|---|---|---|---|",
+    ]
+    for r in rounds:
+        replies = f"{r['replies']}/{r['sampled']}" if r.get("round", 0) > 0 else "-"
+        lines.append(f"| {r['round']} | {replies} | {100 * r['test_accuracy']:.2f} | {r['test_loss']:.4f} |")
+    if distill:
+        d, e = cfg.distill, cfg.evaluation
+        lines += [
+            "",
+            f"## Distillation (ipc {d.ipc}, {d.iterations} iterations; evaluation: {e.num_nets} nets x "
+            f"{d.num_seeds} seeds, {e.epochs} epochs)",
+            "",
+            "| method | test accuracy (%) | distill s | evaluate s | images |",
+            "|---|---|---|---|---|",
+        ]
+        for method, result in distill.items():
+            t = result["timings"]
+            folder = method.replace("+", "_")
+            lines.append(
+                f"| {method} | {100 * result['mean']:.2f} ± {100 * result['std']:.2f} | {t['distill_s']:.1f} | "
+                f"{t['evaluate_s']:.1f} | `distill/{folder}/seed_0/synthetic.png` |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(
+    run_dir: Path, cfg: ExperimentConfig, rounds: list[dict[str, Any]], distill: dict[str, dict[str, Any]] | None
+) -> Path:
+    text = summary_markdown(cfg, rounds, distill)
+    return atomic_write(Path(run_dir) / "summary.md", lambda tmp: tmp.write_text(text))

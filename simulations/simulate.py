@@ -1,0 +1,171 @@
+"""`feddistill simulate`: the whole federation in this process via Flower's simulation engine (run_simulation).
+
+One virtual SuperNode per edge client (split.num_clients), ClientApps in Ray actors with
+federation.client_num_cpus / client_num_gpus each; the ServerApp runs in a thread of this process
+and reports every round to a live table. The config goes to the ServerApp as an object (run_simulation
+hands apps an empty run_config) and from there to the clients inside every message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.live import Live
+from rich.table import Table
+
+from common.config import ExperimentConfig
+
+ENV_DEFAULTS = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # silences Ray's FutureWarning; GPUs are assigned via num_gpus
+    "TQDM_DISABLE": "1",
+}
+
+
+def quiet_environment() -> None:
+    """Flower/Ray defaults for a local, offline run (only where the user has not set them)."""
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+@dataclass
+class SimulationOutcome:
+    run_dir: Path
+    rounds: list[dict[str, Any]]
+    seconds: float
+
+
+def client_resources(cfg: ExperimentConfig, cuda_available: bool) -> dict[str, float]:
+    """Ray resources per ClientApp. With CUDA present, device != cpu and client_num_gpus == 0, the GPU is
+    shared by the clients that run at once (Ray would otherwise hide it from them)."""
+    cpus = cfg.federation.client_num_cpus
+    gpus = cfg.federation.client_num_gpus
+    if gpus == 0 and cuda_available and cfg.device != "cpu":
+        parallel = max(1, min(cfg.split.num_clients, int((os.cpu_count() or 1) // max(cpus, 1e-9))))
+        gpus = round(1.0 / parallel, 4)
+    return {"num_cpus": cpus, "num_gpus": gpus}
+
+
+def rounds_table(lines: list[dict[str, Any]], title: str = "Federated training") -> Table:
+    table = Table(title=title)
+    for name in ("round", "clients", "lr", "train loss", "train acc", "client acc", "test loss", "test acc", "s"):
+        table.add_column(name, justify="right")
+
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for x in lines:
+        clients = "-" if x["round"] == 0 else f"{x['replies']}/{x['sampled']}" + (
+            f" ({x['rejected']} rejected)" if x["rejected"] else ""
+        )
+        table.add_row(
+            str(x["round"]),
+            clients,
+            fmt(x["lr"], ".4g"),
+            fmt(x["train_loss"], ".3f"),
+            fmt(x["train_accuracy"], ".3f"),
+            fmt(x["client_eval_accuracy"], ".3f"),
+            fmt(x["test_loss"], ".3f"),
+            fmt(x["test_accuracy"], ".4f"),
+            fmt(x["seconds"], ".1f"),
+        )
+    return table
+
+
+class _DropDeprecation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
+
+
+def simulate(
+    cfg: ExperimentConfig,
+    output_dir: str | Path | None = None,
+    console: Console | None = None,
+    verbose: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    observer: Callable[[str, Any], None] | None = None,
+) -> SimulationOutcome:
+    """Runs the federation described by `cfg` in-process; returns the run folder and the per-round records."""
+    quiet_environment()
+    import torch
+    from flwr.simulation import run_simulation
+
+    from edge_client.client_app import app as client_app
+    from server.federation import resolve_run_dir
+    from server.server_app import make_server_app
+
+    console = console or Console()
+    run_dir = resolve_run_dir(cfg, output_dir)
+    resources = client_resources(cfg, torch.cuda.is_available())
+    flwr_logger = logging.getLogger("flwr")
+    old_level = flwr_logger.level
+    drop = _DropDeprecation()
+    flwr_logger.addFilter(drop)
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
+
+    lines: list[dict[str, Any]] = []
+    rounds = cfg.federation.rounds
+
+    def render() -> Table:
+        done = lines[-1]["round"] if lines else 0
+        title = f"{cfg.name}: {cfg.split.num_clients} edge clients, round {done}/{rounds}"
+        return rounds_table(lines, title if lines else title + " (starting Ray and the clients)")
+
+    console.print(
+        f"[bold]simulate[/] {cfg.name}: {cfg.split.num_clients} clients ({cfg.split.partition}), {rounds} rounds, "
+        f"{resources['num_cpus']:g} CPU / {resources['num_gpus']:g} GPU per client -> {run_dir}"
+    )
+    backend_config = {
+        "client_resources": resources,
+        "init_args": {
+            "logging_level": "ERROR" if not verbose else "INFO",
+            "log_to_driver": verbose,
+            "include_dashboard": False,
+        },
+    }
+    start = time.perf_counter()
+    live = Live(render(), console=console, refresh_per_second=2, transient=True, redirect_stderr=False)
+
+    def round_done(line: dict[str, Any]) -> None:
+        lines.append(line)
+        live.update(render())
+        if on_round is not None:
+            on_round(line)
+
+    server_app = make_server_app(cfg, run_dir, on_round=round_done, observer=observer)
+    try:
+        with live:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=cfg.split.num_clients,
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
+    finally:
+        flwr_logger.removeFilter(drop)
+        flwr_logger.setLevel(old_level)
+    seconds = time.perf_counter() - start
+    if len(lines) != rounds + 1:
+        raise RuntimeError(f"the simulation ended after {max(len(lines) - 1, 0)} of {rounds} rounds; see the log above")
+    console.print(rounds_table(lines, f"{cfg.name}: per-round results"))
+    summary = run_dir / "summary.md"
+    if cfg.distill.enabled and summary.exists():
+        console.print(Markdown("## Distillation" + summary.read_text().split("## Distillation", 1)[1]))
+    console.print(
+        f"final test accuracy [bold]{lines[-1]['test_accuracy']:.4f}[/] after {rounds} rounds, {seconds:.1f} s wall\n"
+        f"results: {run_dir}  (summary.md, metrics.jsonl, checkpoints/, received_model.pt, config.yaml"
+        + (", distill/" if cfg.distill.enabled else "") + ")"
+    )
+    return SimulationOutcome(run_dir, lines, seconds)

@@ -1,0 +1,39 @@
+"""How the ServerApp turns a run config into an experiment config and a run folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.config import ConfigError, load_config
+from server.federation import resolve_run_dir
+from server.server_app import config_from_run_config
+
+
+def test_run_config_names_a_yaml_and_overrides_it():
+    cfg = config_from_run_config({"config": "quickstart", "overrides": "federation.rounds=5 model.width=32"})
+    assert cfg.federation.rounds == 5 and cfg.model.width == 32 and cfg.name == "quickstart"
+
+
+def test_dotted_run_config_keys_override_unless_they_hold_the_keep_value():
+    cfg = config_from_run_config({"federation.rounds": 7, "split.num_clients": 0, "data.path": ""})
+    base = load_config("quickstart")
+    assert cfg.federation.rounds == 7 and cfg.split.num_clients == base.split.num_clients
+    assert cfg.data.path == base.data.path
+
+
+def test_a_bad_override_names_the_key():
+    with pytest.raises(ConfigError, match="federation.lr"):
+        config_from_run_config({"overrides": "federation.lr=-1"})
+
+
+def test_run_folders_are_absolute_and_new(tmp_path, monkeypatch):
+    cfg = load_config("quickstart")
+    first = resolve_run_dir(cfg, tmp_path)
+    first.mkdir()
+    second = resolve_run_dir(cfg, tmp_path)
+    assert first.is_absolute() and first.parent == tmp_path and first.name.startswith("quickstart-")
+    assert second != first
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run_dir(cfg, "relative").parent == tmp_path / "relative"
+    with pytest.raises(ConfigError, match="run-dir"):
+        resolve_run_dir(cfg, run_dir="not/absolute")
