@@ -96,33 +96,75 @@ def sample_dsa(
     return DSAParams(families, family, **dict(zip(_UNIFORM_FIELDS, u.unbind(0))))
 
 
-def apply_dsa(x: torch.Tensor, params: DSAParams | None, groups: torch.Tensor | None = None) -> torch.Tensor:
+def apply_dsa(
+    x: torch.Tensor, params: DSAParams | None, groups: torch.Tensor | None = None, path: str = "auto"
+) -> torch.Tensor:
     """Augments x (N, C, H, W); sample i uses the draw of group `groups[i]` (default: group i).
 
     Equal draws give equal transforms whatever else is in the batch; differentiable w.r.t. x.
+    Two ways to compute the same values (`path`):
+      'where':  every family's transform on the whole batch, then a per-sample select; no host sync, so
+                the one for draws living on a GPU;
+      'subset': each family present only on the samples that drew it (one transform for a one-family
+                draw); needs the families on the host, so it is used when `params.family` is a CPU tensor;
+      'auto':   'subset' when `params.family` is on the CPU, else 'where'.
     """
     if params is None or not params.families:
         return x
     if groups is None:
         if x.shape[0] != params.num_groups:
             raise ValueError(f"apply_dsa: {x.shape[0]} samples but {params.num_groups} groups and no groups index")
-        groups = torch.arange(x.shape[0], device=x.device)
+        groups = torch.arange(x.shape[0], device=params.family.device)
+    if path == "auto":
+        path = "subset" if params.family.device.type == "cpu" else "where"
+    if path == "subset":
+        return _apply_subset(x, params, groups)
+    if path != "where":
+        raise ValueError(f"apply_dsa: path must be auto, where or subset; got {path!r}")
     p = params.select(groups)
+    fam = p.family.to(x.device)
     out = x
+    # Each sample gets exactly one family, so every transform can read the input x; scale and rotate share
+    # one resampling (a per-sample affine matrix), which halves the grid_sample work of this path.
+    affine_done = False
     for k, name in enumerate(params.families):
-        chosen = p.family == k
-        if name == "color":
-            transformed = _color(out, p)
-        elif name == "crop":
-            transformed = _crop(out, p)
-        elif name == "cutout":
-            transformed = _cutout(out, p)
-        elif name == "flip":
-            transformed = torch.where((p.flip < PROB_FLIP).view(-1, 1, 1, 1), out.flip(3), out)
-        else:  # scale or rotate
-            transformed = _affine(out, p, name)
+        chosen = fam == k
+        if name in ("scale", "rotate"):
+            if affine_done:
+                continue
+            affine_done = True
+            kinds = [params.families.index(f) for f in ("scale", "rotate") if f in params.families]
+            chosen = (fam.unsqueeze(1) == torch.tensor(kinds, device=x.device)).any(1)
+            transformed = _affine(x, p, fam_index=fam, families=params.families)
+        else:
+            transformed = _TRANSFORMS[name](x, p)
         out = torch.where(chosen.view(-1, 1, 1, 1), transformed, out)
     return out
+
+
+def _apply_subset(x: torch.Tensor, params: DSAParams, groups: torch.Tensor) -> torch.Tensor:
+    """apply_dsa computing each present family only on its own samples (families known on the host)."""
+    fam = params.family[groups.to(params.family.device)]
+    present = fam.unique().tolist()
+    if len(present) == 1:
+        p = params.select(groups)
+        return _TRANSFORMS[params.families[present[0]]](x, _on(p, x.device))
+    out = torch.empty_like(x)
+    for k in present:
+        rows = torch.nonzero(fam == k).flatten()
+        p = _on(params.select(groups.to(rows.device)[rows]), x.device)
+        rows = rows.to(x.device)
+        out = out.index_copy(0, rows, _TRANSFORMS[params.families[k]](x.index_select(0, rows), p))
+    return out
+
+
+def _on(p: DSAParams, device: torch.device) -> DSAParams:
+    values = {f.name: getattr(p, f.name).to(device) for f in fields(p) if f.name != "families"}
+    return DSAParams(p.families, **values)
+
+
+def _flip(x: torch.Tensor, p: DSAParams) -> torch.Tensor:
+    return torch.where((p.flip < PROB_FLIP).to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
 
 
 def _color(x: torch.Tensor, p: DSAParams) -> torch.Tensor:
@@ -161,17 +203,43 @@ def _cutout(x: torch.Tensor, p: DSAParams) -> torch.Tensor:
     return x * keep.unsqueeze(1).to(x.dtype)
 
 
-def _affine(x: torch.Tensor, p: DSAParams, name: str) -> torch.Tensor:
-    """Bilinear resampling with a per-sample scale (1/r..r per axis) or rotation (+-RATIO_ROTATE degrees)."""
+def _affine(
+    x: torch.Tensor,
+    p: DSAParams,
+    name: str | None = None,
+    fam_index: torch.Tensor | None = None,
+    families: tuple[str, ...] = (),
+) -> torch.Tensor:
+    """Bilinear resampling with a per-sample scale (1/r..r per axis) or rotation (+-RATIO_ROTATE degrees).
+
+    `name` applies one kind to every sample; otherwise sample i is rotated where fam_index[i] is the
+    index of 'rotate' in `families`, and scaled elsewhere.
+    """
     n = x.shape[0]
-    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
-    if name == "scale":
-        theta[:, 0, 0] = p.scale_w * (RATIO_SCALE - 1.0 / RATIO_SCALE) + 1.0 / RATIO_SCALE  # x = width axis
-        theta[:, 1, 1] = p.scale_h * (RATIO_SCALE - 1.0 / RATIO_SCALE) + 1.0 / RATIO_SCALE
+    scale = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    scale[:, 0, 0] = p.scale_w * (RATIO_SCALE - 1.0 / RATIO_SCALE) + 1.0 / RATIO_SCALE  # x = width axis
+    scale[:, 1, 1] = p.scale_h * (RATIO_SCALE - 1.0 / RATIO_SCALE) + 1.0 / RATIO_SCALE
+    rotate = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    angle = (p.rotate - 0.5) * 2 * RATIO_ROTATE / 180 * math.pi
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rotate[:, 0, 0], rotate[:, 0, 1], rotate[:, 1, 0], rotate[:, 1, 1] = cos, -sin, sin, cos
+    if name is not None:
+        theta = scale if name == "scale" else rotate
+    elif "rotate" in families:
+        is_rotate = fam_index == families.index("rotate")
+        theta = torch.where(is_rotate.view(-1, 1, 1), rotate, scale)
     else:
-        angle = (p.rotate - 0.5) * 2 * RATIO_ROTATE / 180 * math.pi
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+        theta = scale
     # align_corners=False: the PyTorch default the reference's unqualified affine_grid/grid_sample calls get.
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False)
+
+
+_TRANSFORMS = {
+    "color": lambda x, p: _color(x, p),
+    "crop": lambda x, p: _crop(x, p),
+    "cutout": lambda x, p: _cutout(x, p),
+    "flip": _flip,
+    "scale": lambda x, p: _affine(x, p, "scale"),
+    "rotate": lambda x, p: _affine(x, p, "rotate"),
+}

@@ -4,20 +4,30 @@ A fresh ConvNet is trained on the synthetic set only: SGD(lr, momentum, weight_d
 over the shuffled set in batches of `batch_size`, lr x 0.1 (fresh optimiser, as the reference) from
 epoch epochs//2 + 1 on, DSA on every batch when enabled, cross-entropy; then accuracy on the full test set.
 Accuracies are fractions in [0, 1].
+
+`train_and_test` trains one net (the reference of the protocol); `train_and_test_batched` trains K nets at
+once as one vmapped functional model over stacked parameters (`torch.func.stack_module_state`): every net
+keeps its own init seed, its own generator (shuffling and DSA draws, in the same order as `train_and_test`),
+and SGD on the stacked tensors is K independent SGDs (momentum and weight decay are elementwise). It runs
+the same number of kernel launches as one net, which is where a GPU spends the time at these sizes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 
 from common.config import EvaluationConfig, ModelConfig
 from common.models import build_model
-from server.distill.dsa import DEFAULT_STRATEGY, apply_dsa, parse_strategy, sample_dsa
+from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
 
 TEST_BATCH = 1000
 
@@ -36,24 +46,26 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int =
     return correct.item() / max(x.shape[0], 1)
 
 
-def train_and_test(
+def init_net(seed: int, shape: Sequence[int], model_cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The evaluation net of `seed` for images of `shape` (N, C, H, W), on the CPU; the caller's RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):  # the init draw depends on `seed` only, not on the caller's RNG
+        torch.manual_seed(seed)
+        return build_model(num_classes, shape[1], shape[2], model_cfg.width, model_cfg.depth, model_cfg.norm)
+
+
+def train_net(
     syn_x: torch.Tensor,
     syn_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
     eval_cfg: EvaluationConfig,
     model_cfg: ModelConfig,
     num_classes: int,
     seed: int,
     device: torch.device | str,
     dsa_strategy: str = DEFAULT_STRATEGY,
-) -> float:
-    """Trains one fresh net (initialised from `seed`) on the synthetic set; returns its test accuracy."""
+) -> nn.Module:
+    """One fresh net (initialised from `seed`) trained on the synthetic set with the protocol above."""
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[]):  # the init draw depends on `seed` only, not on the caller's RNG
-        torch.manual_seed(seed)
-        net = build_model(num_classes, syn_x.shape[1], syn_x.shape[2], model_cfg.width, model_cfg.depth, model_cfg.norm)
-    net = net.to(device).train()
+    net = init_net(seed, syn_x.shape, model_cfg, num_classes).to(device).train()
     gen = torch.Generator(device=device).manual_seed(seed)
     families = parse_strategy(dsa_strategy) if eval_cfg.dsa else ()
     x, y = syn_x.to(device), syn_y.to(device)
@@ -73,7 +85,165 @@ def train_and_test(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    return net
+
+
+def train_and_test(
+    syn_x: torch.Tensor,
+    syn_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    eval_cfg: EvaluationConfig,
+    model_cfg: ModelConfig,
+    num_classes: int,
+    seed: int,
+    device: torch.device | str,
+    dsa_strategy: str = DEFAULT_STRATEGY,
+) -> float:
+    """Trains one fresh net (initialised from `seed`) on the synthetic set; returns its test accuracy."""
+    net = train_net(syn_x, syn_y, eval_cfg, model_cfg, num_classes, seed, device, dsa_strategy)
     return accuracy(net, test_x.to(device), test_y.to(device))
+
+
+def _concat_draws(draws: Sequence[DSAParams]) -> DSAParams:
+    """One draw over the concatenated groups of several draws (same families)."""
+    names = [k for k in DSAParams.__dataclass_fields__ if k != "families"]
+    return DSAParams(draws[0].families, **{k: torch.cat([getattr(d, k) for d in draws]) for k in names})
+
+
+@dataclass
+class StackedNets:
+    """K nets of one architecture as stacked parameters and buffers (K, ...) and a stateless `base` module."""
+
+    base: nn.Module
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+
+    def __call__(self, p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """One net's logits for x with parameters p and buffers b (the function that is vmapped)."""
+        return functional_call(self.base, (p, b), (x,))
+
+
+def train_nets_batched(
+    syn_x: torch.Tensor,
+    syn_y: torch.Tensor,
+    eval_cfg: EvaluationConfig,
+    model_cfg: ModelConfig,
+    num_classes: int,
+    seeds: Sequence[int],
+    device: torch.device | str,
+    dsa_strategy: str = DEFAULT_STRATEGY,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    compile: bool = False,
+) -> StackedNets:
+    """`train_net` for every seed, all nets trained at once; net i is row i of the stacked parameters.
+
+    Same draws as K calls of `train_net` (up to float rounding of the grouped convolutions).
+    precision 'bf16': forward and loss under bfloat16 autocast (CUDA; parameters and optimiser stay fp32);
+    channels_last: images in channels-last layout; compile: torch.compile the per-step forward+loss.
+    The defaults are the exact fp32 protocol.
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16; got {precision!r}")
+    device = torch.device(device)
+    seeds = list(seeds)
+    k = len(seeds)
+    modules = [init_net(s, syn_x.shape, model_cfg, num_classes).to(device).train() for s in seeds]
+    params, buffers = stack_module_state(modules)  # (K, ...) leaves; params require grad
+    nets = StackedNets(copy.deepcopy(modules[0]).to("meta"), params, buffers)
+    del modules
+
+    def step_loss(p: dict, b: dict, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """xb (K, B, C, H, W), yb (K, B) -> sum over nets of each net's mean cross-entropy."""
+        with _autocast(device, precision):
+            logits = vmap(nets)(p, b, xb)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="none")
+        return ce.view(k, -1).mean(1).sum()
+
+    loss_fn: Callable[..., torch.Tensor] = torch.compile(step_loss) if compile else step_loss
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    families = parse_strategy(dsa_strategy) if eval_cfg.dsa else ()
+    x, y = syn_x.to(device), syn_y.to(device)
+    n = x.shape[0]
+    plist = list(params.values())
+    optimizer = torch.optim.SGD(plist, lr=eval_cfg.lr, momentum=eval_cfg.momentum, weight_decay=eval_cfg.weight_decay)
+    for epoch in range(eval_cfg.epochs):
+        if epoch == eval_cfg.epochs // 2 + 1:
+            optimizer = torch.optim.SGD(
+                plist, lr=eval_cfg.lr * 0.1, momentum=eval_cfg.momentum, weight_decay=eval_cfg.weight_decay
+            )
+        perm = torch.stack([torch.randperm(n, generator=g, device=device) for g in gens])  # (K, n)
+        for start in range(0, n, eval_cfg.batch_size):
+            idx = perm[:, start : start + eval_cfg.batch_size]  # (K, B)
+            xb = x[idx]  # (K, B, C, H, W)
+            if families:
+                b = idx.shape[1]
+                draws = _concat_draws([sample_dsa(families, b, g, device, one_family=True) for g in gens])
+                xb = apply_dsa(xb.flatten(0, 1), draws).view_as(xb)
+            if channels_last:
+                xb = xb.flatten(0, 1).contiguous(memory_format=torch.channels_last).view_as(xb)
+            loss = loss_fn(params, buffers, xb, y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return nets
+
+
+def train_and_test_batched(
+    syn_x: torch.Tensor,
+    syn_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    eval_cfg: EvaluationConfig,
+    model_cfg: ModelConfig,
+    num_classes: int,
+    seeds: Sequence[int],
+    device: torch.device | str,
+    dsa_strategy: str = DEFAULT_STRATEGY,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    compile: bool = False,
+) -> list[float]:
+    """`train_and_test` for every seed, all nets trained at once; their test accuracies in seed order."""
+    device = torch.device(device)
+    nets = train_nets_batched(
+        syn_x, syn_y, eval_cfg, model_cfg, num_classes, seeds, device, dsa_strategy, precision, channels_last, compile
+    )
+    nets.base.eval()
+    return _batched_accuracy(nets, test_x.to(device), test_y.to(device), device, precision)
+
+
+@contextlib.contextmanager
+def _autocast(device: torch.device, precision: str) -> Iterator[None]:
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+@torch.no_grad()
+def _batched_accuracy(
+    nets: StackedNets,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    precision: str,
+    batch_size: int = TEST_BATCH,
+) -> list[float]:
+    """Top-1 accuracy of each of the K stacked nets on (x, y); the test batch is shared (not copied K times).
+
+    Chunks of batch_size // K images keep the activations of the K nets at the size of one net's test batch.
+    """
+    k = next(iter(nets.params.values())).shape[0]
+    batch_size = max(batch_size // k, 1)
+    correct = torch.zeros(k, dtype=torch.long, device=y.device)
+    for start in range(0, x.shape[0], batch_size):
+        with _autocast(device, precision):
+            logits = vmap(nets, in_dims=(0, 0, None))(nets.params, nets.buffers, x[start : start + batch_size])
+        correct += (logits.argmax(2) == y[start : start + batch_size]).sum(1)
+    return [c / max(x.shape[0], 1) for c in correct.tolist()]
 
 
 def evaluate_synthetic(
@@ -87,14 +257,32 @@ def evaluate_synthetic(
     device: torch.device | str,
     num_classes: int | None = None,
     dsa_strategy: str = DEFAULT_STRATEGY,
+    max_parallel: int | None = None,
 ) -> list[float]:
-    """Test accuracy of one fresh net per seed trained on (syn_x, syn_y); num_classes defaults to max label + 1."""
+    """Test accuracy of one fresh net per seed trained on (syn_x, syn_y); num_classes defaults to max label + 1.
+
+    Several seeds are trained at once (`train_and_test_batched`, at most `max_parallel` nets per group);
+    one seed, or max_parallel=1, runs `train_and_test`. Default: all seeds at once on CUDA (launch-bound),
+    one at a time on the CPU, where the batched (grouped) convolutions measured slower (docs/benchmarks.md).
+    """
     if num_classes is None:
         num_classes = int(max(syn_y.max(), test_y.max())) + 1
-    return [
-        train_and_test(syn_x, syn_y, test_x, test_y, eval_cfg, model_cfg, num_classes, s, device, dsa_strategy)
-        for s in seeds
-    ]
+    seeds = list(seeds)
+    if max_parallel is None:
+        max_parallel = len(seeds) if torch.device(device).type == "cuda" else 1
+    step = max(1, max_parallel)
+    accuracies: list[float] = []
+    for i in range(0, len(seeds), step):
+        group = seeds[i : i + step]
+        if len(group) == 1:
+            accuracies.append(
+                train_and_test(syn_x, syn_y, test_x, test_y, eval_cfg, model_cfg, num_classes, group[0], device, dsa_strategy)
+            )
+        else:
+            accuracies += train_and_test_batched(
+                syn_x, syn_y, test_x, test_y, eval_cfg, model_cfg, num_classes, group, device, dsa_strategy
+            )
+    return accuracies
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
