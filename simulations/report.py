@@ -1,0 +1,178 @@
+"""Renders a sweep folder: the Table-1-style Markdown table, accuracy vs pipc plots, and Figures 2 and 3.
+
+    feddistill report SWEEP_DIR [--out DIR]
+
+- `table.md`: mean +- std test accuracy (%) over seeds x evaluation nets; one row per (ipc, pipc), one
+  column per method (the layout of the paper's Table 1: methods side by side per setting).
+- `accuracy_vs_pipc.png`: accuracy against pipc, one panel per ipc, one line per method.
+- `figure2.png`: the distilled images of one cell (ipc 1, pipc 50 by default), one column per class.
+- `figure3.png`: per-class average of DSV-method images vs DM images, and their 2-D FFT magnitude spectra.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from common.atomic import atomic_write  # noqa: E402
+from common.data import denormalize  # noqa: E402
+from server.distill.artifacts import load_synthetic  # noqa: E402
+
+METHOD_ORDER = ["random", "dm", "dsv", "dm+dkkt"]
+
+
+def load_results(sweep_dir: Path) -> pd.DataFrame:
+    path = Path(sweep_dir) / "results.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no results yet; run `feddistill sweep` first")
+    return pd.read_csv(path)
+
+
+def pooled(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std (%) per (ipc, pipc, method), pooling every evaluation of every seed."""
+    rows = []
+    for (ipc, pipc, method), group in results.groupby(["ipc", "pipc", "method"]):
+        accs = np.concatenate([json.loads(a) for a in group["accuracies"]]) * 100
+        rows.append({"ipc": ipc, "pipc": pipc, "method": method, "mean": accs.mean(), "std": accs.std(),
+                     "seeds": len(group), "evaluations": len(accs)})
+    return pd.DataFrame(rows)
+
+
+def _methods(frame: pd.DataFrame) -> list[str]:
+    present = set(frame["method"])
+    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+
+
+def markdown_table(results: pd.DataFrame) -> str:
+    stats = pooled(results)
+    methods = _methods(stats)
+    lines = ["| ipc | pipc | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for (ipc, pipc), group in stats.groupby(["ipc", "pipc"]):
+        by_method = group.set_index("method")
+        best = by_method["mean"].max()
+        cells = []
+        for m in methods:
+            if m not in by_method.index:
+                cells.append("-")
+                continue
+            row = by_method.loc[m]
+            text = f"{row['mean']:.1f} ± {row['std']:.1f}"
+            cells.append(f"**{text}**" if row["mean"] == best and len(by_method) > 1 else text)
+        lines.append(f"| {ipc} | {pipc} | " + " | ".join(cells) + " |")
+    n = stats[["seeds", "evaluations"]].max()
+    lines.append("")
+    lines.append(f"Test accuracy (%), mean ± std over up to {n['seeds']} distillation seeds × evaluation nets "
+                 f"({n['evaluations']} evaluations per cell at most); best per row in bold.")
+    return "\n".join(lines) + "\n"
+
+
+def _save_figure(fig: plt.Figure, path: Path) -> Path:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_pipc(results: pd.DataFrame, path: Path) -> Path:
+    stats = pooled(results)
+    ipcs = sorted(stats["ipc"].unique())
+    fig, axes = plt.subplots(1, len(ipcs), figsize=(4.5 * len(ipcs), 3.6), squeeze=False)
+    for ax, ipc in zip(axes[0], ipcs):
+        sub = stats[stats["ipc"] == ipc]
+        for method in _methods(sub):
+            line = sub[sub["method"] == method].sort_values("pipc")
+            ax.errorbar(line["pipc"], line["mean"], yerr=line["std"], marker="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("public images per class (pipc)")
+        ax.set_title(f"ipc = {ipc}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend()
+    return _save_figure(fig, path)
+
+
+def _cell_dir(sweep_dir: Path, results: pd.DataFrame, method: str, ipc: int, pipc: int | None) -> Path:
+    rows = results[(results["method"] == method) & (results["ipc"] == ipc)]
+    if pipc is not None:
+        rows = rows[rows["pipc"] == pipc]
+    if rows.empty:
+        raise ValueError(f"no finished cell with method={method} ipc={ipc}" + (f" pipc={pipc}" if pipc else ""))
+    return Path(sweep_dir) / "cells" / rows.sort_values(["pipc", "seed"]).iloc[-1]["cell"] / "seed_0"
+
+
+def _images(cell_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    syn = load_synthetic(cell_dir)
+    return denormalize(syn.images).permute(0, 2, 3, 1).numpy(), syn.labels.numpy()
+
+
+def figure2(sweep_dir: Path, results: pd.DataFrame, path: Path, method: str = "dm+dkkt", pipc: int | None = 50,
+            class_names: list[str] | None = None) -> Path:
+    """The distilled images of one cell (ipc 1): one column per class."""
+    images, labels = _images(_cell_dir(sweep_dir, results, method, 1, pipc))
+    classes = sorted(set(labels.tolist()))
+    fig, axes = plt.subplots(1, len(classes), figsize=(1.3 * len(classes), 1.6), squeeze=False)
+    for ax, c in zip(axes[0], classes):
+        ax.imshow(images[labels == c][0])
+        ax.set_title(class_names[c] if class_names else str(c), fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"Distilled images ({method}, ipc 1, pipc {pipc})", fontsize=9)
+    return _save_figure(fig, path)
+
+
+def class_means(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(C, H, W, 3) average image per class."""
+    return np.stack([images[labels == c].mean(axis=0) for c in sorted(set(labels.tolist()))])
+
+
+def fft_magnitude(image: np.ndarray) -> np.ndarray:
+    """log(1 + |FFT2|) of the grey-level image, zero frequency centred."""
+    grey = torch.as_tensor(image.mean(axis=-1))
+    spectrum = torch.fft.fftshift(torch.fft.fft2(grey - grey.mean()))
+    return torch.log1p(spectrum.abs()).numpy()
+
+
+def figure3(sweep_dir: Path, results: pd.DataFrame, path: Path, dsv_method: str = "dm+dkkt", ipc: int | None = None,
+            class_names: list[str] | None = None) -> Path:
+    """Rows: per-class mean of `dsv_method` images, of DM images, and the FFT magnitude of each."""
+    ipc = ipc or int(results[results["method"] == "dm"]["ipc"].max())
+    rows = []
+    for method in (dsv_method, "dm"):
+        means = class_means(*_images(_cell_dir(sweep_dir, results, method, ipc, None)))
+        rows.append((f"{method}: class mean", np.clip(means, 0, 1), None))
+        rows.append((f"{method}: |FFT|", np.stack([fft_magnitude(m) for m in means]), "magma"))
+    num_classes = rows[0][1].shape[0]
+    fig, axes = plt.subplots(len(rows), num_classes, figsize=(1.3 * num_classes, 1.4 * len(rows)), squeeze=False)
+    for r, (title, images, cmap) in enumerate(rows):
+        for c in range(num_classes):
+            axes[r][c].imshow(images[c], cmap=cmap)
+            axes[r][c].axis("off")
+            if r == 0:
+                axes[r][c].set_title(class_names[c] if class_names else str(c), fontsize=8)
+        axes[r][0].text(-0.1, 0.5, title, transform=axes[r][0].transAxes, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"Per-class average and 2-D FFT magnitude (ipc {ipc})", fontsize=9)
+    return _save_figure(fig, path)
+
+
+def render(sweep_dir: Path, out_dir: Path | None = None, class_names: list[str] | None = None) -> dict[str, Path]:
+    """Writes every report artefact the finished cells allow; returns name -> path."""
+    sweep_dir = Path(sweep_dir)
+    out_dir = Path(out_dir or sweep_dir / "report")
+    results = load_results(sweep_dir)
+    written = {"table": atomic_write(out_dir / "table.md", lambda tmp: tmp.write_text(markdown_table(results)))}
+    written["plot"] = plot_accuracy_vs_pipc(results, out_dir / "accuracy_vs_pipc.png")
+    methods = set(results["method"])
+    fig2_method = "dm+dkkt" if "dm+dkkt" in methods else sorted(methods)[0]
+    if 1 in set(results["ipc"]):
+        pipc = 50 if 50 in set(results["pipc"]) else None
+        written["figure2"] = figure2(sweep_dir, results, out_dir / "figure2.png", fig2_method, pipc, class_names)
+    dsv_method = next((m for m in ("dsv", "dm+dkkt") if m in methods), None)
+    if dsv_method and "dm" in methods:
+        written["figure3"] = figure3(sweep_dir, results, out_dir / "figure3.png", dsv_method, class_names=class_names)
+    return written

@@ -1,0 +1,71 @@
+"""The report: Table-1 layout with mean +- std, the pipc plot, Figures 2 and 3 from saved synthetic sets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from common.atomic import save_json
+from server.distill.artifacts import save_synthetic
+from server.distill.methods import SyntheticSet
+from simulations.report import fft_magnitude, markdown_table, render
+from simulations.sweep import write_results
+
+
+def _fake_sweep(root, grid):
+    """Finished cells with saved synthetic sets and result.json, as run_sweep leaves them."""
+    for pipc, ipc, method, seed, accs in grid:
+        name = f"pipc{pipc}-ipc{ipc}-{method.replace('+', '_')}-seed{seed}"
+        cell = root / "cells" / name
+        g = torch.Generator().manual_seed(seed)
+        syn = SyntheticSet(torch.randn(3 * ipc, 3, 8, 8, generator=g), torch.arange(3).repeat_interleave(ipc), None, method, seed)
+        save_synthetic(syn, cell / "seed_0")
+        save_json(cell / "cell.json", {"cell": name, "pipc": pipc, "ipc": ipc, "method": method, "seed": seed})
+        save_json(cell / "result.json", {"accuracies": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs))})
+    return write_results(root)
+
+
+def test_table_pools_seeds_and_marks_the_best(tmp_path):
+    results = _fake_sweep(tmp_path, [
+        (50, 1, "dm", 0, [0.20, 0.22]), (50, 1, "dm", 1, [0.24, 0.26]),
+        (50, 1, "dm+dkkt", 0, [0.30, 0.30]), (10, 1, "random", 0, [0.15]),
+    ])
+    table = markdown_table(results)
+    assert "| ipc | pipc | random | dm | dm+dkkt |" in table
+    assert "| 1 | 50 | - | 23.0 ± 2.2 | **30.0 ± 0.0** |" in table  # dm pools 4 evaluations of 2 seeds
+    assert "| 1 | 10 | 15.0 ± 0.0 | - | - |" in table
+
+
+def test_render_writes_every_figure(tmp_path):
+    _fake_sweep(tmp_path, [(10, 1, "dm", 0, [0.2]), (50, 1, "dm", 0, [0.25]), (50, 1, "dm+dkkt", 0, [0.3]),
+                           (50, 2, "dm", 0, [0.35]), (50, 2, "dm+dkkt", 0, [0.4])])
+    written = render(tmp_path)
+    assert set(written) == {"table", "plot", "figure2", "figure3"}
+    for key in ("plot", "figure2", "figure3"):
+        with Image.open(written[key]) as img:
+            assert img.size[0] > 100 and img.size[1] > 50
+
+
+def test_fft_magnitude_finds_a_stripe_frequency():
+    x = np.arange(32)
+    stripes = np.repeat(np.sin(2 * np.pi * 4 * x / 32)[None, :, None], 32, axis=0).repeat(3, axis=2)
+    spectrum = fft_magnitude(stripes)
+    peak = np.unravel_index(np.argmax(spectrum), spectrum.shape)
+    assert peak[0] == 16 and abs(peak[1] - 16) == 4  # centred zero frequency, 4 cycles along x
+
+
+def test_report_without_results_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `feddistill sweep` first"):
+        render(tmp_path)
+
+
+def test_results_csv_keeps_every_evaluation(tmp_path):
+    results = _fake_sweep(tmp_path, [(10, 1, "dm", 0, [0.1, 0.3])])
+    on_disk = pd.read_csv(tmp_path / "results.csv")
+    assert json.loads(on_disk.loc[0, "accuracies"]) == [0.1, 0.3]
+    assert on_disk.loc[0, "num_evaluations"] == 2 and results.loc[0, "accuracy_mean"] == pytest.approx(0.2)

@@ -1,0 +1,70 @@
+"""The sweep: killed after its first cell, resumed, every cell in the final table exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from simulations.report import markdown_table, render
+from simulations.sweep import Cell, cells, load_sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _sweep_command(out: Path) -> list[str]:
+    return [sys.executable, "-m", "simulations.cli", "sweep", "--config", "tiny", "--out", str(out)]
+
+
+def test_grid_expands_and_invalid_cells_are_reported():
+    sweep = load_sweep("tiny")
+    runnable, skipped = cells(sweep)
+    assert [c.name for c in runnable] == [
+        "pipc2-ipc1-random-seed0", "pipc2-ipc1-dm-seed0", "pipc4-ipc1-random-seed0", "pipc4-ipc1-dm-seed0",
+    ]
+    assert skipped == []
+    too_many = sweep.model_copy(update={"ipc": [1, 3]})
+    runnable, skipped = cells(too_many)
+    assert len(runnable) == 6
+    assert {c for c, _ in skipped} == {Cell(2, 3, "random", 0), Cell(2, 3, "dm", 0)}
+    assert all("distill.ipc=3" in reason for _, reason in skipped)
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_and_finishes_every_cell_once(tmp_path):
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(_sweep_command(out), cwd=tmp_path, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "cells").glob("*/result.json")):
+            assert first.poll() is None, "the sweep exited before finishing a cell"
+            assert time.monotonic() < deadline, "no cell finished within 240 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the sweep and its Ray workers
+        first.wait()
+    done_before = {p.parent.name for p in (out / "cells").glob("*/result.json")}
+    assert 1 <= len(done_before) < 4
+
+    resumed = subprocess.run(_sweep_command(out), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming: {len(done_before)} of 4 cells already finished" in resumed.stdout
+
+    table = pd.read_csv(out / "results.csv")
+    assert sorted(table["cell"]) == sorted(c.name for c in cells(load_sweep("tiny"))[0])
+    assert table["cell"].is_unique
+    assert table["accuracy_mean"].between(0, 1).all()
+    assert len(list((out / "edge_models").glob("edge-*.pt"))) == 2  # one received model per private split
+
+    markdown = markdown_table(table)
+    assert markdown.count("\n| 1 | ") == 2  # one row per (ipc, pipc)
+    written = render(out)
+    assert {"table", "plot", "figure2"} <= set(written) and all(p.stat().st_size > 0 for p in written.values())
