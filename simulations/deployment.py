@@ -133,7 +133,9 @@ class LocalDeployment:
         return self.workdir / "flwr-home"
 
     def _environment(self) -> dict[str, str]:
-        return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.flwr_home), **self.env}
+        # SuperExecs start flwr-serverapp / flwr-clientapp by name: put this interpreter's scripts first on PATH.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.flwr_home), "PATH": path, **self.env}
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.workdir / "logs" / f"{name}.log", "wb")  # noqa: SIM115 (kept open for the child)

@@ -110,6 +110,7 @@ def test_flwr_run_on_the_managed_local_superlink_completes(tmp_path):
     out = tmp_path / "runs"
     env = {
         **os.environ,
+        "PATH": os.pathsep.join([str(FLWR.parent), os.environ.get("PATH", "")]),  # flwr starts flower-superlink by name
         "FLWR_HOME": str(tmp_path / "flwr-home"),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
         "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
