@@ -51,7 +51,7 @@ def test_a_dead_supernode_leaves_a_finished_run_that_records_the_dropout(tmp_pat
     with deployment:
         run_id = deployment.submit({
             "config": "quickstart",
-            "overrides": f"{TINY} federation.rounds=3 federation.min_clients=2 federation.round_timeout=20",
+            "overrides": f"{TINY} federation.rounds=2 federation.min_clients=2 federation.round_timeout=60",
             "output-dir": str(results),
         })
         deadline = time.monotonic() + 240
@@ -63,7 +63,7 @@ def test_a_dead_supernode_leaves_a_finished_run_that_records_the_dropout(tmp_pat
         row = deployment.wait(run_id, timeout=400)
     assert row["status"] == "finished:completed", row
     rounds = _metrics(results)
-    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[1]["clients_online"] == rounds[1]["replies"] == NODES
     for r in rounds[2:]:  # the dropout, recorded: the dead client is either offline or sampled without a reply
         assert r["replies"] == NODES - 1
