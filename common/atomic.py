@@ -47,4 +47,8 @@ def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> An
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
-        raise ValueError(f"{path}: cannot be loaded as a weights-only torch file ({type(err).__name__}: {err})") from None
+        detail = " ".join(str(err).split())[:160]  # one line: torch's messages span several
+        raise ValueError(
+            f"{path}: cannot be loaded as a weights-only torch file: truncated, corrupt, or holding objects other "
+            f"than tensors and plain containers ({type(err).__name__}: {detail})"
+        ) from None

@@ -82,6 +82,16 @@ class FederationConfig(_Section):
     eval_batch_size: int = Field(500, ge=1)
     client_num_cpus: float = Field(1.0, gt=0.0)
     client_num_gpus: float = Field(0.0, ge=0.0, le=1.0)
+    # Update guard (server/update_guard.py): with >= 3 replies, reject an update whose norm ||w_client - w_global||
+    # exceeds this multiple of the round's median update norm.
+    max_update_norm_ratio: float = Field(10.0, gt=1.0)
+    aggregator: Literal["fedavg", "fedmedian", "fedtrimmedavg", "krum"] = "fedavg"
+    trim_beta: float = Field(0.2, ge=0.0, lt=0.5)  # fedtrimmedavg: fraction cut at each end per coordinate
+    krum_malicious: int = Field(0, ge=0)  # krum: the number of malicious clients it tolerates
+    # Central DP with client-side fixed clipping (Flower's fixedclipping_mod + DP wrapper); 0 = off.
+    dp_noise_multiplier: float = Field(0.0, ge=0.0)
+    dp_clipping_norm: float | None = Field(None, gt=0.0)
+    dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)  # the delta at which epsilon is reported
 
 
 class DistillConfig(_Section):
@@ -140,6 +150,7 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"federation.min_clients={self.federation.min_clients}: must be <= split.num_clients={self.split.num_clients}"
             )
+        _check_robust_and_dp(self)
         if self.split.partition == "shards" and self.split.num_clients + self.split.classes_per_client - 1 < 10:
             # Client p holds classes p .. p+k-1 (mod 10); fewer windows than classes would leave private images unassigned.
             raise ValueError(
@@ -149,9 +160,40 @@ class ExperimentConfig(_Section):
         return self
 
 
+def _check_robust_and_dp(cfg: ExperimentConfig) -> None:
+    """Aggregator and DP combinations that cannot work; raises ValueError naming the key."""
+    fed = cfg.federation
+    if fed.aggregator == "krum" and min_clients_of(cfg) < 2 * fed.krum_malicious + 3:
+        raise ValueError(
+            f"federation.aggregator='krum' with krum_malicious={fed.krum_malicious} needs at least "
+            f"{2 * fed.krum_malicious + 3} replies per round (2 * krum_malicious + 3); federation.min_clients / "
+            f"split.num_clients give {min_clients_of(cfg)}"
+        )
+    if not dp_enabled(cfg):
+        if fed.dp_clipping_norm is not None:
+            raise ValueError("federation.dp_clipping_norm: set federation.dp_noise_multiplier > 0 too (clipping alone is not DP)")
+        return
+    if fed.dp_clipping_norm is None:
+        raise ValueError(f"federation.dp_clipping_norm: required when federation.dp_noise_multiplier={fed.dp_noise_multiplier}")
+    if fed.aggregator != "fedavg":
+        raise ValueError(f"federation.aggregator={fed.aggregator!r}: DP noise is calibrated for the mean; use fedavg with DP")
+    if cfg.model.norm == "batchnorm":
+        raise ValueError("model.norm='batchnorm': DP clipping and noise cannot apply to integer BatchNorm counters")
+
+
 def min_clients_of(cfg: ExperimentConfig) -> int:
     """federation.min_clients, defaulting to every client."""
     return cfg.federation.min_clients or cfg.split.num_clients
+
+
+def dp_enabled(cfg: ExperimentConfig) -> bool:
+    """Whether edge updates are clipped and the aggregate noised (federation.dp_noise_multiplier > 0)."""
+    return cfg.federation.dp_noise_multiplier > 0
+
+
+def sampled_per_round(cfg: ExperimentConfig) -> int:
+    """Clients sampled for training each round, as Flower's FedAvg samples them (all online)."""
+    return max(int(cfg.split.num_clients * cfg.federation.fraction_train), min_clients_of(cfg))
 
 
 def train_per_class_of(cfg: ExperimentConfig) -> int | None:
@@ -179,7 +221,7 @@ def check_against_dataset(cfg: ExperimentConfig, train_per_class: int | None) ->
     if pipc > train_per_class:
         raise ValueError(f"split.pipc={pipc}: must be between 0 and {train_per_class} (training images per class)")
     private_total = (train_per_class - pipc) * 10
-    if cfg.split.num_clients > private_total:
+    if 0 < private_total < cfg.split.num_clients:  # private_total 0: all public, distillation only
         raise ValueError(
             f"split.num_clients={cfg.split.num_clients}: must be <= {private_total} (private images left after pipc={pipc})"
         )

@@ -3,6 +3,7 @@
 A reply holds exactly one ArrayRecord ("arrays": the model's state_dict) and one MetricRecord
 ("metrics": scalars); never images, labels or anything else (the server enforces this, see
 server/boundary.py). The experiment config arrives in every message (edge_client/protocol.py).
+With DP on, Flower's fixedclipping_mod clips each update to the server's clipping norm before it leaves.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.config import ExperimentConfig
 from common.data import to_normalized_tensor
@@ -23,7 +27,16 @@ from edge_client.protocol import DATA_PATH_KEY, read_experiment, read_partition
 from edge_client.shard import Shard, load_shard
 from edge_client.train import evaluate, settings_from_config, train_local
 
-app = ClientApp()
+
+def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's fixedclipping_mod for train messages that carry a clipping norm (DP on); the rest pass through."""
+    config = msg.content.get("config")
+    if msg.metadata.message_type == MessageType.TRAIN and isinstance(config, ConfigRecord) and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[dp_clipping_mod])
 
 
 @app.train()

@@ -1,11 +1,11 @@
-"""The server side of one federated run: FedAvg rounds, central test evaluation, per-round records, the received model.
+"""The server side of one federated run: federated rounds, central test evaluation, per-round records, the received model.
 
 Run folder layout (`<output_dir>/<name>-<YYYYmmdd-HHMMSS>/`):
   config.yaml            the resolved experiment config
   metrics.jsonl          one line per round (round 0 = the initial model), see `round_line`
-  checkpoints/round_XXXX.pt  the global state_dict after each round (atomic writes)
+  checkpoints/round_XXXX.pt  the global state_dict after each round (atomic writes; `--resume` continues from the last)
   received_model.pt      the final global state_dict (torch.load(weights_only=True)); what distillation consumes
-  summary.json           final test accuracy, best round, time
+  summary.json           final test accuracy, best round, time, and (epsilon, delta) when DP is on
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from common.runtime import pick_device, seed_everything
 from edge_client.protocol import round_lr
 from edge_client.train import evaluate
 from server.hooks import after_federation
+from server.privacy import privacy_report
+from server.resume import CONFIG_FILE, METRICS_FILE, ResumePoint, checkpoint_path
 from server.summary import write_summary
 from server.strategy import EdgeFedAvg, ReplyObserver
 
@@ -43,7 +45,6 @@ log = logging.getLogger("flwr.feddistill")
 
 OUTPUT_ENV = "FEDDISTILL_OUTPUT"  # where run folders go when the run config gives no absolute output-dir
 RECEIVED_MODEL = "received_model.pt"
-METRICS_FILE = "metrics.jsonl"
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -72,7 +73,7 @@ def resolve_run_dir(cfg: ExperimentConfig, output_dir: str | Path | None = None,
 
 def save_config(cfg: ExperimentConfig, run_dir: Path) -> Path:
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    return atomic_write(run_dir / "config.yaml", lambda p: p.write_text(text))
+    return atomic_write(run_dir / CONFIG_FILE, lambda p: p.write_text(text))
 
 
 @dataclass
@@ -86,20 +87,28 @@ class FederationOutcome:
 class RoundRecorder:
     """Writes metrics.jsonl and the round's checkpoint when a round ends (called from the strategy's evaluate_fn)."""
 
-    def __init__(self, run_dir: Path, cfg: ExperimentConfig, strategy: EdgeFedAvg, on_round: RoundCallback | None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: ExperimentConfig,
+        strategy: EdgeFedAvg,
+        on_round: RoundCallback | None,
+        earlier: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
         self.strategy = strategy
         self.on_round = on_round
-        self.lines: list[dict[str, Any]] = []
-        self.start = self.last = time.perf_counter()
+        self.lines: list[dict[str, Any]] = list(earlier or [])  # a resumed run appends to its earlier rounds
+        self.last = time.perf_counter()
+        self.start = self.last - (self.lines[-1].get("elapsed", 0.0) if self.lines else 0.0)
 
     def end_round(self, server_round: int, state: dict[str, torch.Tensor], test: dict[str, float]) -> dict[str, Any]:
         now = time.perf_counter()
         line = round_line(self.cfg, server_round, test, self.strategy, seconds=now - self.last, elapsed=now - self.start)
         self.last = now
         self.lines.append(line)
-        save_torch(self.run_dir / "checkpoints" / f"round_{server_round:04d}.pt", state)
+        save_torch(checkpoint_path(self.run_dir, server_round), state)
         text = "".join(json.dumps(x, sort_keys=False) + "\n" for x in self.lines)
         atomic_write(self.run_dir / METRICS_FILE, lambda p: p.write_text(text))
         if self.on_round is not None:
@@ -139,8 +148,13 @@ def run_federation(
     run_dir: Path,
     on_round: RoundCallback | None = None,
     observer: ReplyObserver | None = None,
+    resume: ResumePoint | None = None,
 ) -> FederationOutcome:
-    """Runs cfg.federation.rounds FedAvg rounds over the grid's nodes and writes the run folder."""
+    """Runs cfg.federation.rounds rounds over the grid's nodes and writes the run folder.
+
+    With `resume`, the global model starts from its checkpoint and only the rounds after it run; metrics.jsonl
+    keeps the earlier lines.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
@@ -150,25 +164,33 @@ def run_federation(
     split = make_split(dataset.train.labels, cfg.split, cfg.seed)
     images = dataset.train.images
     model = build_model(dataset.num_classes, images.shape[-1], images.shape[1], cfg.model.width, cfg.model.depth, cfg.model.norm)
-    strategy = EdgeFedAvg(cfg, model, observer)
-    recorder = RoundRecorder(run_dir, cfg, strategy, on_round)
+    first_round = 0
+    if resume is not None:
+        load_record_into(model, ArrayRecord(resume.state))
+        first_round = resume.round
+    strategy = EdgeFedAvg(cfg, model, observer, max_examples=len(split.private), first_round=first_round)
+    recorder = RoundRecorder(run_dir, cfg, strategy, on_round, resume.lines if resume is not None else None)
     test_x = to_normalized_tensor(dataset.test.images, device)
     test_y = torch.as_tensor(dataset.test.labels, device=device)
     evaluator = build_model(dataset.num_classes, images.shape[-1], images.shape[1], cfg.model.width, cfg.model.depth, cfg.model.norm)
     evaluator.to(device)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and resume is not None:
+            return None  # the resumed-from round is already recorded
+        server_round += first_round
         load_record_into(evaluator, arrays)
         loss, accuracy = evaluate(evaluator, test_x, test_y, cfg.federation.eval_batch_size)
         recorder.end_round(server_round, {k: v.detach().cpu() for k, v in evaluator.state_dict().items()},
                            {"test_loss": loss, "test_accuracy": accuracy})
         return MetricRecord({"test_loss": _finite_or(loss), "test_accuracy": _finite_or(accuracy)})
 
-    log.info("run folder %s; %d rounds over %d edge clients", run_dir, cfg.federation.rounds, cfg.split.num_clients)
+    log.info("run folder %s; rounds %d..%d over %d edge clients", run_dir, first_round + 1, cfg.federation.rounds,
+             cfg.split.num_clients)
     result = strategy.start(
         grid=grid,
         initial_arrays=model_to_record(model),
-        num_rounds=cfg.federation.rounds,
+        num_rounds=cfg.federation.rounds - first_round,
         evaluate_fn=evaluate_fn,
         timeout=cfg.federation.round_timeout,
     )
@@ -177,6 +199,7 @@ def run_federation(
     save_torch(run_dir / RECEIVED_MODEL, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     lines = recorder.lines
     best = max(lines, key=lambda x: x["test_accuracy"])
+    privacy = privacy_report(cfg)
     save_json(
         run_dir / "summary.json",
         {
@@ -189,11 +212,12 @@ def run_federation(
             "best_round": best["round"],
             "seconds": round(time.perf_counter() - recorder.start, 3),
             "received_model": str(run_dir / RECEIVED_MODEL),
+            "privacy": privacy,
         },
     )
     log.info("received model saved to %s (final test accuracy %.4f)", run_dir / RECEIVED_MODEL, lines[-1]["test_accuracy"])
     distill = after_federation(cfg, model, dataset, split, run_dir)
-    write_summary(run_dir, cfg, lines, distill)
+    write_summary(run_dir, cfg, lines, distill, privacy)
     return FederationOutcome(run_dir, model, lines, distill)
 
 

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import ExperimentConfig, load_config, parse_overrides
 from server.federation import RoundCallback, resolve_run_dir, run_federation
+from server.resume import ResumePoint
 from server.strategy import ReplyObserver
 
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {"config": "quickstart", "overrides": "", "output-dir": "", "run-dir": ""}
@@ -42,8 +43,10 @@ def make_server_app(
     run_dir: Path | None = None,
     on_round: RoundCallback | None = None,
     observer: ReplyObserver | None = None,
+    resume: ResumePoint | None = None,
 ) -> ServerApp:
-    """A ServerApp; with `cfg` (and `run_dir`) it ignores the run config (run_simulation passes an empty one)."""
+    """A ServerApp; with `cfg` (and `run_dir`) it ignores the run config (run_simulation passes an empty one).
+    `resume` continues `run_dir` after its last complete round."""
     server_app = ServerApp()
 
     @server_app.main()
@@ -51,7 +54,7 @@ def make_server_app(
         run_config = {**RUN_CONFIG_DEFAULTS, **context.run_config}
         experiment = cfg if cfg is not None else config_from_run_config(run_config)
         folder = run_dir or resolve_run_dir(experiment, run_config["output-dir"] or None, run_config["run-dir"] or None)
-        run_federation(grid, experiment, folder, on_round=on_round, observer=observer)
+        run_federation(grid, experiment, folder, on_round=on_round, observer=observer, resume=resume)
 
     return server_app
 

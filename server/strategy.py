@@ -1,4 +1,4 @@
-"""FedAvg with the privacy boundary in front of aggregation and the round's lr in every train message."""
+"""FedAvg sampling with the privacy boundary and the update guard in front of the configured aggregator."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch import nn
 
-from common.config import ExperimentConfig, min_clients_of
+from common.config import ExperimentConfig, dp_enabled, min_clients_of
 from edge_client.protocol import round_config
+from server.aggregators import build_aggregator
 from server.boundary import ModelSpec, model_spec, screen_replies
+from server.update_guard import GuardLimits, guard_updates
 
 log = logging.getLogger("flwr.feddistill")
 
@@ -34,13 +37,24 @@ class RoundReplies:
 
 
 class EdgeFedAvg(FedAvg):
-    """FedAvg that screens every reply (server/boundary.py), keeps the good ones and fails loudly below min_clients.
+    """FedAvg's sampling; every train reply is screened (server/boundary.py) and guarded (server/update_guard.py),
+    the kept ones go to the configured aggregator (server/aggregators.py), and a round with fewer than
+    min_clients kept replies fails loudly.
 
     Train and evaluate messages carry edge_client.protocol.round_config(cfg, round) (the lr decayed for
-    that round). Aggregated arrays are cast back to the model's dtypes (FedAvg's average is float).
+    that round) and, with DP on, the clipping norm for the clients' fixedclipping_mod. Aggregated arrays
+    are cast back to the model's dtypes (averages are float). `first_round` > 0 resumes a run: Flower's
+    rounds 1, 2, ... become first_round + 1, first_round + 2, ... everywhere (client seeds, lr, records).
     """
 
-    def __init__(self, cfg: ExperimentConfig, reference: nn.Module, observer: ReplyObserver | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        reference: nn.Module,
+        observer: ReplyObserver | None = None,
+        max_examples: int | None = None,
+        first_round: int = 0,
+    ) -> None:
         fed = cfg.federation
         evaluate_fraction = fed.fraction_evaluate if cfg.split.client_holdout > 0 else 0.0
         super().__init__(
@@ -54,42 +68,60 @@ class EdgeFedAvg(FedAvg):
         self.cfg = cfg
         self.spec: ModelSpec = model_spec(reference)
         self.observer = observer
+        self.first_round = first_round
+        self.aggregator = build_aggregator(cfg)
+        self.limits = GuardLimits(max_examples, fed.max_update_norm_ratio, fed.dp_clipping_norm if dp_enabled(cfg) else None)
+        self.global_arrays: dict[int, ArrayRecord] = {}  # the model each round's clients started from
         self.train_replies: dict[int, RoundReplies] = {}
         self.evaluate_replies: dict[int, RoundReplies] = {}
         self.clients_online: dict[int, int] = {}  # connected edge clients when each round started
         self.clients_sampled: dict[int, int] = {}  # training messages sent in each round
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.first_round
+        self.global_arrays = {server_round: arrays}
         online = len(list(grid.get_node_ids()))
         self.clients_online[server_round] = online
         if online < self.cfg.split.num_clients:
             log.warning("round %d: %d of %d edge clients online", server_round, online, self.cfg.split.num_clients)
         config = ConfigRecord({**config, **round_config(self.cfg, server_round)})
+        if dp_enabled(self.cfg):
+            config[KEY_CLIPPING_NORM] = self.cfg.federation.dp_clipping_norm
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.clients_sampled[server_round] = len(messages)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.first_round
         config = ConfigRecord({**config, **round_config(self.cfg, server_round)})
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.first_round
         replies = self._observe("train", replies)
         screened = screen_replies(replies, self.spec)
-        record = self._log(server_round, "train", len(replies), screened.kept, screened.rejected, screened.failed)
+        kept, guarded = guard_updates(screened.kept, self.global_arrays.get(server_round), self.limits)
+        rejected = screened.rejected + guarded
+        record = self._log(server_round, "train", len(replies), kept, rejected, screened.failed)
         self.train_replies[server_round] = record
         if record.kept < min_clients_of(self.cfg):
-            reasons = summarize_reasons(screened.failed + screened.rejected) or "no replies"
+            reasons = summarize_reasons(screened.failed + rejected) or "no replies"
             raise RuntimeError(
                 f"round {server_round}: {record.kept} usable training replies of {len(replies)}, fewer than "
                 f"federation.min_clients={min_clients_of(self.cfg)} ({reasons})"
             )
-        arrays, metrics = super().aggregate_train(server_round, screened.kept)
+        if dp_enabled(self.cfg):  # the noise is calibrated for a plain mean of clipped updates: weigh clients equally
+            for msg in kept:
+                msg.content["metrics"] = MetricRecord({**msg.content["metrics"], "num-examples": 1})
+        # Flower's DP noise draws from numpy's global RNG: seeded per round, a resumed run adds the same noise.
+        np.random.seed((self.cfg.seed * 1_000_003 + server_round) % 2**32)
+        arrays, metrics = self.aggregator.aggregate_train(server_round, kept)
         if metrics is not None:
             record.metrics = dict(metrics)
         return (self._restore_dtypes(arrays) if arrays is not None else None), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.first_round
         replies = self._observe("evaluate", replies)
         screened = screen_replies(replies, None)
         # A client with an empty held-out slice reports 0 examples: it carries no weight, drop it.
@@ -118,7 +150,7 @@ class EdgeFedAvg(FedAvg):
         failed: list[tuple[int, str]],
     ) -> RoundReplies:
         for node, reason in rejected:
-            log.warning("round %d %s: rejected the reply of node %d at the privacy boundary: %s", server_round, kind, node, reason)
+            log.warning("round %d %s: rejected the reply of node %d: %s", server_round, kind, node, reason)
         for node, reason in failed:
             log.warning("round %d %s: node %d failed: %s", server_round, kind, node, short_reason(reason))
         return RoundReplies(sent=sent, kept=len(kept), rejected=list(rejected), failed=list(failed))

@@ -8,17 +8,25 @@ from typing import Any
 from common.atomic import atomic_write
 from common.config import ExperimentConfig
 
+AGGREGATOR_NAMES = {"fedavg": "FedAvg", "fedmedian": "FedMedian", "fedtrimmedavg": "FedTrimmedAvg", "krum": "Krum"}
 
-def summary_markdown(cfg: ExperimentConfig, rounds: list[dict[str, Any]], distill: dict[str, dict[str, Any]] | None) -> str:
-    """Markdown with the per-round federation table and the distillation results (accuracies in %)."""
+
+def summary_markdown(
+    cfg: ExperimentConfig,
+    rounds: list[dict[str, Any]],
+    distill: dict[str, dict[str, Any]] | None,
+    privacy: dict[str, float] | None = None,
+) -> str:
+    """Markdown with the per-round federation table, the DP guarantee and the distillation results (accuracies in %)."""
     s, f = cfg.split, cfg.federation
     pipc = s.pipc if s.pipc is not None else f"{s.public_ratio:.0%} of each class"
     lines = [
         f"# {cfg.name}",
         "",
-        f"{s.num_clients} edge clients ({s.partition}), {f.rounds} FedAvg rounds; the server holds pipc = {pipc} "
+        f"{s.num_clients} edge clients ({s.partition}), {f.rounds} rounds ({AGGREGATOR_NAMES[f.aggregator]}); the server holds pipc = {pipc} "
         f"public images per class; data {cfg.data.name}, seed {cfg.seed}.",
         "",
+        *_privacy_lines(privacy),
         "## Federated training (received model)",
         "",
         "| round | replies | test accuracy (%) | test loss |",
@@ -47,8 +55,23 @@ def summary_markdown(cfg: ExperimentConfig, rounds: list[dict[str, Any]], distil
     return "\n".join(lines) + "\n"
 
 
+def _privacy_lines(privacy: dict[str, float] | None) -> list[str]:
+    if privacy is None:
+        return []
+    return [
+        f"Differential privacy (client level): epsilon = {privacy['epsilon']:.4g} at delta = {privacy['delta']:g} "
+        f"(noise multiplier {privacy['noise_multiplier']:g}, clipping norm {privacy['clipping_norm']:g}, "
+        f"sampling rate {privacy['sampling_rate']:.3g}, {privacy['rounds']} rounds; RDP accountant of dp-accounting).",
+        "",
+    ]
+
+
 def write_summary(
-    run_dir: Path, cfg: ExperimentConfig, rounds: list[dict[str, Any]], distill: dict[str, dict[str, Any]] | None
+    run_dir: Path,
+    cfg: ExperimentConfig,
+    rounds: list[dict[str, Any]],
+    distill: dict[str, dict[str, Any]] | None,
+    privacy: dict[str, float] | None = None,
 ) -> Path:
-    text = summary_markdown(cfg, rounds, distill)
+    text = summary_markdown(cfg, rounds, distill, privacy)
     return atomic_write(Path(run_dir) / "summary.md", lambda tmp: tmp.write_text(text))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 
-from common.config import ConfigError, ExperimentConfig, load_config, parse_overrides
+from common.config import ConfigError, ExperimentConfig, build_config, load_config, parse_overrides
 from common.data import DataError
 
 console = Console()
@@ -36,46 +38,63 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Runs the federation in-process (Flower simulation engine) and prints the per-round table."""
+    from server.resume import load_run_config
     from simulations.simulate import simulate
 
-    cfg = _load(args)
-    simulate(cfg, output_dir=args.output_dir, console=console, verbose=args.verbose)
+    if args.resume and args.overrides:
+        raise ConfigError("--resume takes the config from RUN_DIR/config.yaml: drop the overrides " + " ".join(args.overrides))
+    cfg = load_run_config(args.resume) if args.resume else _load(args)
+    simulate(cfg, output_dir=args.output_dir, console=console, verbose=args.verbose, resume=args.resume)
     return 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distils from a received model and the config's public subset, then evaluates (no Flower)."""
-    from pathlib import Path
-
+    import numpy as np
     import torch
 
-    from common.atomic import load_torch
+    from common.atomic import load_torch, save_json
+    from common.config import config_to_dict
     from common.data import load_dataset, to_normalized_tensor
     from common.models import build_model
-    from common.partition import make_split
+    from common.config import public_per_class
+    from common.partition import split_public
     from common.runtime import pick_device
     from server.distill.run import run_distillation
 
-    cfg = _load(args)
+    if args.resume:
+        if args.overrides or args.out:
+            raise ConfigError(f"--resume takes the config and folder from {args.resume}: drop the overrides and --out")
+        cfg, model_path = _distill_invocation(Path(args.resume))
+        model_path = args.model or model_path
+        out_dir = Path(args.resume).resolve()
+    else:
+        cfg, model_path = _load(args), args.model
+        out_dir = Path(args.out or Path(cfg.output_dir) / f"{cfg.name}-distill-{cfg.distill.method.replace('+', '_')}").resolve()
     dataset = load_dataset(cfg.data, cfg.seed)
-    split = make_split(dataset.train.labels, cfg.split, cfg.seed)
+    # Only the public subset is needed (the same one make_split gives the federation); pipc may be all images.
+    labels = dataset.train.labels
+    pipc = public_per_class(cfg.split, int(np.bincount(labels).min()))
+    public, _ = split_public(labels, pipc, cfg.split.seed if cfg.split.seed is not None else cfg.seed)
     model = None
-    if args.model:
+    if model_path:
         images = dataset.train.images
         model = build_model(dataset.num_classes, images.shape[-1], images.shape[1], cfg.model.width, cfg.model.depth, cfg.model.norm)
-        state = load_torch(args.model)
+        state = load_torch(model_path)
         try:
             model.load_state_dict(state)
-        except RuntimeError as err:
-            raise DataError(f"{args.model}: not a state_dict of the configured model.* ({err})") from None
+        except (RuntimeError, TypeError, AttributeError) as err:
+            detail = " ".join(str(err).split())[:300]
+            raise DataError(f"{model_path}: not a state_dict of the configured model.* ({detail})") from None
+        model_path = str(Path(model_path).resolve())
     elif cfg.distill.method in ("dsv", "dm+dkkt"):
         raise ConfigError(f"distill.method={cfg.distill.method!r} needs the received model: pass --model received_model.pt")
-    out_dir = Path(args.out or Path(cfg.output_dir) / f"{cfg.name}-distill-{cfg.distill.method.replace('+', '_')}").resolve()
+    save_json(out_dir / INVOCATION, {"config": config_to_dict(cfg), "model": model_path})
     device = pick_device(cfg.device)
     result = run_distillation(
         cfg, model,
-        to_normalized_tensor(dataset.train.images[split.public], device),
-        torch.as_tensor(dataset.train.labels[split.public], device=device),
+        to_normalized_tensor(dataset.train.images[public], device),
+        torch.as_tensor(labels[public], device=device),
         to_normalized_tensor(dataset.test.images, device),
         torch.as_tensor(dataset.test.labels, device=device),
         out_dir, show_progress=True, num_classes=dataset.num_classes,
@@ -87,10 +106,23 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+INVOCATION = "invocation.json"  # what `feddistill distill --resume OUT_DIR` reads back: the config and --model
+
+
+def _distill_invocation(out_dir: Path) -> tuple[ExperimentConfig, str | None]:
+    """The config and --model an earlier `feddistill distill` wrote into its output folder."""
+    path = out_dir / INVOCATION
+    if not path.is_file():
+        raise ConfigError(f"--resume {out_dir}: no {INVOCATION} there (not an output folder of feddistill distill)")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    return build_config(saved["config"]), saved.get("model")
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Runs (or resumes) a pipc x ipc x method x seed grid, then renders its report."""
-    from pathlib import Path
-
     from simulations.report import markdown_table
     from simulations.sweep import load_sweep, run_sweep
 
@@ -128,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("simulate", cmd_simulate, "federated training of the edge clients, simulated in this process")
     p.add_argument("--output-dir", default=None, help="folder for the run folder (default: the config's output_dir)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a crashed run after its last complete round")
     p = add("distill", cmd_distill, "server-side distillation from a received model, then evaluation")
     p.add_argument("--model", default=None, help="received_model.pt of a run (needed by dsv and dm+dkkt)")
     p.add_argument("--out", default=None, help="output folder (default: <output_dir>/<name>-distill-<method>)")
+    p.add_argument("--resume", default=None, metavar="OUT_DIR", help="continue an interrupted distill in its output folder")
     p = add("sweep", cmd_sweep, "the split-ratio benchmark over a YAML grid (resumes finished cells)")
     p.set_defaults(config="tiny")
     p.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-<name>)")
@@ -146,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
+        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)  # one line per problem, never wrapped
         return 2
 
 

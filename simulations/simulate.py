@@ -94,18 +94,24 @@ def simulate(
     verbose: bool = False,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     observer: Callable[[str, Any], None] | None = None,
+    resume: str | Path | None = None,
 ) -> SimulationOutcome:
-    """Runs the federation described by `cfg` in-process; returns the run folder and the per-round records."""
+    """Runs the federation described by `cfg` in-process; returns the run folder and the per-round records.
+
+    `resume`: a run folder of the same config to continue after its last complete round (checked before Ray starts).
+    """
     quiet_environment()
     import torch
     from flwr.simulation import run_simulation
 
     from edge_client.client_app import app as client_app
     from server.federation import resolve_run_dir
+    from server.resume import find_resume_point
     from server.server_app import make_server_app
 
     console = console or Console()
-    run_dir = resolve_run_dir(cfg, output_dir)
+    point = find_resume_point(Path(resume), cfg.federation.rounds) if resume is not None else None
+    run_dir = Path(resume).resolve() if resume is not None else resolve_run_dir(cfg, output_dir)
     resources = client_resources(cfg, torch.cuda.is_available())
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
@@ -114,7 +120,7 @@ def simulate(
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
 
-    lines: list[dict[str, Any]] = []
+    lines: list[dict[str, Any]] = list(point.lines) if point is not None else []
     rounds = cfg.federation.rounds
 
     def render() -> Table:
@@ -123,7 +129,8 @@ def simulate(
         return rounds_table(lines, title if lines else title + " (starting Ray and the clients)")
 
     console.print(
-        f"[bold]simulate[/] {cfg.name}: {cfg.split.num_clients} clients ({cfg.split.partition}), {rounds} rounds, "
+        (f"[bold]resume[/] after round {point.round}: " if point is not None else "")
+        + f"[bold]simulate[/] {cfg.name}: {cfg.split.num_clients} clients ({cfg.split.partition}), {rounds} rounds, "
         f"{resources['num_cpus']:g} CPU / {resources['num_gpus']:g} GPU per client -> {run_dir}"
     )
     backend_config = {
@@ -143,7 +150,7 @@ def simulate(
         if on_round is not None:
             on_round(line)
 
-    server_app = make_server_app(cfg, run_dir, on_round=round_done, observer=observer)
+    server_app = make_server_app(cfg, run_dir, on_round=round_done, observer=observer, resume=point)
     try:
         with live:
             run_simulation(

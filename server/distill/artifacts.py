@@ -4,6 +4,8 @@
 <dir>/<name>.json  method, seed, ipc, iteration, full config
 <dir>/<name>.png   a grid, one row per class
 <dir>/result.json  accuracies, mean, std, method, ipc, seed, timings
+<dir>/checkpoint.pt   the synthetic set so far plus what resuming needs (iteration, optimizer and RNG states)
+<dir>/checkpoint.json method, seed, ipc, iteration, full config
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from torchvision.utils import make_grid, save_image
 
 from common.atomic import atomic_write, load_torch, save_json, save_torch
 from common.data import denormalize
-from server.distill.methods import SyntheticSet
+from server.distill.methods import DistillState, SyntheticSet
+
+CHECKPOINT = "checkpoint"
 
 
 def save_synthetic(syn: SyntheticSet, out_dir: Path, name: str = "synthetic", iteration: int | None = None) -> Path:
@@ -40,6 +44,45 @@ def load_synthetic(out_dir: Path, name: str = "synthetic") -> SyntheticSet:
     meta = json.loads((out_dir / f"{name}.json").read_text())
     lambdas = tensors.get("lambdas")
     return SyntheticSet(tensors["images"], tensors["labels"], lambdas, meta["method"], meta["seed"], meta["config"])
+
+
+def save_checkpoint(state: DistillState, labels: torch.Tensor, out_dir: Path, meta: dict[str, Any]) -> Path:
+    """<out_dir>/checkpoint.pt (readable by load_synthetic too) and checkpoint.json (`meta` plus the iteration)."""
+    out_dir = Path(out_dir)
+    tensors = {
+        "images": state.images,
+        "labels": labels.cpu(),
+        "iteration": state.iteration,
+        "opt_img": state.opt_img,
+        "opt_lambda": state.opt_lambda,
+        "rng": state.rng,
+    }
+    if state.lambdas is not None:
+        tensors["lambdas"] = state.lambdas
+    path = save_torch(out_dir / f"{CHECKPOINT}.pt", tensors)
+    save_json(out_dir / f"{CHECKPOINT}.json", {**meta, "iteration": state.iteration})
+    return path
+
+
+def load_checkpoint(out_dir: Path, method: str, seed: int) -> DistillState | None:
+    """The DistillState in <out_dir>/checkpoint.pt, None when there is none; ValueError when it is unreadable or
+    belongs to another method or seed."""
+    path = Path(out_dir) / f"{CHECKPOINT}.pt"
+    if not path.exists():
+        return None
+    saved = load_torch(path)
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if (meta.get("method"), meta.get("seed")) != (method, seed) or not isinstance(saved, dict) or "rng" not in saved:
+        raise ValueError(f"{path}: not a checkpoint of method {method!r}, seed {seed}; remove it to start over")
+    return DistillState(
+        iteration=int(saved["iteration"]),
+        images=saved["images"],
+        lambdas=saved.get("lambdas"),
+        opt_img=saved["opt_img"],
+        opt_lambda=saved["opt_lambda"],
+        rng=saved["rng"],
+    )
 
 
 def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, num_classes: int | None = None) -> Path:

@@ -41,6 +41,25 @@ class SyntheticSet:
 DistillCallback = Callable[[int, dict[str, float], SyntheticSet], None]
 
 
+@dataclass
+class DistillState:
+    """All the loop carries from one iteration to the next: continuing from it gives the uninterrupted result.
+
+    Plain tensors and containers only (saved with torch.save, loaded with weights_only=True).
+    """
+
+    iteration: int
+    images: torch.Tensor  # (N, C, H, W), CPU
+    lambdas: torch.Tensor | None  # (N,), CPU; dsv and dm+dkkt only
+    opt_img: dict[str, Any]  # SGD state_dict (momentum buffers)
+    opt_lambda: dict[str, Any] | None  # Adam state_dict of the multipliers
+    rng: dict[str, torch.Tensor]  # "cpu": global CPU RNG (network re-inits), "loop": the loop's generator, "cuda"
+
+
+# checkpoint(state): called every cfg.checkpoint_every iterations.
+CheckpointCallback = Callable[[DistillState], None]
+
+
 def initial_images(
     public_x: torch.Tensor,
     public_y: torch.Tensor,
@@ -78,10 +97,13 @@ def distill(
     seed: int,
     device: torch.device | str,
     callback: DistillCallback | None = None,
+    checkpoint: CheckpointCallback | None = None,
+    resume: DistillState | None = None,
 ) -> SyntheticSet:
     """Distils ipc images per class with `cfg.method`; `model` (theta*) is needed for dsv and dm+dkkt only.
 
     public_x: (M, C, H, W) normalised public images (M may be 0 for dsv with init=noise); public_y: (M,).
+    `resume` continues from a DistillState that `checkpoint` received in a run with the same arguments.
     Returns CPU tensors.
     """
     if cfg.method not in METHODS:
@@ -114,8 +136,12 @@ def distill(
         frozen = freeze_model(model, device)
         multipliers = Multipliers(syn.shape[0], cfg.lambda_init, cfg.lambda_lr, device)
         weight = cfg.dkkt_weight if uses_dm else 1.0
+    start = 1
+    if resume is not None:
+        _restore(resume, syn, opt_img, multipliers if uses_dkkt else None, gen, device)
+        start = resume.iteration + 1
 
-    for it in range(1, cfg.iterations + 1):
+    for it in range(start, cfg.iterations + 1):
         terms: dict[str, torch.Tensor] = {}
         loss = syn.new_zeros(())
         if uses_dm:
@@ -143,6 +169,58 @@ def distill(
             lambdas = multipliers.values.detach().cpu().clone() if uses_dkkt else None
             current = SyntheticSet(syn.detach().cpu().clone(), syn_y.cpu(), lambdas, cfg.method, seed, config)
             callback(it, dict(zip(terms, values)), current)
+        if checkpoint is not None and it % cfg.checkpoint_every == 0:
+            checkpoint(_capture(it, syn, opt_img, multipliers if uses_dkkt else None, gen, device))
 
     lambdas = multipliers.values.detach().cpu() if uses_dkkt else None
     return SyntheticSet(syn.detach().cpu(), syn_y.cpu(), lambdas, cfg.method, seed, config)
+
+
+def _capture(
+    it: int, syn: torch.Tensor, opt_img: torch.optim.Optimizer, multipliers: Multipliers | None,
+    gen: torch.Generator, device: torch.device,
+) -> DistillState:
+    rng = {"cpu": torch.get_rng_state(), "loop": gen.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return DistillState(
+        iteration=it,
+        images=syn.detach().cpu().clone(),
+        lambdas=multipliers.values.detach().cpu().clone() if multipliers is not None else None,
+        opt_img=_to_cpu(opt_img.state_dict()),
+        opt_lambda=_to_cpu(multipliers.optimizer.state_dict()) if multipliers is not None else None,
+        rng=rng,
+    )
+
+
+def _restore(
+    state: DistillState, syn: torch.Tensor, opt_img: torch.optim.Optimizer, multipliers: Multipliers | None,
+    gen: torch.Generator, device: torch.device,
+) -> None:
+    if tuple(state.images.shape) != tuple(syn.shape) or (multipliers is None) != (state.lambdas is None):
+        raise ValueError(
+            f"the checkpoint holds images {tuple(state.images.shape)} (lambdas: {state.lambdas is not None}), "
+            f"not what distill.ipc / distill.method give {tuple(syn.shape)}; remove it to start over"
+        )
+    with torch.no_grad():
+        syn.copy_(state.images.to(device))
+        if multipliers is not None:
+            multipliers.values.copy_(state.lambdas.to(device))
+    opt_img.load_state_dict(state.opt_img)  # moves the buffers to the parameter's device
+    if multipliers is not None:
+        multipliers.optimizer.load_state_dict(state.opt_lambda)
+    torch.set_rng_state(state.rng["cpu"])
+    gen.set_state(state.rng["loop"])
+    if "cuda" in state.rng:
+        torch.cuda.set_rng_state(state.rng["cuda"], device)
+
+
+def _to_cpu(tree: Any) -> Any:
+    """An optimizer state_dict with every tensor cloned to the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu().clone()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,24 @@ from torch import nn
 
 from common.config import ExperimentConfig, config_to_dict
 from common.runtime import pick_device
-from server.distill.artifacts import save_grid, save_result, save_synthetic
+from server.distill.artifacts import load_checkpoint, save_checkpoint, save_grid, save_result, save_synthetic
 from server.distill.evaluate import evaluate_synthetic, mean_std
-from server.distill.methods import SyntheticSet, distill
+from server.distill.methods import DistillState, SyntheticSet, distill
 
 _SHOWN = ("loss", "dm", "dkkt", "stat", "primal", "lambda_mean", "lambda_min", "lambda_zeros")
 
 
 def _format(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={metrics[k]:.4g}" for k in _SHOWN if k in metrics)
+
+
+def _finished_seed(seed_dir: Path, method: str, seed: int) -> dict[str, Any] | None:
+    """The result.json of a seed an earlier call completed (with its synthetic set), else None."""
+    path = seed_dir / "result.json"
+    if not (path.is_file() and (seed_dir / "synthetic.pt").is_file()):
+        return None
+    result = json.loads(path.read_text())
+    return result if (result.get("method"), result.get("seed")) == (method, seed) else None
 
 
 def eval_seeds(seed: int, num_nets: int) -> list[int]:
@@ -42,7 +52,10 @@ def run_distillation(
     """For seeds cfg.seed + k (k < cfg.distill.num_seeds): distil, checkpoint every checkpoint_every
     iterations, save out_dir/seed_<k>/{synthetic.pt,.json,.png,result.json}, evaluate with
     cfg.evaluation.num_nets nets; writes and returns out_dir/result.json (mean +- std over seeds x nets).
-    num_classes defaults to max test label + 1."""
+    num_classes defaults to max test label + 1.
+
+    Resumes what an interrupted call with the same arguments left: a seed with its result.json is kept, a seed
+    with a checkpoint continues from it (same final images as an uninterrupted run on the CPU)."""
     out_dir = Path(out_dir)
     device = pick_device(cfg.device)
     num_classes = int(test_y.max()) + 1 if num_classes is None else num_classes
@@ -63,16 +76,25 @@ def run_distillation(
         for k in range(dcfg.num_seeds):
             seed = cfg.seed + k
             seed_dir = out_dir / f"seed_{k}"
-            task = progress.add_task(f"{dcfg.method} seed {seed}", total=max(dcfg.iterations, 1), stats="")
+            finished = _finished_seed(seed_dir, dcfg.method, seed)
+            if finished is not None:
+                per_seed.append(finished)
+                continue
+            resume = load_checkpoint(seed_dir, dcfg.method, seed) if dcfg.method != "random" else None
+            task = progress.add_task(f"{dcfg.method} seed {seed}", total=max(dcfg.iterations, 1), stats="",
+                                     completed=resume.iteration if resume else 0)
 
             def on_iteration(it: int, metrics: dict[str, float], current: SyntheticSet, task: int = task) -> None:
                 progress.update(task, completed=it, stats=_format(metrics))
-                if it % dcfg.checkpoint_every == 0:
-                    current.config = full_config
-                    save_synthetic(current, seed_dir, name="checkpoint", iteration=it)
+
+            def on_checkpoint(state: DistillState, seed_dir: Path = seed_dir, seed: int = seed) -> None:
+                labels = torch.arange(num_classes).repeat_interleave(dcfg.ipc)
+                meta = {"method": dcfg.method, "seed": seed, "ipc": dcfg.ipc, "config": full_config}
+                save_checkpoint(state, labels, seed_dir, meta)
 
             start = time.perf_counter()
-            syn = distill(model, public_x, public_y, dcfg, cfg.model, num_classes, seed, device, on_iteration)
+            syn = distill(model, public_x, public_y, dcfg, cfg.model, num_classes, seed, device, on_iteration,
+                          checkpoint=on_checkpoint, resume=resume)
             distill_s = time.perf_counter() - start
             progress.update(task, completed=max(dcfg.iterations, 1))
             syn.config = full_config

@@ -78,3 +78,8 @@ def test_unknown_config_name_lists_the_available_ones(tmp_path):
     bad.write_text("split: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_all_images_public_is_allowed_for_distillation_only():
+    cfg = build_config({}, {"split.pipc": 5000, "distill.method": "dm", "distill.ipc": 10})
+    assert cfg.split.pipc == 5000

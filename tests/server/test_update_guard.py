@@ -1,0 +1,169 @@
+"""The update guard: each kind of malformed or implausible update is rejected with its reason, the round still aggregates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from common.config import build_config
+from common.models import build_model
+from server.privacy import dp_epsilon, privacy_report
+from server.strategy import EdgeFedAvg
+from server.update_guard import GuardLimits, guard_updates, update_norm
+from tests.server.test_boundary import FakeReply, good_metrics
+
+pytestmark = pytest.mark.reliability
+
+WIDTH = 8
+POOL = 180  # tiny data: 20 per class, pipc 2 -> 10 x 18 private images
+GLOBAL = {k: v.clone() for k, v in build_model(width=WIDTH).state_dict().items()}
+
+
+def cfg_with(**overrides):
+    raw = {"data": {"name": "tiny"}, "split": {"pipc": 2, "num_clients": 4}, "model": {"width": WIDTH},
+           "distill": {"ipc": 1}, "federation": {"min_clients": 3}}
+    return build_config(raw, overrides)
+
+
+def client_state(seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
+    """The global model plus a small seeded update (an honest client)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in GLOBAL.items()}
+
+
+def reply(state: dict[str, torch.Tensor], n: int = 40) -> RecordDict:
+    return RecordDict({"arrays": ArrayRecord(state), "metrics": good_metrics(n)})
+
+
+def with_array(name: str, value) -> RecordDict:
+    state = client_state(4)
+    arrays = ArrayRecord(state)
+    arrays[name] = Array(np.asarray(value))
+    return RecordDict({"arrays": arrays, "metrics": good_metrics(40)})
+
+
+def missing_key() -> RecordDict:
+    state = client_state(4)
+    del state["classifier.bias"]
+    return reply(state)
+
+
+def extra_key() -> RecordDict:
+    return with_array("extra.weight", np.zeros(3, dtype=np.float32))
+
+
+def wrong_shape() -> RecordDict:
+    return with_array("classifier.bias", np.zeros(11, dtype=np.float32))
+
+
+def wrong_dtype() -> RecordDict:
+    return with_array("classifier.bias", GLOBAL["classifier.bias"].numpy().astype(np.float64))
+
+
+def non_finite(value: float) -> RecordDict:
+    bias = GLOBAL["classifier.bias"].numpy().copy()
+    bias[0] = value
+    return with_array("classifier.bias", bias)
+
+
+def claimed(n) -> RecordDict:
+    metrics = MetricRecord({"num-examples": n, "train_loss": 1.5, "train_accuracy": 0.4, "train_seconds": 0.1})
+    return RecordDict({"arrays": ArrayRecord(client_state(4)), "metrics": metrics})
+
+
+def extra_record() -> RecordDict:
+    content = reply(client_state(4))
+    content["notes"] = ConfigRecord({"labels": "0,1,2"})
+    return content
+
+
+CASES = [
+    ("missing key", missing_key, "arrays lack ['classifier.bias']"),
+    ("extra key", extra_key, "names not in the model ['extra.weight']"),
+    ("wrong shape", wrong_shape, "array 'classifier.bias': float32(11,)"),
+    ("wrong dtype", wrong_dtype, "array 'classifier.bias': float64(10,) != model float32(10,)"),
+    ("NaN weight", lambda: non_finite(float("nan")), "non-finite values"),
+    ("Inf weight", lambda: non_finite(float("inf")), "non-finite values"),
+    ("update norm 1000x the others", lambda: reply(client_state(4, scale=10.0)), "x the round's median"),
+    ("num-examples = 0", lambda: claimed(0), "'num-examples' is 0"),
+    ("num-examples < 0", lambda: claimed(-5), "must be an integer >= 0"),
+    ("num-examples not an integer (40.5)", lambda: claimed(40.5), "must be an integer >= 0"),
+    ("num-examples > the private pool", lambda: claimed(10**6), f"exceeds the private pool ({POOL} images)"),
+    ("an extra record (ConfigRecord)", extra_record, "records must be exactly"),
+]
+
+
+@pytest.mark.parametrize("kind, make, reason", CASES, ids=[c[0] for c in CASES])
+def test_a_malformed_update_is_rejected_with_its_reason_and_the_round_aggregates_the_rest(kind, make, reason, reliability, caplog):
+    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), max_examples=POOL)
+    strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
+    honest = [client_state(s) for s in (1, 2, 3)]
+    replies = [FakeReply(reply(state), node) for node, state in zip((11, 12, 13), honest)] + [FakeReply(make(), 99)]
+    with caplog.at_level("WARNING", logger="flwr.feddistill"):
+        arrays, _ = strategy.aggregate_train(1, replies)
+
+    record = strategy.train_replies[1]
+    assert record.kept == 3 and [node for node, _ in record.rejected] == [99]
+    assert reason in record.rejected[0][1]
+    assert "node 99" in caplog.text and reason in caplog.text
+    got = arrays.to_torch_state_dict()
+    for name in GLOBAL:
+        assert torch.allclose(got[name], sum(h[name] for h in honest) / 3, atol=1e-6)
+    reliability("Update guard (server)", f"train reply with {kind}", f"rejected ({record.rejected[0][1]}); the other 3 aggregated")
+
+
+def test_the_norm_ratio_needs_three_replies_and_is_configurable():
+    honest, big = ArrayRecord(client_state(1)), ArrayRecord(client_state(2, scale=10.0))
+    replies = [FakeReply(RecordDict({"arrays": a, "metrics": good_metrics(40)}), n) for n, a in ((1, honest), (2, big))]
+    kept, rejected = guard_updates(replies, ArrayRecord(GLOBAL), GuardLimits(POOL, 10.0))
+    assert len(kept) == 2 and not rejected  # two replies: no meaningful median
+    third = FakeReply(RecordDict({"arrays": ArrayRecord(client_state(3)), "metrics": good_metrics(40)}), 3)
+    assert [n for n, _ in guard_updates([*replies, third], ArrayRecord(GLOBAL), GuardLimits(POOL, 10.0))[1]] == [2]
+    assert not guard_updates([*replies, third], ArrayRecord(GLOBAL), GuardLimits(POOL, 10_000.0))[1]
+
+
+def test_too_few_updates_left_fail_the_round_with_every_reason(reliability):
+    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), max_examples=POOL)
+    replies = [FakeReply(reply(client_state(1)), 1), FakeReply(claimed(10**6), 2), FakeReply(missing_key(), 3)]
+    with pytest.raises(RuntimeError, match="min_clients=3") as err:
+        strategy.aggregate_train(1, replies)
+    assert "node 2: metric 'num-examples'=1000000 exceeds" in str(err.value) and "node 3: arrays lack" in str(err.value)
+    reliability("Update guard (server)", "2 of 3 replies malformed, federation.min_clients=3",
+                f"the round fails: {err.value}")
+
+
+@pytest.mark.parametrize("aggregator", ["fedmedian", "fedtrimmedavg", "krum"])
+def test_robust_aggregators_run_behind_the_same_screen(aggregator, reliability):
+    cfg = cfg_with(**{"federation.aggregator": aggregator, "split.num_clients": 5})
+    strategy = EdgeFedAvg(cfg, build_model(width=WIDTH), max_examples=POOL)
+    strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
+    replies = [FakeReply(reply(client_state(s)), s) for s in (1, 2, 3, 4)] + [FakeReply(non_finite(float("nan")), 9)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert [n for n, _ in strategy.train_replies[1].rejected] == [9]
+    assert all(torch.isfinite(v).all() for v in arrays.to_torch_state_dict().values())
+    reliability("Update guard (server)", f"NaN update with federation.aggregator={aggregator}",
+                "rejected by the screen; the 4 others aggregated by Flower's " + aggregator)
+
+
+def test_with_dp_an_unclipped_update_is_rejected_and_clipped_ones_pass(reliability):
+    cfg = cfg_with(**{"federation.dp_noise_multiplier": 0.5, "federation.dp_clipping_norm": 1.0})
+    strategy = EdgeFedAvg(cfg, build_model(width=WIDTH), max_examples=POOL)
+    strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
+    states = [client_state(s) for s in (1, 2, 3)] + [client_state(4, scale=0.05)]
+    norms = [update_norm(ArrayRecord(s), ArrayRecord(GLOBAL)) for s in states]
+    assert max(norms[:3]) < 1.0 < norms[3] < 10 * min(norms[:3])  # honest ones are within the clipping norm, the last is not
+    arrays, _ = strategy.aggregate_train(1, [FakeReply(reply(s), n) for n, s in enumerate(states)])
+    assert [n for n, _ in strategy.train_replies[1].rejected] == [3]
+    assert "dp_clipping_norm" in strategy.train_replies[1].rejected[0][1] and arrays is not None
+    reliability("Update guard (server)", "DP on, a client skips clipping (norm above federation.dp_clipping_norm)",
+                f"rejected ({strategy.train_replies[1].rejected[0][1]}); clipped updates pass, noise added")
+
+
+def test_more_noise_gives_a_smaller_epsilon_and_dp_off_reports_none():
+    assert dp_epsilon(2.0, 1.0, 10, 1e-5) < dp_epsilon(1.0, 1.0, 10, 1e-5) < dp_epsilon(0.5, 1.0, 10, 1e-5)
+    assert dp_epsilon(1.0, 0.1, 10, 1e-5) < dp_epsilon(1.0, 1.0, 10, 1e-5)  # sampling amplifies privacy
+    assert privacy_report(cfg_with()) is None
+    report = privacy_report(cfg_with(**{"federation.dp_noise_multiplier": 1.0, "federation.dp_clipping_norm": 1.0}))
+    assert 0 < report["epsilon"] < float("inf") and report["delta"] == 1e-5 and report["sampling_rate"] == 1.0

@@ -1,0 +1,131 @@
+"""Bad configs and bad files on the command line: exit code 2, one line naming the key or file, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import build_config
+from common.models import build_model
+from server.federation import save_config
+from server.resume import checkpoint_path
+from simulations.cli import main
+
+pytestmark = pytest.mark.reliability
+
+TINY = ["data.name=tiny", "data.train_per_class=null", "data.test_per_class=null", "model.width=8", "split.pipc=2",
+        "distill.ipc=1", "device=cpu"]
+
+BAD_CONFIGS = [
+    ("wrong type", ["federation.rounds=three"], "federation.rounds='three'"),
+    ("out of range", ["federation.lr=0"], "federation.lr=0"),
+    ("unknown key (typo)", ["federation.round=3"], "federation.round: unknown key"),
+    ("unknown section", ["server.rounds=3"], "server: unknown key"),
+    ("value not in the allowed set", ["federation.aggregator=mean"], "federation.aggregator='mean'"),
+    ("override without '='", ["federation.rounds"], "override 'federation.rounds'"),
+    ("a section set to a value", ["federation=3", "federation.rounds=2"], "federation.rounds: 'federation' is a value"),
+    ("ipc > pipc with init=real", ["distill.ipc=5"], "distill.ipc=5: must be <= split.pipc=2"),
+    ("more clients than private images", ["split.num_clients=500"], "split.num_clients=500: must be <= 180"),
+    ("min_clients > num_clients", ["federation.min_clients=9"], "federation.min_clients=9"),
+    ("pipc and public_ratio both set", ["split.public_ratio=0.1"], "split.pipc and split.public_ratio are exclusive"),
+    ("DP noise without a clipping norm", ["federation.dp_noise_multiplier=1.0"], "federation.dp_clipping_norm: required"),
+    ("DP clipping without noise", ["federation.dp_clipping_norm=1.0"], "federation.dp_clipping_norm: set"),
+    ("DP with a robust aggregator", ["federation.dp_noise_multiplier=1.0", "federation.dp_clipping_norm=1.0",
+                                     "federation.aggregator=fedmedian"], "federation.aggregator='fedmedian'"),
+    ("DP with BatchNorm", ["federation.dp_noise_multiplier=1.0", "federation.dp_clipping_norm=1.0", "model.norm=batchnorm"],
+     "model.norm='batchnorm'"),
+    ("krum with too few clients", ["federation.aggregator=krum", "federation.krum_malicious=1"],
+     "federation.aggregator='krum' with krum_malicious=1"),
+    ("update-norm ratio <= 1", ["federation.max_update_norm_ratio=1"], "federation.max_update_norm_ratio=1"),
+    ("DP delta out of range", ["federation.dp_delta=1.5"], "federation.dp_delta=1.5"),
+]
+
+
+def error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("kind, overrides, words", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_a_bad_config_stops_simulate_before_any_work_with_one_line_naming_the_key(kind, overrides, words, tmp_path, capsys, reliability):
+    out = tmp_path / "runs"
+    code = main(["simulate", "--config", "quickstart", *TINY, *overrides, "--output-dir", str(out)])
+    lines = error_lines(capsys)
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+    assert not out.exists()  # no run folder
+    reliability("Bad configuration (feddistill simulate)", f"{kind}: `{' '.join(overrides)}`", f"exit 2, no run folder: `{lines[0]}`")
+
+
+def truncated_copy(source: Path, target: Path) -> Path:
+    data = source.read_bytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data[: len(data) // 2])
+    return target
+
+
+def fake_run_folder(tmp_path: Path) -> Path:
+    """A run folder that crashed after round 1: config, metrics lines and checkpoints for rounds 0 and 1."""
+    cfg = build_config({"data": {"name": "tiny"}, "split": {"pipc": 2, "num_clients": 2}, "model": {"width": 8},
+                        "distill": {"ipc": 1}, "federation": {"rounds": 3}, "device": "cpu"})
+    run_dir = tmp_path / "run"
+    save_config(cfg, run_dir)
+    state = build_model(width=8).state_dict()
+    for r in (0, 1):
+        checkpoint_path(run_dir, r).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, checkpoint_path(run_dir, r))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "elapsed": 1.0}) + "\n" for r in (0, 1)))
+    return run_dir
+
+
+def test_a_truncated_round_checkpoint_given_to_resume_is_a_one_line_error(tmp_path, capsys, reliability):
+    run_dir = fake_run_folder(tmp_path)
+    good = checkpoint_path(run_dir, 1)
+    truncated_copy(good, good)
+    code = main(["simulate", "--resume", str(run_dir)])
+    lines = error_lines(capsys)
+    assert code == 2 and len(lines) == 1 and "round_0001.pt: cannot be loaded as a weights-only torch file" in lines[0], lines
+    assert not (run_dir / "received_model.pt").exists()
+    reliability("Loading safety", "truncated checkpoints/round_0001.pt given to `simulate --resume`", f"exit 2: `{lines[0]}`")
+
+
+def test_resume_without_a_run_folder_and_with_overrides_are_one_line_errors(tmp_path, capsys, reliability):
+    assert main(["simulate", "--resume", str(tmp_path)]) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "no config.yaml" in lines[0]
+    reliability("Crash and resume", "`simulate --resume` on a folder that is not a run folder", f"exit 2: `{lines[0]}`")
+    assert main(["simulate", "--resume", str(fake_run_folder(tmp_path)), "federation.rounds=9"]) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "drop the overrides" in lines[0]
+    reliability("Crash and resume", "`simulate --resume` with config overrides", f"exit 2: `{lines[0]}`")
+
+
+class _Payload:
+    """A pickle that would create a file when unpickled (what a tampered checkpoint could do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("fault", ["truncated", "pickle payload"])
+def test_a_bad_model_file_given_to_distill_is_a_one_line_error(fault, tmp_path, capsys, reliability):
+    model_file = tmp_path / "received_model.pt"
+    marker = tmp_path / "pwned"
+    if fault == "truncated":
+        torch.save(build_model(width=8).state_dict(), model_file)
+        truncated_copy(model_file, model_file)
+    else:
+        model_file.write_bytes(pickle.dumps({"features.0.weight": _Payload(marker)}))
+    out = tmp_path / "out"
+    code = main(["distill", "--config", "quickstart", *TINY, "distill.method=dm+dkkt", "--model", str(model_file), "--out", str(out)])
+    lines = error_lines(capsys)
+    assert code == 2 and len(lines) == 1 and "received_model.pt: cannot be loaded as a weights-only torch file" in lines[0], lines
+    assert not marker.exists() and not out.exists()
+    reliability("Loading safety", f"{fault} file given to `distill --model`", f"exit 2, nothing executed or written: `{lines[0]}`")
