@@ -1,4 +1,4 @@
-"""Typed experiment configuration: YAML files under `simulations/configs/` plus `key.sub=value` overrides.
+"""Typed experiment configuration: YAML files under `configs/` plus `key.sub=value` overrides.
 
 Every section is a pydantic model with unknown keys forbidden and strict types, so a typo or a
 wrong type never falls back to a default. `load_config` turns any validation failure into a
@@ -15,7 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "simulations" / "configs"
+from common.methods import METHODS, MethodName
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # Training images per class of the datasets whose size is known before loading them.
 KNOWN_TRAIN_PER_CLASS = {"cifar10": 5000}
@@ -47,7 +49,10 @@ class SplitConfig(_Section):
     classes_per_client: int = Field(2, ge=1)  # for partition=shards
     min_partition_size: int = Field(1, ge=0)  # Dirichlet resamples until every client has this many
     client_holdout: float = Field(0.1, ge=0.0, lt=1.0)  # slice of each shard for local evaluation
-    seed: int | None = None  # defaults to the experiment seed
+    # Images per class that neither the server nor any client holds: validation data for choosing hyperparameters.
+    validation_per_class: int = Field(0, ge=0)
+    # The seed of the holdings and the dataset slice (common/holdings.py); defaults to the experiment seed.
+    seed: int | None = None
 
     @model_validator(mode="after")
     def _one_public_size(self) -> SplitConfig:
@@ -96,9 +101,9 @@ class FederationConfig(_Section):
 
 class DistillConfig(_Section):
     enabled: bool = False  # run distillation on the server after the last federated round
-    method: Literal["random", "dm", "dsv", "dm+dkkt"] = "dm+dkkt"
+    method: MethodName = "dm+dkkt"
     # Methods also run after federation, for comparison in the run's summary.md (e.g. [random, dm]).
-    baselines: list[Literal["random", "dm", "dsv", "dm+dkkt"]] = Field(default_factory=list)
+    baselines: list[MethodName] = Field(default_factory=list)
     ipc: int = Field(10, ge=1)
     init: Literal["real", "noise"] = "real"
     iterations: int = Field(1000, ge=0)
@@ -220,20 +225,24 @@ def check_against_dataset(cfg: ExperimentConfig, train_per_class: int | None) ->
     pipc = public_per_class(cfg.split, train_per_class)
     if pipc > train_per_class:
         raise ValueError(f"split.pipc={pipc}: must be between 0 and {train_per_class} (training images per class)")
-    private_total = (train_per_class - pipc) * 10
+    if pipc + cfg.split.validation_per_class > train_per_class:
+        raise ValueError(
+            f"split.validation_per_class={cfg.split.validation_per_class}: pipc + validation_per_class must be <= "
+            f"{train_per_class} (training images per class)"
+        )
+    private_total = (train_per_class - pipc - cfg.split.validation_per_class) * 10
     if 0 < private_total < cfg.split.num_clients:  # private_total 0: all public, distillation only
         raise ValueError(
             f"split.num_clients={cfg.split.num_clients}: must be <= {private_total} (private images left after pipc={pipc})"
         )
     for method in dict.fromkeys([cfg.distill.method, *cfg.distill.baselines]):
         key = "distill.method" if method == cfg.distill.method else "distill.baselines"
-        needs_public = method != "dsv" or cfg.distill.init == "real"
-        if needs_public and pipc == 0:
+        if METHODS[method].needs_public(cfg.distill.init) and pipc == 0:
             raise ValueError(
                 f"split.pipc=0: {key}={method!r} with init={cfg.distill.init!r} needs public images; "
                 "use pipc >= 1 or method=dsv with init=noise"
             )
-        if cfg.distill.ipc > pipc and (cfg.distill.init == "real" or method == "random"):
+        if cfg.distill.ipc > pipc and (cfg.distill.init == "real" or not METHODS[method].optimises):
             raise ValueError(
                 f"distill.ipc={cfg.distill.ipc}: must be <= split.pipc={pipc} with init=real "
                 f"(or method=random, here {key}={method!r}); use init=noise or a larger pipc"
@@ -299,7 +308,7 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_config_path(name_or_path: str | Path, directory: Path = CONFIG_DIR) -> Path:
-    """A YAML path, or the name of a file under `directory` (simulations/configs/; with or without .yaml)."""
+    """A YAML path, or the name of a file under `directory` (configs/; with or without .yaml)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path

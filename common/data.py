@@ -73,6 +73,14 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[1])
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "feddistill")

@@ -11,6 +11,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from common.config import ModelConfig
+
 Norm = Literal["instancenorm", "batchnorm", "none"]
 
 
@@ -62,6 +64,11 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(x))
+
+
+def model_from_config(cfg: ModelConfig, num_classes: int, channels: int, image_size: int) -> ConvNet:
+    """A fresh ConvNet as `model.*` describes it, for images of `channels` x `image_size` x `image_size`."""
+    return ConvNet(num_classes, channels, image_size, cfg.width, cfg.depth, cfg.norm)
 
 
 def build_model(

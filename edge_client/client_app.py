@@ -2,7 +2,7 @@
 
 A reply holds exactly one ArrayRecord ("arrays": the model's state_dict) and one MetricRecord
 ("metrics": scalars); never images, labels or anything else (the server enforces this, see
-server/boundary.py). The experiment config arrives in every message (edge_client/protocol.py).
+server/boundary.py). The experiment config arrives in every message (common/protocol.py).
 With DP on, Flower's fixedclipping_mod clips each update to the server's clipping norm before it leaves.
 """
 
@@ -23,9 +23,9 @@ from common.data import to_normalized_tensor
 from common.models import build_model
 from common.records import load_record_into, model_to_record
 from common.runtime import pick_device
-from edge_client.protocol import DATA_PATH_KEY, read_experiment, read_partition
+from common.protocol import DATA_PATH_KEY, read_experiment, read_partition
 from edge_client.shard import Shard, load_shard
-from edge_client.train import evaluate, settings_from_config, train_local
+from common.training import evaluate, settings_from_config, train_local
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

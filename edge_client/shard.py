@@ -1,6 +1,6 @@
 """One edge client's private shard (train slice + held-out slice), loaded once per process.
 
-The shard is client k of `common.partition.make_split`; the server's public subset is in no shard.
+The shard is client k of `common.holdings.decide_holdings`; the server's public subset is in no shard.
 The full dataset is only read to cut the shard out of it (as a stand-in for a node that holds just its
 own images) and is not kept: the per-process cache holds shards, keyed by everything that selects them.
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 from common.config import ExperimentConfig
 from common.data import load_dataset, resolve_data_path
-from common.partition import make_split, train_holdout
+from common.holdings import decide_holdings, split_seed
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,9 @@ def shard_key(cfg: ExperimentConfig, partition_id: int, data_path: str | None) -
     if cfg.data.name != "tiny":
         data["path"] = str(resolve_data_path(data_path or cfg.data.path))
     return json.dumps(
-        {"data": data, "split": cfg.split.model_dump(mode="json"), "seed": cfg.seed, "partition": partition_id},
+        {"data": data, "split": cfg.split.model_dump(mode="json"), "seed": split_seed(cfg), "partition": partition_id},
         sort_keys=True,
     )
-
-
-def holdout_seed(cfg: ExperimentConfig, partition_id: int) -> int:
-    split_seed = cfg.split.seed if cfg.split.seed is not None else cfg.seed
-    return split_seed + 7919 * (partition_id + 1)
 
 
 def load_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | Path | None = None) -> Shard:
@@ -67,11 +62,8 @@ def load_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | Path |
     key = shard_key(cfg, partition_id, path)
     if key not in _SHARDS:
         data_cfg = cfg.data.model_copy(update={"path": path}) if path else cfg.data
-        dataset = load_dataset(data_cfg, cfg.seed)
-        split = make_split(dataset.train.labels, cfg.split, cfg.seed)
-        train_idx, holdout_idx = train_holdout(
-            split.clients[partition_id], cfg.split.client_holdout, holdout_seed(cfg, partition_id)
-        )
+        dataset = load_dataset(data_cfg, split_seed(cfg))
+        train_idx, holdout_idx = decide_holdings(cfg, dataset.train.labels).client(partition_id)
         images, labels = dataset.train.images, dataset.train.labels
         _SHARDS[key] = Shard(
             partition_id=partition_id,

@@ -28,13 +28,13 @@ from torch import nn
 
 from common.atomic import atomic_write, save_json, save_torch
 from common.config import ConfigError, ExperimentConfig, config_to_dict
-from common.data import load_dataset, to_normalized_tensor
-from common.models import build_model
-from common.partition import make_split
+from common.data import to_normalized_tensor
+from common.holdings import decide_holdings, load_experiment_data
+from common.models import model_from_config
 from common.records import load_record_into, model_to_record
 from common.runtime import pick_device, seed_everything
-from edge_client.protocol import round_lr
-from edge_client.train import evaluate
+from common.protocol import round_lr
+from common.training import evaluate
 from server.hooks import after_federation
 from server.privacy import privacy_report
 from server.resume import CONFIG_FILE, METRICS_FILE, ResumePoint, checkpoint_path
@@ -160,19 +160,18 @@ def run_federation(
     save_config(cfg, run_dir)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    dataset = load_dataset(cfg.data, cfg.seed)
-    split = make_split(dataset.train.labels, cfg.split, cfg.seed)
-    images = dataset.train.images
-    model = build_model(dataset.num_classes, images.shape[-1], images.shape[1], cfg.model.width, cfg.model.depth, cfg.model.norm)
+    dataset = load_experiment_data(cfg)
+    holdings = decide_holdings(cfg, dataset.train.labels)
+    model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
     first_round = 0
     if resume is not None:
         load_record_into(model, ArrayRecord(resume.state))
         first_round = resume.round
-    strategy = EdgeFedAvg(cfg, model, observer, max_examples=len(split.private), first_round=first_round)
+    strategy = EdgeFedAvg(cfg, model, observer, max_examples=len(holdings.private), first_round=first_round)
     recorder = RoundRecorder(run_dir, cfg, strategy, on_round, resume.lines if resume is not None else None)
     test_x = to_normalized_tensor(dataset.test.images, device)
     test_y = torch.as_tensor(dataset.test.labels, device=device)
-    evaluator = build_model(dataset.num_classes, images.shape[-1], images.shape[1], cfg.model.width, cfg.model.depth, cfg.model.norm)
+    evaluator = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
     evaluator.to(device)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -216,7 +215,7 @@ def run_federation(
         },
     )
     log.info("received model saved to %s (final test accuracy %.4f)", run_dir / RECEIVED_MODEL, lines[-1]["test_accuracy"])
-    distill = after_federation(cfg, model, dataset, split, run_dir)
+    distill = after_federation(cfg, model, dataset, holdings, run_dir)
     write_summary(run_dir, cfg, lines, distill, privacy)
     return FederationOutcome(run_dir, model, lines, distill)
 

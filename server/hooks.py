@@ -11,7 +11,7 @@ from torch import nn
 
 from common.config import ExperimentConfig, build_config, config_to_dict
 from common.data import Dataset, to_normalized_tensor
-from common.partition import Split
+from common.holdings import Holdings
 from common.runtime import pick_device
 
 log = logging.getLogger("flwr.feddistill")
@@ -23,12 +23,12 @@ def distill_methods(cfg: ExperimentConfig) -> list[str]:
 
 
 def after_federation(
-    cfg: ExperimentConfig, model: nn.Module, dataset: Dataset, split: Split, run_dir: Path
+    cfg: ExperimentConfig, model: nn.Module, dataset: Dataset, holdings: Holdings, run_dir: Path
 ) -> dict[str, dict[str, Any]] | None:
     """When cfg.distill.enabled, distils from the received model, the public subset and the test set.
 
     Runs distill.baselines and then distill.method, each into `<run_dir>/distill/<method>/`. The public
-    subset is `split.public` (indices into the training set; never in any client's shard). Images are
+    subset is `holdings.public` (indices into the training set; never in any client's shard). Images are
     passed normalised, (N, C, H, W) float32 on the config's device, labels int64 (N,).
     Returns {method: run_distillation's summary}, or None when disabled.
     """
@@ -38,8 +38,8 @@ def after_federation(
     from server.distill.run import run_distillation  # lazy: the federation must not depend on distillation
 
     device = pick_device(cfg.device)
-    public_x = to_normalized_tensor(dataset.train.images[split.public], device)
-    public_y = torch.as_tensor(dataset.train.labels[split.public], device=device)
+    public_x = to_normalized_tensor(dataset.train.images[holdings.public], device)
+    public_y = torch.as_tensor(dataset.train.labels[holdings.public], device=device)
     test_x = to_normalized_tensor(dataset.test.images, device)
     test_y = torch.as_tensor(dataset.test.labels, device=device)
     model = model.to(device)

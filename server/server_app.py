@@ -1,7 +1,7 @@
 """The ServerApp: resolves the experiment config from the run config and runs server.federation.
 
 Run config keys ([tool.flwr.app.config] in pyproject.toml; override with `flwr run . -c 'key=value'`):
-  config      a YAML under simulations/configs/ by name, or an absolute path (default "quickstart")
+  config      a YAML under configs/ by name, or an absolute path (default "quickstart")
   overrides   dotted overrides as on the feddistill command line: "federation.rounds=5 model.width=64"
   data.path, federation.rounds, split.num_clients   shortcuts for the commonest overrides ("" / 0: keep the YAML's)
   output-dir  absolute folder for run folders (else $FEDDISTILL_OUTPUT, else output_dir resolved against the cwd)

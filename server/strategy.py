@@ -14,7 +14,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch import nn
 
 from common.config import ExperimentConfig, dp_enabled, min_clients_of
-from edge_client.protocol import round_config
+from common.protocol import round_config
 from server.aggregators import build_aggregator
 from server.boundary import ModelSpec, model_spec, screen_replies
 from server.update_guard import GuardLimits, guard_updates
@@ -41,7 +41,7 @@ class EdgeFedAvg(FedAvg):
     the kept ones go to the configured aggregator (server/aggregators.py), and a round with fewer than
     min_clients kept replies fails loudly.
 
-    Train and evaluate messages carry edge_client.protocol.round_config(cfg, round) (the lr decayed for
+    Train and evaluate messages carry common.protocol.round_config(cfg, round) (the lr decayed for
     that round) and, with DP on, the clipping norm for the clients' fixedclipping_mod. Aggregated arrays
     are cast back to the model's dtypes (averages are float). `first_round` > 0 resumes a run: Flower's
     rounds 1, 2, ... become first_round + 1, first_round + 2, ... everywhere (client seeds, lr, records).

@@ -8,10 +8,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
+from rich.table import Table
 
 from common.config import ConfigError, ExperimentConfig, build_config, load_config, parse_overrides
 from common.data import DataError
+from common.holdings import Holdings
 
 console = Console()
 
@@ -22,18 +25,31 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """Loads the dataset, makes the public/private split and prints images per class per holder."""
-    from common.data import load_dataset
-    from common.partition import make_split, summary_table
+    from common.holdings import decide_holdings, load_experiment_data
 
     cfg = _load(args)
-    dataset = load_dataset(cfg.data, cfg.seed)
+    dataset = load_experiment_data(cfg)
     console.print(
         f"[bold]{dataset.name}[/]: {len(dataset.train)} train / {len(dataset.test)} test images, "
         f"{dataset.num_classes} classes"
     )
-    split = make_split(dataset.train.labels, cfg.split, cfg.seed)
-    console.print(summary_table(dataset.train.labels, split, dataset.classes))
+    console.print(holdings_table(dataset.train.labels, decide_holdings(cfg, dataset.train.labels), dataset.classes))
     return 0
+
+
+def holdings_table(labels: np.ndarray, holdings: Holdings, classes: Sequence[str]) -> Table:
+    """Images per class of every holder: the server's public subset, the validation slice, each client."""
+    table = Table(title="Images per class: server public subset, validation slice and private edge shards")
+    table.add_column("holder", no_wrap=True)
+    for name in classes:
+        table.add_column(name[:5], justify="right", no_wrap=True)
+    table.add_column("total", justify="right", no_wrap=True)
+    rows = [("public", holdings.public), ("validation", holdings.validation)]
+    rows += [(f"client {k}", idx) for k, idx in enumerate(holdings.shards)]
+    for holder, idx in rows:
+        counts = np.bincount(labels[idx], minlength=len(classes))
+        table.add_row(holder, *(str(c) for c in counts), str(len(idx)))
+    return table
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -50,15 +66,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distils from a received model and the config's public subset, then evaluates (no Flower)."""
-    import numpy as np
     import torch
 
     from common.atomic import load_torch, save_json
     from common.config import config_to_dict
-    from common.data import load_dataset, to_normalized_tensor
-    from common.models import build_model
-    from common.config import public_per_class
-    from common.partition import split_public
+    from common.data import to_normalized_tensor
+    from common.holdings import decide_holdings, load_experiment_data
+    from common.methods import method
+    from common.models import model_from_config
     from common.runtime import pick_device
     from server.distill.run import run_distillation
 
@@ -71,15 +86,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     else:
         cfg, model_path = _load(args), args.model
         out_dir = Path(args.out or Path(cfg.output_dir) / f"{cfg.name}-distill-{cfg.distill.method.replace('+', '_')}").resolve()
-    dataset = load_dataset(cfg.data, cfg.seed)
-    # Only the public subset is needed (the same one make_split gives the federation); pipc may be all images.
+    dataset = load_experiment_data(cfg)
     labels = dataset.train.labels
-    pipc = public_per_class(cfg.split, int(np.bincount(labels).min()))
-    public, _ = split_public(labels, pipc, cfg.split.seed if cfg.split.seed is not None else cfg.seed)
+    public = decide_holdings(cfg, labels).public  # the subset the federation excluded from every shard
     model = None
     if model_path:
-        images = dataset.train.images
-        model = build_model(dataset.num_classes, images.shape[-1], images.shape[1], cfg.model.width, cfg.model.depth, cfg.model.norm)
+        model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
         state = load_torch(model_path)
         try:
             model.load_state_dict(state)
@@ -87,7 +99,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
             detail = " ".join(str(err).split())[:300]
             raise DataError(f"{model_path}: not a state_dict of the configured model.* ({detail})") from None
         model_path = str(Path(model_path).resolve())
-    elif cfg.distill.method in ("dsv", "dm+dkkt"):
+    elif method(cfg.distill.method).needs_model:
         raise ConfigError(f"distill.method={cfg.distill.method!r} needs the received model: pass --model received_model.pt")
     save_json(out_dir / INVOCATION, {"config": config_to_dict(cfg), "model": model_path})
     device = pick_device(cfg.device)
@@ -151,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", "-c", default="quickstart", help="YAML path or a name under simulations/configs/")
+        p.add_argument("--config", "-c", default="quickstart", help="YAML path or a name under configs/")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
         p.set_defaults(func=func)
         return p

@@ -24,9 +24,10 @@ import torch  # noqa: E402
 
 from common.atomic import atomic_write  # noqa: E402
 from common.data import denormalize  # noqa: E402
+from common.methods import METHODS  # noqa: E402
 from server.distill.artifacts import load_synthetic  # noqa: E402
 
-METHOD_ORDER = ["random", "dm", "dsv", "dm+dkkt"]
+METHOD_ORDER = list(METHODS)
 
 
 def load_results(sweep_dir: Path) -> pd.DataFrame:
@@ -172,7 +173,7 @@ def render(sweep_dir: Path, out_dir: Path | None = None, class_names: list[str] 
     if 1 in set(results["ipc"]):
         pipc = 50 if 50 in set(results["pipc"]) else None
         written["figure2"] = figure2(sweep_dir, results, out_dir / "figure2.png", fig2_method, pipc, class_names)
-    dsv_method = next((m for m in ("dsv", "dm+dkkt") if m in methods), None)
+    dsv_method = next((m for m in ("dsv", "dm+dkkt") if m in methods), None)  # pure DSVs first, else DM + DKKT
     if dsv_method and "dm" in methods:
         written["figure3"] = figure3(sweep_dir, results, out_dir / "figure3.png", dsv_method, class_names=class_names)
     return written

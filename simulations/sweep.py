@@ -1,6 +1,6 @@
 """The split-ratio benchmark: pipc x ipc x method x seed cells over one experiment config.
 
-    feddistill sweep --config tiny [--out DIR] [key=value ...]   (grids under simulations/configs/sweeps/)
+    feddistill sweep --config tiny [--out DIR] [key=value ...]   (grids under configs/sweeps/)
 
 The edge model is trained federatedly (Flower simulation) once per private split and cached under
 `<out>/edge_models/`, keyed by everything that determines it (data, split, model, federation, seed); every
@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 import torch
@@ -36,8 +36,9 @@ from common.config import (
     load_config,
     resolve_config_path,
 )
+from common.holdings import split_seed
+from common.methods import MethodName
 
-Method = Literal["random", "dm", "dsv", "dm+dkkt"]
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 
 
@@ -46,11 +47,11 @@ class SweepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str = "sweep"
-    base: str = "quickstart"  # experiment config (name under simulations/configs/ or a path)
+    base: str = "quickstart"  # experiment config (name under configs/ or a path)
     overrides: dict[str, Any] = Field(default_factory=dict)  # dotted keys applied to the base
     pipc: list[int] = Field(min_length=1)
     ipc: list[int] = Field(min_length=1)
-    methods: list[Method] = Field(min_length=1)
+    methods: list[MethodName] = Field(min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
 
@@ -76,7 +77,12 @@ def load_sweep(name_or_path: str | Path) -> SweepConfig:
 
 
 def cell_config(sweep: SweepConfig, cell: Cell, extra: dict[str, Any] | None = None) -> ExperimentConfig:
-    """The base config with the sweep's overrides, the cell's axes and `extra` (command-line) overrides."""
+    """The base config with the sweep's overrides, the cell's axes and `extra` (command-line) overrides.
+
+    Every cell keeps the base config's split seed (`split.seed` is pinned), so a cell's seed varies only the
+    distillation and the evaluation: all cells of a pipc distil from the public subset that the cached edge
+    model's federation excluded.
+    """
     base = config_to_dict(load_config(sweep.base))
     overrides = {
         **sweep.overrides,
@@ -87,9 +93,9 @@ def cell_config(sweep: SweepConfig, cell: Cell, extra: dict[str, Any] | None = N
         "distill.method": cell.method,
         "distill.num_seeds": 1,
         "distill.enabled": False,
-        "seed": cell.seed,
     }
-    return build_config(base, overrides)
+    base_split_seed = split_seed(build_config(base, overrides))
+    return build_config(base, {**overrides, "seed": cell.seed, "split.seed": base_split_seed})
 
 
 def cells(sweep: SweepConfig, extra: dict[str, Any] | None = None) -> tuple[list[Cell], list[tuple[Cell, str]]]:
@@ -109,21 +115,29 @@ def cells(sweep: SweepConfig, extra: dict[str, Any] | None = None) -> tuple[list
     return runnable, skipped
 
 
-def edge_model_key(cfg: ExperimentConfig, federation_seed: int) -> str:
+def federation_config(cfg: ExperimentConfig, federation_seed: int) -> ExperimentConfig:
+    """The config a cell's edge model is trained with: the cell's, with the sweep's federation seed.
+
+    The split seed is pinned in every cell (`cell_config`), so the federation holds out exactly the public subset
+    that the cell distils from.
+    """
+    return build_config(config_to_dict(cfg), {"seed": federation_seed})
+
+
+def edge_model_key(train_cfg: ExperimentConfig) -> str:
     """Everything that determines the received model: data, split, model, federation and the seed."""
-    c = config_to_dict(cfg)
-    ident = {k: c[k] for k in ("data", "split", "model", "federation")} | {"seed": federation_seed}
+    c = config_to_dict(train_cfg)
+    ident = {k: c[k] for k in ("data", "split", "model", "federation", "seed")}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def edge_model(cfg: ExperimentConfig, federation_seed: int, cache: Path, console: Console) -> Path:
-    """The received model for cfg's private split: from the cache, else trained by a Flower simulation."""
-    path = cache / f"edge-pipc{cfg.split.pipc}-{edge_model_key(cfg, federation_seed)}.pt"
+def edge_model(train_cfg: ExperimentConfig, cache: Path, console: Console) -> Path:
+    """The received model of `train_cfg`'s federation: from the cache, else trained by a Flower simulation."""
+    path = cache / f"edge-pipc{train_cfg.split.pipc}-{edge_model_key(train_cfg)}.pt"
     if path.exists():
         return path
     from simulations.simulate import simulate  # Flower and Ray only when a model must be trained
 
-    train_cfg = build_config(config_to_dict(cfg), {"seed": federation_seed})
     outcome = simulate(train_cfg, output_dir=cache / "federation", console=console)
     atomic_write(path, lambda tmp: shutil.copyfile(outcome.run_dir / "received_model.pt", tmp))
     return path
@@ -131,20 +145,20 @@ def edge_model(cfg: ExperimentConfig, federation_seed: int, cache: Path, console
 
 def run_cell(cfg: ExperimentConfig, model_path: Path, out_dir: Path) -> dict[str, Any]:
     """Distils and evaluates one cell with the cached edge model; returns run_distillation's summary."""
-    from common.data import load_dataset, to_normalized_tensor
-    from common.models import build_model
-    from common.partition import make_split
+    from common.data import to_normalized_tensor
+    from common.holdings import decide_holdings, load_experiment_data
+    from common.models import model_from_config
     from server.distill.run import run_distillation
 
-    dataset = load_dataset(cfg.data, cfg.seed if cfg.split.seed is None else cfg.split.seed)
-    split = make_split(dataset.train.labels, cfg.split, cfg.seed)
-    model = build_model(dataset.num_classes, width=cfg.model.width, depth=cfg.model.depth, norm=cfg.model.norm)
+    dataset = load_experiment_data(cfg)
+    public = decide_holdings(cfg, dataset.train.labels).public
+    model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
     model.load_state_dict(load_torch(model_path))
     return run_distillation(
         cfg,
         model,
-        to_normalized_tensor(dataset.train.images[split.public]),
-        torch.as_tensor(dataset.train.labels[split.public]),
+        to_normalized_tensor(dataset.train.images[public]),
+        torch.as_tensor(dataset.train.labels[public]),
         to_normalized_tensor(dataset.test.images),
         torch.as_tensor(dataset.test.labels),
         out_dir,
@@ -197,7 +211,7 @@ def run_sweep(
             progress.update(task, current=cell.name)
             cfg = cell_config(sweep, cell, extra)
             start = time.perf_counter()
-            model_path = edge_model(cfg, sweep.seeds[0], out_dir / "edge_models", console)
+            model_path = edge_model(federation_config(cfg, sweep.seeds[0]), out_dir / "edge_models", console)
             save_json(cell_dir / "cell.json", {"cell": cell.name, "pipc": cell.pipc, "ipc": cell.ipc,
                                                "method": cell.method, "seed": cell.seed,
                                                "edge_model": model_path.name})

@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from common.config import EvaluationConfig, ModelConfig
-from common.models import build_model
+from common.models import model_from_config
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
 
 TEST_BATCH = 1000
@@ -50,7 +50,7 @@ def init_net(seed: int, shape: Sequence[int], model_cfg: ModelConfig, num_classe
     """The evaluation net of `seed` for images of `shape` (N, C, H, W), on the CPU; the caller's RNG is untouched."""
     with torch.random.fork_rng(devices=[]):  # the init draw depends on `seed` only, not on the caller's RNG
         torch.manual_seed(seed)
-        return build_model(num_classes, shape[1], shape[2], model_cfg.width, model_cfg.depth, model_cfg.norm)
+        return model_from_config(model_cfg, num_classes, shape[1], shape[2])
 
 
 def train_net(

@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from common.config import DistillConfig, ModelConfig
-from common.models import build_model
+from common.methods import method
+from common.models import model_from_config
 from common.runtime import seed_everything
 from server.distill.dkkt import Multipliers, dkkt_loss, freeze_model
 from server.distill.dm import PublicPool, dm_loss, randomize_
 from server.distill.dsa import parse_strategy, sample_dsa
 
-METHODS = ("random", "dm", "dsv", "dm+dkkt")
 
 
 @dataclass
@@ -106,10 +106,8 @@ def distill(
     `resume` continues from a DistillState that `checkpoint` received in a run with the same arguments.
     Returns CPU tensors.
     """
-    if cfg.method not in METHODS:
-        raise ValueError(f"distill.method={cfg.method!r}: must be one of {', '.join(METHODS)}")
-    uses_dm = cfg.method in ("dm", "dm+dkkt")
-    uses_dkkt = cfg.method in ("dsv", "dm+dkkt")
+    spec = method(cfg.method)
+    uses_dm, uses_dkkt = spec.uses_dm, spec.uses_dkkt
     if uses_dkkt and model is None:
         raise ValueError(f"distill.method={cfg.method!r} needs the trained (frozen) model theta*; got model=None")
     if public_x.dim() != 4:
@@ -118,10 +116,10 @@ def distill(
     device = torch.device(device)
     cpu_gen = seed_everything(seed)
     public_x, public_y = public_x.to(device), public_y.to(device)
-    init = "real" if cfg.method == "random" else cfg.init
+    init = cfg.init if spec.optimises else "real"
     syn_x, syn_y = initial_images(public_x, public_y, num_classes, cfg.ipc, init, cpu_gen)
     config = {"distill": cfg.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json")}
-    if cfg.method == "random":
+    if not spec.optimises:
         return SyntheticSet(syn_x.cpu(), syn_y.cpu(), None, cfg.method, seed, config)
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -129,8 +127,7 @@ def distill(
     opt_img = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
     if uses_dm:
         pool = PublicPool(public_x, public_y, num_classes, cfg.batch_real)
-        channels, size = public_x.shape[1], public_x.shape[2]
-        embedder = build_model(num_classes, channels, size, model_cfg.width, model_cfg.depth, model_cfg.norm)
+        embedder = model_from_config(model_cfg, num_classes, public_x.shape[1], public_x.shape[2])
         embedder = embedder.to(device).train().requires_grad_(False)
     if uses_dkkt:
         frozen = freeze_model(model, device)

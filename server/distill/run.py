@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from common.config import ExperimentConfig, config_to_dict
+from common.methods import method
 from common.runtime import pick_device
 from server.distill.artifacts import load_checkpoint, save_checkpoint, save_grid, save_result, save_synthetic
 from server.distill.evaluate import evaluate_synthetic, mean_std
@@ -80,7 +81,7 @@ def run_distillation(
             if finished is not None:
                 per_seed.append(finished)
                 continue
-            resume = load_checkpoint(seed_dir, dcfg.method, seed) if dcfg.method != "random" else None
+            resume = load_checkpoint(seed_dir, dcfg.method, seed) if method(dcfg.method).optimises else None
             task = progress.add_task(f"{dcfg.method} seed {seed}", total=max(dcfg.iterations, 1), stats="",
                                      completed=resume.iteration if resume else 0)
 
@@ -98,7 +99,7 @@ def run_distillation(
             distill_s = time.perf_counter() - start
             progress.update(task, completed=max(dcfg.iterations, 1))
             syn.config = full_config
-            save_synthetic(syn, seed_dir, iteration=dcfg.iterations if dcfg.method != "random" else 0)
+            save_synthetic(syn, seed_dir, iteration=dcfg.iterations if method(dcfg.method).optimises else 0)
             save_grid(syn.images, syn.labels, seed_dir / "synthetic.png", num_classes)
 
             eval_task = progress.add_task(f"evaluate seed {seed}", total=cfg.evaluation.num_nets, stats="")

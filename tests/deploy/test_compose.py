@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simulations.deployment import (
+from deploy.deployment import (
     Tls,
     Topology,
     clientapp_superexec_args,

@@ -8,7 +8,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from simulations.dev_certs import generate
+from deploy.dev_certs import generate
 
 
 def test_server_certificate_is_signed_by_the_ca_for_the_given_hosts(tmp_path):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from simulations.deployment import LocalDeployment, Tls, local_topology
-from simulations.dev_certs import generate
+from deploy.deployment import LocalDeployment, Tls, local_topology
+from deploy.dev_certs import generate
 
 NODES = 3
 TINY = (

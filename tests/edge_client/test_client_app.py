@@ -11,10 +11,10 @@ from flwr.app import ConfigRecord, RecordDict
 from common.config import build_config
 from common.data import load_dataset
 from common.models import build_model
-from common.partition import make_split
+from common.holdings import decide_holdings
 from common.records import model_to_record
 from edge_client.client_app import evaluate_reply, train_reply
-from edge_client.protocol import EXPERIMENT_KEY, read_experiment, round_config, round_lr
+from common.protocol import EXPERIMENT_KEY, read_experiment, round_config, round_lr
 from edge_client.shard import load_shard
 from server.boundary import evaluate_reply_problems, model_spec, train_reply_problems
 
@@ -62,10 +62,10 @@ def test_evaluate_reply_uses_the_held_out_slice():
 def test_the_shard_is_client_k_of_the_split_and_never_public():
     cfg = tiny_cfg()
     dataset = load_dataset(cfg.data, cfg.seed)
-    split = make_split(dataset.train.labels, cfg.split, cfg.seed)
+    holdings = decide_holdings(cfg, dataset.train.labels)
     shard = load_shard(cfg, 0)
-    assert len(shard.train_labels) + len(shard.holdout_labels) == len(split.clients[0])
-    public = {dataset.train.images[i].tobytes() for i in split.public}
+    assert len(shard.train_labels) + len(shard.holdout_labels) == len(holdings.shards[0])
+    public = {dataset.train.images[i].tobytes() for i in holdings.public}
     mine = {img.tobytes() for img in np.concatenate([shard.train_images, shard.holdout_images])}
     assert not public & mine
     assert load_shard(cfg, 0) is shard  # cached per process

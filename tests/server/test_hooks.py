@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from common.config import build_config
-from common.data import load_dataset
 from common.models import build_model
-from common.partition import make_split
+from common.holdings import decide_holdings, load_experiment_data
 from server.hooks import after_federation
 
 RAW = {"device": "cpu", "data": {"name": "tiny"}, "split": {"pipc": 3, "num_clients": 2}, "model": {"width": 8}, "distill": {"ipc": 1}}
@@ -19,8 +18,8 @@ RAW = {"device": "cpu", "data": {"name": "tiny"}, "split": {"pipc": 3, "num_clie
 
 def setup(enabled: bool):
     cfg = build_config(RAW, {"distill.enabled": enabled})
-    dataset = load_dataset(cfg.data, cfg.seed)
-    return cfg, dataset, make_split(dataset.train.labels, cfg.split, cfg.seed)
+    dataset = load_experiment_data(cfg)
+    return cfg, dataset, decide_holdings(cfg, dataset.train.labels)
 
 
 def test_nothing_happens_when_distillation_is_disabled(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """DEVELOPMENT ONLY: a throw-away CA, a SuperLink TLS certificate and SuperNode authentication keys.
 
-    python -m simulations.dev_certs [--out deploy/certs] [--nodes 3] [--hosts superlink,localhost,127.0.0.1]
+    python -m deploy.dev_certs [--out deploy/certs] [--nodes 3] [--hosts superlink,localhost,127.0.0.1]
 
 Writes ca.crt/ca.key, server.pem/server.key (valid for --hosts), and keys/node<k> (private, OpenSSH
 EC P-384) + keys/node<k>.pub for `flower-supernode --auth-supernode-private-key` and

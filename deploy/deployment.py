@@ -1,6 +1,6 @@
 """Flower's deployment engine as real local processes: one SuperLink, N SuperNodes, SuperExecs, `flwr run`.
 
-    python -m simulations.deployment [--nodes 3] [--tls] [--config quickstart] [key=value ...]
+    python -m deploy.deployment [--nodes 3] [--tls] [--config quickstart] [key=value ...]
 
 The same topology as docker-compose.yml (process isolation: a SuperExec beside the SuperLink runs the
 ServerApp, one beside each SuperNode runs its ClientApp), on loopback ports picked free. The argument
@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulations.dev_certs import generate as generate_certs
+from deploy.dev_certs import generate as generate_certs
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}

@@ -8,7 +8,7 @@ import torch
 from common.data import make_tiny_dataset, to_normalized_tensor
 from common.models import build_model
 from common.runtime import seed_everything
-from edge_client.train import TrainSettings, augment_flip_crop, evaluate, settings_from_config, train_local
+from common.training import TrainSettings, augment_flip_crop, evaluate, settings_from_config, train_local
 
 
 def tiny_tensors(per_class: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
