@@ -19,10 +19,9 @@ class Method:
     uses_dkkt: bool
     summary: str
 
-    @property
-    def needs_model(self) -> bool:
-        """Whether it needs the received model theta* (only the DKKT loss reads it)."""
-        return self.uses_dkkt
+    def needs_model(self, init: str) -> bool:
+        """Whether it needs the received model theta*: for the DKKT loss, or to rank public images (init=lambda)."""
+        return self.uses_dkkt or init == "lambda"
 
     @property
     def optimises(self) -> bool:
@@ -30,8 +29,8 @@ class Method:
         return self.uses_dm or self.uses_dkkt
 
     def needs_public(self, init: str) -> bool:
-        """Whether it reads public images: to select or match them, or to start from them (init=real)."""
-        return not self.optimises or self.uses_dm or init == "real"
+        """Whether it reads public images: to select or match them, or to start from them (init real or lambda)."""
+        return not self.optimises or self.uses_dm or init != "noise"
 
 
 METHODS: dict[str, Method] = {

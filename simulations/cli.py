@@ -99,8 +99,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
             detail = " ".join(str(err).split())[:300]
             raise DataError(f"{model_path}: not a state_dict of the configured model.* ({detail})") from None
         model_path = str(Path(model_path).resolve())
-    elif method(cfg.distill.method).needs_model:
-        raise ConfigError(f"distill.method={cfg.distill.method!r} needs the received model: pass --model received_model.pt")
+    elif method(cfg.distill.method).needs_model(cfg.distill.init):
+        raise ConfigError(
+            f"distill.method={cfg.distill.method!r} with init={cfg.distill.init!r} needs the received model: "
+            "pass --model received_model.pt"
+        )
     save_json(out_dir / INVOCATION, {"config": config_to_dict(cfg), "model": model_path})
     device = pick_device(cfg.device)
     result = run_distillation(

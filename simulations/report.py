@@ -161,6 +161,45 @@ def figure3(sweep_dir: Path, results: pd.DataFrame, path: Path, dsv_method: str 
     return _save_figure(fig, path)
 
 
+def plot_method_bars(results: pd.DataFrame, path: Path) -> Path:
+    """Test accuracy (mean ± std over seeds x nets) per method, grouped by ipc."""
+    stats = pooled(results)
+    methods = _methods(stats)
+    ipcs = sorted(set(stats["ipc"]))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(methods) * len(ipcs) / 2, 3.2))
+    width = 0.8 / len(methods)
+    for k, method in enumerate(methods):
+        rows = stats[stats["method"] == method].set_index("ipc")
+        xs = [i + k * width for i, ipc in enumerate(ipcs) if ipc in rows.index]
+        present = [ipc for ipc in ipcs if ipc in rows.index]
+        ax.bar(xs, rows.loc[present, "mean"], width, yerr=rows.loc[present, "std"], label=method, capsize=2)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ipcs))], [f"ipc {ipc}" for ipc in ipcs])
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7, ncol=2)
+    return _save_figure(fig, path)
+
+
+def plot_history(history_file: Path, path: Path) -> Path:
+    """Loss terms (log scale) and the DKKT share of the image gradient over the iterations of one run."""
+    lines = [json.loads(x) for x in Path(history_file).read_text().splitlines() if x.strip()]
+    its = [x["iteration"] for x in lines]
+    fig, (losses, shares) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for key in ("dm", "dkkt", "stat", "primal", "stat_aug"):
+        if key in lines[0]:
+            losses.semilogy(its, [max(x[key], 1e-12) for x in lines], label=key)
+    losses.set_xlabel("iteration")
+    losses.set_title("loss terms", fontsize=9)
+    losses.legend(fontsize=7)
+    for key, label in (("share_dkkt", "DKKT share of the image gradient"), ("stat_rel", "L_stat / mean|θ*|"),
+                       ("lambda_mean", "λ mean")):
+        if key in lines[0]:
+            shares.plot(its, [x[key] for x in lines], label=label)
+    shares.set_xlabel("iteration")
+    shares.set_title("gradient share, stationarity, λ", fontsize=9)
+    shares.legend(fontsize=7)
+    return _save_figure(fig, path)
+
+
 def render(sweep_dir: Path, out_dir: Path | None = None, class_names: list[str] | None = None) -> dict[str, Path]:
     """Writes every report artefact the finished cells allow; returns name -> path."""
     sweep_dir = Path(sweep_dir)

@@ -56,6 +56,7 @@ def save_checkpoint(state: DistillState, labels: torch.Tensor, out_dir: Path, me
         "opt_img": state.opt_img,
         "opt_lambda": state.opt_lambda,
         "rng": state.rng,
+        "balance": state.balance,
     }
     if state.lambdas is not None:
         tensors["lambdas"] = state.lambdas
@@ -82,6 +83,7 @@ def load_checkpoint(out_dir: Path, method: str, seed: int) -> DistillState | Non
         opt_img=saved["opt_img"],
         opt_lambda=saved["opt_lambda"],
         rng=saved["rng"],
+        balance=saved.get("balance"),
     )
 
 

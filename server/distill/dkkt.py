@@ -123,27 +123,3 @@ def dkkt_loss(
         terms["norm"] = norm_loss(x)
         total = total + cfg.norm_weight * terms["norm"]
     return total, terms
-
-
-class Multipliers:
-    """One Lagrange multiplier lambda_j >= 0 per synthetic image, with its own Adam optimiser.
-
-    Dual feasibility is kept by projection: lambda.clamp_(min=0) after every step.
-    """
-
-    def __init__(self, n: int, init: float, lr: float, device: torch.device | str) -> None:
-        self.values = torch.full((n,), float(init), device=device, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.values], lr=lr)
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def step(self) -> None:
-        self.optimizer.step()
-        with torch.no_grad():
-            self.values.clamp_(min=0.0)
-
-    def stats(self) -> dict[str, torch.Tensor]:
-        """lambda mean, min and how many are at 0 (the candidates DSV would have removed)."""
-        v = self.values.detach()
-        return {"lambda_mean": v.mean(), "lambda_min": v.min(), "lambda_zeros": (v == 0).sum()}

@@ -18,7 +18,9 @@ from common.config import DistillConfig, ModelConfig
 from common.methods import method
 from common.models import model_from_config
 from common.runtime import seed_everything
-from server.distill.dkkt import Multipliers, dkkt_loss, freeze_model
+from server.distill.balance import DkktWeight
+from server.distill.dkkt import dkkt_loss, freeze_model
+from server.distill.lambdas import Multipliers, fitted_multipliers, flat_parameters
 from server.distill.dm import PublicPool, dm_loss, randomize_
 from server.distill.dsa import parse_strategy, sample_dsa
 
@@ -54,6 +56,7 @@ class DistillState:
     opt_img: dict[str, Any]  # SGD state_dict (momentum buffers)
     opt_lambda: dict[str, Any] | None  # Adam state_dict of the multipliers
     rng: dict[str, torch.Tensor]  # "cpu": global CPU RNG (network re-inits), "loop": the loop's generator, "cuda"
+    balance: dict[str, torch.Tensor] | None = None  # DkktWeight's running gradient norms (dkkt_weight=auto)
 
 
 # checkpoint(state): called every cfg.checkpoint_every iterations.
@@ -67,8 +70,10 @@ def initial_images(
     ipc: int,
     init: str,
     generator: torch.Generator,
+    scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ipc random public images per class (init=real) or N(0, 1) noise of the same shape (init=noise).
+    """ipc public images per class, random (init=real) or the highest `scores` (init=lambda, ties broken at
+    random), or N(0, 1) noise of the same shape (init=noise).
 
     Draws on the CPU generator so that a seed picks the same images on every device.
     """
@@ -81,10 +86,25 @@ def initial_images(
     for c in range(num_classes):
         idx = torch.nonzero(y_cpu == c).flatten()
         if idx.numel() < ipc:
-            raise ValueError(f"distill.ipc={ipc}: class {c} has only {idx.numel()} public images for init=real")
-        picks.append(idx[torch.randperm(idx.numel(), generator=generator)[:ipc]])
+            raise ValueError(f"distill.ipc={ipc}: class {c} has only {idx.numel()} public images for init={init}")
+        order = torch.randperm(idx.numel(), generator=generator)
+        if init == "lambda":
+            order = order[torch.argsort(scores.cpu()[idx[order]], descending=True, stable=True)]
+        picks.append(idx[order[:ipc]])
     chosen = torch.cat(picks).to(public_x.device)
     return public_x[chosen].clone(), labels.to(public_x.device)
+
+
+def dkkt_candidates(
+    syn: torch.Tensor, syn_y: torch.Tensor, lambdas: torch.Tensor, m: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The candidates of this iteration's DKKT term: all n, or (m > 0) m of them at random with lambda scaled by n/m,
+    so that sum_j lambda_j g_j over them is an unbiased estimate of the sum over all n (the l1 distance of it is not)."""
+    n = syn.shape[0]
+    if not m or m >= n:
+        return syn, syn_y, lambdas
+    idx = torch.randperm(n, generator=generator, device=syn.device)[:m]
+    return syn[idx], syn_y[idx], lambdas[idx] * (n / m)
 
 
 def distill(
@@ -116,8 +136,14 @@ def distill(
     device = torch.device(device)
     cpu_gen = seed_everything(seed)
     public_x, public_y = public_x.to(device), public_y.to(device)
-    init = cfg.init if spec.optimises else "real"
-    syn_x, syn_y = initial_images(public_x, public_y, num_classes, cfg.ipc, init, cpu_gen)
+    init = "real" if cfg.init == "noise" and not spec.optimises else cfg.init
+    frozen = freeze_model(model, device) if model is not None else None
+    scores = None
+    if init == "lambda":
+        if frozen is None:
+            raise ValueError("distill.init='lambda' ranks public images by their multipliers on theta*; got model=None")
+        scores, _ = fitted_multipliers(frozen, public_x, public_y, cfg.lambda_fit_steps, cfg.lambda_lr)
+    syn_x, syn_y = initial_images(public_x, public_y, num_classes, cfg.ipc, init, cpu_gen, scores)
     config = {"distill": cfg.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json")}
     if not spec.optimises:
         return SyntheticSet(syn_x.cpu(), syn_y.cpu(), None, cfg.method, seed, config)
@@ -130,36 +156,51 @@ def distill(
         embedder = model_from_config(model_cfg, num_classes, public_x.shape[1], public_x.shape[2])
         embedder = embedder.to(device).train().requires_grad_(False)
     if uses_dkkt:
-        frozen = freeze_model(model, device)
-        multipliers = Multipliers(syn.shape[0], cfg.lambda_init, cfg.lambda_lr, device)
-        weight = cfg.dkkt_weight if uses_dm else 1.0
+        if resume is not None:
+            start_lambdas = resume.lambdas.to(device)
+        elif cfg.lambda_fit_steps:
+            start_lambdas, _ = fitted_multipliers(frozen, syn.detach(), syn_y, cfg.lambda_fit_steps, cfg.lambda_lr)
+        else:
+            start_lambdas = torch.full((syn.shape[0],), cfg.lambda_init, device=device)
+        multipliers = Multipliers(start_lambdas, cfg.lambda_lr)
+        balance = DkktWeight(cfg, syn.numel(), device)
+        theta_abs_mean = flat_parameters(frozen).abs().mean()
     start = 1
     if resume is not None:
-        _restore(resume, syn, opt_img, multipliers if uses_dkkt else None, gen, device)
+        _restore(resume, syn, opt_img, multipliers if uses_dkkt else None, balance if uses_dkkt else None, gen, device)
         start = resume.iteration + 1
 
     for it in range(start, cfg.iterations + 1):
+        # One backward per term (each graph is traversed once, as a single backward of the sum would), so that
+        # every term's gradient on the images is known: the DKKT weight is balanced on it and its share logged.
         terms: dict[str, torch.Tensor] = {}
-        loss = syn.new_zeros(())
+        grad_img = torch.zeros_like(syn)
         if uses_dm:
             randomize_(embedder)
             real_x, real_groups = pool.sample(gen)
             per_class = sample_dsa(families, num_classes, gen, device)  # one draw per class, real and synthetic
             terms["dm"] = dm_loss(embedder, real_x, real_groups, syn, syn_y, num_classes, per_class)
-            loss = loss + terms["dm"]
+            (grad_img,) = torch.autograd.grad(terms["dm"], syn)
+            terms["grad_dm"] = grad_img.norm()
         if uses_dkkt:
-            aug = sample_dsa(families, syn.shape[0], gen, device)  # one independent draw per synthetic image
-            terms["dkkt"], dkkt_terms = dkkt_loss(frozen, syn, syn_y, multipliers.values, cfg, aug)
+            x, y, lam = dkkt_candidates(syn, syn_y, multipliers.values, cfg.dkkt_candidates, gen)
+            aug = sample_dsa(families, x.shape[0], gen, device)  # one independent draw per candidate
+            terms["dkkt"], dkkt_terms = dkkt_loss(frozen, x, y, lam, cfg, aug)
             terms.update(dkkt_terms)
-            loss = loss + weight * terms["dkkt"]
-            multipliers.zero_grad()
-        opt_img.zero_grad(set_to_none=True)
-        loss.backward()
+            grad_dkkt, multipliers.values.grad = torch.autograd.grad(terms["dkkt"], [syn, multipliers.values])
+            dkkt_norm = grad_dkkt.norm()
+            terms["dkkt_weight"] = balance.update(terms.get("grad_dm"), dkkt_norm)
+            grad_img = grad_img + terms["dkkt_weight"] * grad_dkkt
+            terms["grad_dkkt"] = terms["dkkt_weight"] * dkkt_norm
+            terms["stat_rel"] = terms["stat"] / theta_abs_mean
+        syn.grad = grad_img
         opt_img.step()
         if uses_dkkt:
             multipliers.step()
         if callback is not None and (it % cfg.log_every == 0 or it % cfg.checkpoint_every == 0 or it == cfg.iterations):
-            terms["loss"] = loss
+            terms["loss"] = terms.get("dm", 0.0) + (terms["dkkt_weight"] * terms["dkkt"] if uses_dkkt else 0.0)
+            if uses_dm and uses_dkkt:
+                terms["share_dkkt"] = terms["grad_dkkt"] / (terms["grad_dm"] + terms["grad_dkkt"])
             if uses_dkkt:
                 terms.update(multipliers.stats())
             values = torch.stack([v.detach().float() for v in terms.values()]).tolist()  # one device sync
@@ -167,7 +208,7 @@ def distill(
             current = SyntheticSet(syn.detach().cpu().clone(), syn_y.cpu(), lambdas, cfg.method, seed, config)
             callback(it, dict(zip(terms, values)), current)
         if checkpoint is not None and it % cfg.checkpoint_every == 0:
-            checkpoint(_capture(it, syn, opt_img, multipliers if uses_dkkt else None, gen, device))
+            checkpoint(_capture(it, syn, opt_img, multipliers if uses_dkkt else None, balance if uses_dkkt else None, gen, device))
 
     lambdas = multipliers.values.detach().cpu() if uses_dkkt else None
     return SyntheticSet(syn.detach().cpu(), syn_y.cpu(), lambdas, cfg.method, seed, config)
@@ -175,7 +216,7 @@ def distill(
 
 def _capture(
     it: int, syn: torch.Tensor, opt_img: torch.optim.Optimizer, multipliers: Multipliers | None,
-    gen: torch.Generator, device: torch.device,
+    balance: DkktWeight | None, gen: torch.Generator, device: torch.device,
 ) -> DistillState:
     rng = {"cpu": torch.get_rng_state(), "loop": gen.get_state()}
     if device.type == "cuda":
@@ -187,12 +228,13 @@ def _capture(
         opt_img=_to_cpu(opt_img.state_dict()),
         opt_lambda=_to_cpu(multipliers.optimizer.state_dict()) if multipliers is not None else None,
         rng=rng,
+        balance=balance.state() if balance is not None else None,
     )
 
 
 def _restore(
     state: DistillState, syn: torch.Tensor, opt_img: torch.optim.Optimizer, multipliers: Multipliers | None,
-    gen: torch.Generator, device: torch.device,
+    balance: DkktWeight | None, gen: torch.Generator, device: torch.device,
 ) -> None:
     if tuple(state.images.shape) != tuple(syn.shape) or (multipliers is None) != (state.lambdas is None):
         raise ValueError(
@@ -206,6 +248,8 @@ def _restore(
     opt_img.load_state_dict(state.opt_img)  # moves the buffers to the parameter's device
     if multipliers is not None:
         multipliers.optimizer.load_state_dict(state.opt_lambda)
+    if balance is not None and state.balance is not None:
+        balance.load(state.balance)
     torch.set_rng_state(state.rng["cpu"])
     gen.set_state(state.rng["loop"])
     if "cuda" in state.rng:

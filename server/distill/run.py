@@ -11,6 +11,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from common.atomic import atomic_write
 from common.config import ExperimentConfig, config_to_dict
 from common.methods import method
 from common.runtime import pick_device
@@ -18,7 +19,8 @@ from server.distill.artifacts import load_checkpoint, save_checkpoint, save_grid
 from server.distill.evaluate import evaluate_synthetic, mean_std
 from server.distill.methods import DistillState, SyntheticSet, distill
 
-_SHOWN = ("loss", "dm", "dkkt", "stat", "primal", "lambda_mean", "lambda_min", "lambda_zeros")
+_SHOWN = ("loss", "dm", "dkkt", "share_dkkt", "dkkt_weight", "stat_rel", "primal", "lambda_mean", "lambda_zeros")
+HISTORY = "history.jsonl"  # one line per logged iteration: every loss term, gradient norms and shares, lambda, seconds
 
 
 def _format(metrics: dict[str, float]) -> str:
@@ -32,6 +34,15 @@ def _finished_seed(seed_dir: Path, method: str, seed: int) -> dict[str, Any] | N
         return None
     result = json.loads(path.read_text())
     return result if (result.get("method"), result.get("seed")) == (method, seed) else None
+
+
+def read_history(seed_dir: Path, up_to: int) -> list[dict[str, float]]:
+    """The logged iterations <= `up_to` of an earlier, interrupted run of this seed (empty when there is none)."""
+    path = seed_dir / HISTORY
+    if not path.is_file():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in lines if line["iteration"] <= up_to]
 
 
 def eval_seeds(seed: int, num_nets: int) -> list[int]:
@@ -85,15 +96,22 @@ def run_distillation(
             task = progress.add_task(f"{dcfg.method} seed {seed}", total=max(dcfg.iterations, 1), stats="",
                                      completed=resume.iteration if resume else 0)
 
-            def on_iteration(it: int, metrics: dict[str, float], current: SyntheticSet, task: int = task) -> None:
+            history = read_history(seed_dir, resume.iteration if resume else 0)
+            elapsed = history[-1]["seconds"] if history else 0.0
+            start = time.perf_counter()
+
+            def on_iteration(it: int, metrics: dict[str, float], current: SyntheticSet, task: int = task,
+                             history: list = history, seed_dir: Path = seed_dir, begun: float = elapsed - start) -> None:
                 progress.update(task, completed=it, stats=_format(metrics))
+                history.append({"iteration": it, **metrics, "seconds": round(begun + time.perf_counter(), 3)})
+                text = "".join(json.dumps(line) + "\n" for line in history)
+                atomic_write(seed_dir / HISTORY, lambda tmp: tmp.write_text(text))
 
             def on_checkpoint(state: DistillState, seed_dir: Path = seed_dir, seed: int = seed) -> None:
                 labels = torch.arange(num_classes).repeat_interleave(dcfg.ipc)
                 meta = {"method": dcfg.method, "seed": seed, "ipc": dcfg.ipc, "config": full_config}
                 save_checkpoint(state, labels, seed_dir, meta)
 
-            start = time.perf_counter()
             syn = distill(model, public_x, public_y, dcfg, cfg.model, num_classes, seed, device, on_iteration,
                           checkpoint=on_checkpoint, resume=resume)
             distill_s = time.perf_counter() - start

@@ -1,0 +1,120 @@
+"""How much each loss term moves the synthetic images: DM and DKKT gradient norms, the DKKT weight and lambda.
+
+    python -m simulations.dkkt_balance --config cpu_pipc50 --model RUN/received_model.pt --ipc 1 10 50 \
+        --iterations 30 --out docs/results/cpu-pipc50/balance.json [key=value ...]
+
+For each ipc it runs `dm+dkkt` from the config's public subset (init=real) for a few iterations and reports, over
+the iterations after the first `--skip`: medians of L_DM, ||grad_S L_DM||, L_DKKT, ||grad_S L_DKKT|| (unweighted) and
+the weight; the DKKT/DM ratio of the gradient norms summed over those iterations, the RMS pixel step of the DKKT part, and lambda and L_stat /
+mean|theta*| at the first and the last iteration. Writes JSON and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.atomic import load_torch, save_json
+from common.config import load_config, parse_overrides
+from common.data import to_normalized_tensor
+from common.holdings import decide_holdings, load_experiment_data
+from common.models import model_from_config
+from server.distill.methods import distill
+
+
+def measure(cfg, model, public_x, public_y, num_classes: int, ipc: int, iterations: int, skip: int, seed: int) -> dict[str, Any]:
+    """Runs `iterations` DM+DKKT steps at `ipc` and summarises every iteration's metrics."""
+    dcfg = cfg.distill.model_copy(update={"method": "dm+dkkt", "ipc": ipc, "init": "real", "iterations": iterations,
+                                          "log_every": 1, "checkpoint_every": 10**9})
+    rows: list[dict[str, float]] = []
+    start = time.perf_counter()
+    syn = distill(model, public_x, public_y, dcfg, cfg.model, num_classes, seed, "cpu",
+                  lambda it, metrics, current: rows.append(metrics))
+    seconds = (time.perf_counter() - start) / iterations
+    kept = rows[skip:]
+    pixels = syn.images.numel()
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in kept)
+
+    dkkt_raw = [r["grad_dkkt"] / r["dkkt_weight"] for r in kept]
+    return {
+        "ipc": ipc,
+        "iterations": iterations,
+        "measured_from": skip + 1,
+        "seconds_per_iteration": seconds,
+        "dm": med("dm"),
+        "grad_dm": med("grad_dm"),
+        "dkkt": med("dkkt"),
+        "grad_dkkt_unweighted": statistics.median(dkkt_raw),
+        "dkkt_weight": med("dkkt_weight"),
+        "grad_dkkt_weighted": med("grad_dkkt"),
+        "ratio_weighted": sum(r["grad_dkkt"] for r in kept) / max(sum(r["grad_dm"] for r in kept), 1e-30),
+        "share_dkkt": med("share_dkkt"),
+        "dkkt_step_rms": dcfg.lr_img * med("grad_dkkt") / math.sqrt(pixels),
+        "lambda_mean_first": rows[0]["lambda_mean"],
+        "lambda_mean_last": rows[-1]["lambda_mean"],
+        "lambda_zeros_last": rows[-1]["lambda_zeros"],
+        "stat_rel_first": rows[0]["stat_rel"],
+        "stat_rel_last": rows[-1]["stat_rel"],
+        "stat_rel_min": min(r["stat_rel"] for r in rows),
+    }
+
+
+def markdown(results: list[dict[str, Any]], ratio: float) -> str:
+    lines = [
+        f"| ipc | L_DM | ‖∇L_DM‖ | L_DKKT | ‖∇L_DKKT‖ (w=1) | w (auto) | ‖w∇L_DKKT‖ / ‖∇L_DM‖ (target {ratio}) | DKKT step RMS / it "
+        "| λ mean first → last | L_stat / mean|θ*| first → last | s / it |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio_text = f"{r['ratio_weighted']:.3g}" if r["grad_dm"] > 1e-4 else f"{r['ratio_weighted']:.3g} (DM ≈ 0: floor)"
+        lines.append(
+            f"| {r['ipc']} | {r['dm']:.4g} | {r['grad_dm']:.3g} | {r['dkkt']:.4g} | {r['grad_dkkt_unweighted']:.3g} | "
+            f"{r['dkkt_weight']:.3g} | {ratio_text} | {r['dkkt_step_rms']:.3g} | "
+            f"{r['lambda_mean_first']:.3g} → {r['lambda_mean_last']:.3g} | {r['stat_rel_first']:.3f} → {r['stat_rel_last']:.3f} "
+            f"| {r['seconds_per_iteration']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="cpu_pipc50")
+    parser.add_argument("--model", required=True, help="received_model.pt of a federation with this config's split")
+    parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
+    parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument("--skip", type=int, default=10, help="iterations left out of the medians (EMA warm-up)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, parse_overrides(args.overrides))
+    dataset = load_experiment_data(cfg)
+    public = decide_holdings(cfg, dataset.train.labels).public
+    model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
+    model.load_state_dict(load_torch(args.model))
+    public_x, public_y = to_normalized_tensor(dataset.train.images[public]), torch.as_tensor(dataset.train.labels[public])
+    results = []
+    for ipc in args.ipc:
+        results.append(measure(cfg, model, public_x, public_y, dataset.num_classes, ipc, args.iterations, args.skip, args.seed))
+        print(markdown(results[-1:], cfg.distill.dkkt_ratio).splitlines()[-1], flush=True)
+    table = markdown(results, cfg.distill.dkkt_ratio)
+    print(table)
+    if args.out:
+        save_json(args.out, {"config": args.config, "overrides": args.overrides, "model": str(args.model),
+                             "distill": cfg.distill.model_dump(mode="json"), "results": results, "table": table})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,433 @@
+"""The evidence protocol for the paper's claim (DM + DKKT vs DM with few public images), resumable, in stages.
+
+    python -m simulations.evidence --preset cpu --out docs/results/cpu-pipc50 [--stages ...] [--max-minutes M]
+
+Stages, each skipping what an earlier call finished (so the protocol can run in pieces):
+  edge       the received model: a real federation of the config (Flower simulation), reused when a finished run of
+             the same data/split/model/federation/seed lies under OUT/edge/, continued when one was interrupted
+  calibrate  dkkt_ratio grid x calibration ipcs, one seed, evaluated on the validation slice (never the test set);
+             the best mean validation accuracy over those ipcs fixes dkkt_ratio for the table
+  balance    DM and DKKT gradient norms, the auto weight and lambda at each ipc with that ratio (simulations/dkkt_balance.py)
+  table      every variant x ipc x seed with that ratio, evaluated once on the test set
+  report     OUT/table.md (protocol, commit, seconds per row), results.csv, plots, Figures 2 and 3
+
+Every cell is `run_distillation` into OUT/<stage>/cells/<cell>/ (result.json, history.jsonl, synthetic.pt/png).
+Presets: `cpu` (reduced scale for 2 CPU cores; every table states it), `tiny` (generated data, for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common.atomic import atomic_write, load_torch, save_json
+from common.config import ConfigError, ExperimentConfig, config_to_dict, load_config, parse_overrides
+from common.data import Dataset, ImageArrays, to_normalized_tensor
+from common.holdings import decide_holdings, load_experiment_data
+from common.models import model_from_config
+from simulations.sweep import edge_model_key
+
+STAGES = ("edge", "calibrate", "balance", "table", "report")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A row of the table: a method plus what it changes (e.g. init=lambda)."""
+
+    name: str
+    method: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("random", "random"),
+        Variant("dm", "dm"),
+        Variant("dsv", "dsv"),
+        Variant("dm+dkkt", "dm+dkkt"),
+        Variant("random@lambda", "random", {"distill.init": "lambda"}),
+        Variant("dm@lambda", "dm", {"distill.init": "lambda"}),
+        Variant("dm+dkkt@lambda", "dm+dkkt", {"distill.init": "lambda"}),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What the evidence runs: the experiment config, the scale per ipc, the grids."""
+
+    config: str
+    overrides: dict[str, Any]
+    per_ipc: dict[int, dict[str, Any]]  # ipc -> overrides at that ipc (iterations, evaluation epochs, ...)
+    table_ipcs: tuple[int, ...]
+    seeds: tuple[int, ...]
+    variants: tuple[str, ...]
+    single_seed_ipcs: tuple[int, ...]  # ipcs run with the first seed only (the most expensive)
+    single_seed_variants: tuple[str, ...]
+    calibration_ipcs: tuple[int, ...]
+    ratio_grid: tuple[float, ...]
+    balance_ipcs: tuple[int, ...]
+    balance_iterations: int
+
+    def cell_overrides(self, ipc: int) -> dict[str, Any]:
+        return {**self.overrides, **self.per_ipc.get(ipc, {}), "distill.ipc": ipc}
+
+
+PRESETS = {
+    # 2 CPU cores: fewer iterations and evaluation epochs than the paper (20k / 1000), fewer real images per DM step,
+    # 2 evaluation nets per seed. Every table written from it says so.
+    "cpu": Protocol(
+        config="cpu_pipc50",
+        overrides={"device": "cpu", "distill.log_every": 10, "distill.checkpoint_every": 50, "evaluation.num_nets": 2,
+                   "distill.lambda_fit_steps": 300},
+        per_ipc={
+            1: {"distill.iterations": 200, "distill.batch_real": 16, "evaluation.epochs": 300},
+            10: {"distill.iterations": 200, "distill.batch_real": 16, "evaluation.epochs": 300, "distill.dkkt_candidates": 20},
+            50: {"distill.iterations": 100, "distill.batch_real": 50, "evaluation.epochs": 200, "distill.dkkt_candidates": 20},
+        },
+        table_ipcs=(1, 10, 50),
+        seeds=(0, 1, 2),
+        variants=("random", "dm", "dsv", "dm+dkkt", "random@lambda", "dm@lambda", "dm+dkkt@lambda"),
+        single_seed_ipcs=(50,),
+        single_seed_variants=("random", "dm+dkkt", "random@lambda"),
+        calibration_ipcs=(1, 10),
+        ratio_grid=(0.1, 0.3, 1.0, 3.0),
+        balance_ipcs=(1, 10, 50),
+        balance_iterations=30,
+    ),
+    "tiny": Protocol(
+        config="quickstart",
+        overrides={"device": "cpu", "data.name": "tiny", "data.tiny_per_class": 12, "data.train_per_class": None,
+                   "data.test_per_class": None, "model.width": 8, "split.pipc": 2, "split.validation_per_class": 2,
+                   "split.num_clients": 2, "federation.rounds": 1, "federation.batch_size": 16,
+                   "federation.local_epochs": 1, "distill.enabled": False, "distill.baselines": [],
+                   "distill.iterations": 4, "distill.log_every": 2, "distill.checkpoint_every": 2,
+                   "distill.batch_real": 2, "distill.lambda_fit_steps": 5, "evaluation.epochs": 3,
+                   "evaluation.num_nets": 1, "evaluation.batch_size": 16},
+        per_ipc={},
+        table_ipcs=(1, 2),
+        seeds=(0, 1),
+        variants=("random", "dm", "dm+dkkt", "dm@lambda"),
+        single_seed_ipcs=(2,),
+        single_seed_variants=("random", "dm+dkkt"),
+        calibration_ipcs=(1,),
+        ratio_grid=(0.3, 1.0),
+        balance_ipcs=(1, 2),
+        balance_iterations=4,
+    ),
+}
+
+
+class OutOfTime(Exception):
+    """--max-minutes is spent: stop before the next cell (everything finished so far is on disk)."""
+
+
+@dataclass
+class Context:
+    protocol: Protocol
+    out: Path
+    deadline: float
+
+    def log(self, text: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}"
+        print(line, flush=True)
+
+    def check_time(self) -> None:
+        if time.time() > self.deadline:
+            raise OutOfTime
+
+
+def base_config(protocol: Protocol, extra: dict[str, Any]) -> ExperimentConfig:
+    return load_config(protocol.config, {**protocol.overrides, **extra})
+
+
+# ---------------------------------------------------------------- edge
+
+
+def edge_stage(ctx: Context, cfg: ExperimentConfig, train: bool) -> Path:
+    """OUT/edge_model.json and the received model's path: a finished federation of cfg, else (`train`) train or
+    continue one."""
+    from server.resume import load_run_config
+
+    key = edge_model_key(cfg)
+    runs = sorted(p.parent for p in (ctx.out / "edge").glob("*/config.yaml"))
+    matching = [r for r in runs if edge_model_key(load_run_config(r)) == key]
+    finished = [r for r in matching if (r / "received_model.pt").is_file()]
+    if not finished:
+        if not train:
+            raise ConfigError(f"no finished federation of {cfg.name} under {ctx.out / 'edge'}: run the edge stage first")
+        ctx.check_time()
+        from simulations.simulate import simulate
+
+        resume = matching[-1] if matching else None
+        ctx.log(f"edge: training the federation of {cfg.name} (key {key})" + (f", resuming {resume}" if resume else ""))
+        finished = [simulate(cfg, output_dir=ctx.out / "edge", resume=resume).run_dir]
+    run = finished[-1]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    info = {"run": str(run.relative_to(ctx.out)), "config_key": key, "rounds": lines[-1]["round"],
+            "test_accuracy": lines[-1]["test_accuracy"], "seconds": lines[-1]["elapsed"],
+            "num_clients": cfg.split.num_clients, "pipc": cfg.split.pipc}
+    save_json(ctx.out / "edge_model.json", info)
+    ctx.log(f"edge: received model {run / 'received_model.pt'}: test accuracy {info['test_accuracy']:.4f} after "
+            f"{info['rounds']} rounds ({info['seconds'] / 60:.0f} min)")
+    return run / "received_model.pt"
+
+
+def load_model(cfg: ExperimentConfig, dataset: Dataset, path: Path) -> torch.nn.Module:
+    model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
+    model.load_state_dict(load_torch(path))
+    return model
+
+
+# ---------------------------------------------------------------- cells
+
+
+def validation_split(cfg: ExperimentConfig, dataset: Dataset) -> ImageArrays:
+    """The validation slice (nobody's images); ConfigError when the config has none."""
+    if not cfg.split.validation_per_class:
+        raise ConfigError("calibration needs split.validation_per_class >= 1: it never evaluates on the test set")
+    idx = decide_holdings(cfg, dataset.train.labels).validation
+    return ImageArrays(dataset.train.images[idx], dataset.train.labels[idx])
+
+
+def run_cells(ctx: Context, stage: str, cells: list[tuple[str, ExperimentConfig, dict[str, Any]]], model: torch.nn.Module,
+              dataset: Dataset, evaluation: ImageArrays) -> pd.DataFrame:
+    """Runs the unfinished cells of a stage (name, config, columns) and rewrites OUT/<stage>/results.csv after each."""
+    from server.distill.run import run_distillation
+
+    stage_dir = ctx.out / stage
+    public = decide_holdings(cells[0][1], dataset.train.labels).public
+    public_x, public_y = to_normalized_tensor(dataset.train.images[public]), torch.as_tensor(dataset.train.labels[public])
+    eval_x, eval_y = to_normalized_tensor(evaluation.images), torch.as_tensor(evaluation.labels)
+    for name, cfg, columns in cells:
+        cell_dir = stage_dir / "cells" / name
+        if not (cell_dir / "result.json").is_file():
+            ctx.check_time()
+            if not np.array_equal(decide_holdings(cfg, dataset.train.labels).public, public):
+                raise RuntimeError(f"{name}: its public subset differs from the stage's (the split seed must be fixed)")
+            start = time.perf_counter()
+            save_json(cell_dir / "cell.json", {"cell": name, **columns})
+            result = run_distillation(cfg, model, public_x, public_y, eval_x, eval_y, cell_dir, show_progress=False,
+                                      num_classes=dataset.num_classes)
+            ctx.log(f"{stage} {name}: {100 * result['mean']:.2f} ± {100 * result['std']:.2f} % "
+                    f"({time.perf_counter() - start:.0f} s)")
+        write_results(stage_dir)
+    return write_results(stage_dir)
+
+
+def write_results(stage_dir: Path) -> pd.DataFrame:
+    """OUT/<stage>/results.csv: one row per finished cell, in the layout simulations/report.py reads."""
+    rows = []
+    for result_file in sorted((stage_dir / "cells").glob("*/result.json")):
+        info = json.loads((result_file.parent / "cell.json").read_text())
+        result = json.loads(result_file.read_text())
+        rows.append({**info, "accuracy_mean": result["mean"], "accuracy_std": result["std"],
+                     "num_evaluations": len(result["accuracies"]), "accuracies": json.dumps(result["accuracies"]),
+                     "distill_s": result["timings"]["distill_s"], "evaluate_s": result["timings"]["evaluate_s"]})
+    frame = pd.DataFrame(rows)
+    atomic_write(stage_dir / "results.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    return frame
+
+
+def cell_config(protocol: Protocol, extra: dict[str, Any], variant: Variant, ipc: int, seed: int,
+                more: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The config of one cell; the split seed stays the base config's, so every cell shares the edge model's split."""
+    base = base_config(protocol, extra)
+    return load_config(protocol.config, {
+        **protocol.overrides, **extra, **protocol.cell_overrides(ipc), **variant.overrides, **(more or {}),
+        "distill.method": variant.method, "distill.num_seeds": 1, "distill.enabled": False, "seed": seed,
+        "split.seed": base.split.seed if base.split.seed is not None else base.seed,
+    })
+
+
+def calibrate_stage(ctx: Context, extra: dict[str, Any], model: torch.nn.Module, dataset: Dataset) -> float:
+    """The dkkt_ratio with the best mean validation accuracy over the calibration ipcs (seed 0); OUT/calibration.json."""
+    protocol = ctx.protocol
+    seed = protocol.seeds[0]
+    cells = []
+    for ipc in protocol.calibration_ipcs:
+        cells.append((f"ipc{ipc}-dm-seed{seed}", cell_config(protocol, extra, VARIANTS["dm"], ipc, seed),
+                      {"ipc": ipc, "method": "dm", "ratio": None, "seed": seed}))
+        for ratio in protocol.ratio_grid:
+            cfg = cell_config(protocol, extra, VARIANTS["dm+dkkt"], ipc, seed, {"distill.dkkt_ratio": ratio})
+            cells.append((f"ipc{ipc}-dm_dkkt-ratio{ratio:g}-seed{seed}", cfg,
+                          {"ipc": ipc, "method": "dm+dkkt", "ratio": ratio, "seed": seed}))
+    validation = validation_split(cells[0][1], dataset)
+    results = run_cells(ctx, "calibration", cells, model, without_test(dataset), validation)
+    tuned = results[results["method"] == "dm+dkkt"]
+    means = tuned.groupby("ratio")["accuracy_mean"].mean()
+    best = float(means.idxmax())
+    save_json(ctx.out / "calibration.json", {
+        "chosen_dkkt_ratio": best, "evaluated_on": f"validation slice ({len(validation)} training images nobody holds)",
+        "mean_validation_accuracy_by_ratio": {f"{r:g}": float(m) for r, m in means.items()},
+        "dm_validation_accuracy_by_ipc": {int(r["ipc"]): float(r["accuracy_mean"]) for _, r in results[results["method"] == "dm"].iterrows()},
+    })
+    ctx.log(f"calibrate: dkkt_ratio={best:g} (mean validation accuracy by ratio: "
+            + ", ".join(f"{r:g}: {100 * m:.2f} %" for r, m in means.items()) + ")")
+    return best
+
+
+def balance_stage(ctx: Context, extra: dict[str, Any], ratio: float | None, model: torch.nn.Module, dataset: Dataset) -> None:
+    """OUT/balance.json and balance.md: gradient norms and shares of DM and DKKT at each table ipc (dm+dkkt, seed 0)."""
+    from simulations.dkkt_balance import markdown, measure
+
+    protocol = ctx.protocol
+    rows = []
+    for ipc in protocol.balance_ipcs:
+        ctx.check_time()
+        cfg = cell_config(protocol, extra, VARIANTS["dm+dkkt"], ipc, protocol.seeds[0],
+                          {"distill.dkkt_ratio": ratio} if ratio is not None else {})
+        public = decide_holdings(cfg, dataset.train.labels).public
+        rows.append(measure(cfg, model, to_normalized_tensor(dataset.train.images[public]),
+                            torch.as_tensor(dataset.train.labels[public]), dataset.num_classes, ipc,
+                            protocol.balance_iterations, protocol.balance_iterations // 3, protocol.seeds[0]))
+        ctx.log(f"balance ipc {ipc}: DKKT/DM gradient {rows[-1]['ratio_weighted']:.3g}, weight {rows[-1]['dkkt_weight']:.3g}")
+    table = markdown(rows, cfg.distill.dkkt_ratio)
+    save_json(ctx.out / "balance.json", {"dkkt_ratio": cfg.distill.dkkt_ratio, "results": rows, "table": table})
+    atomic_write(ctx.out / "balance.md", lambda tmp: tmp.write_text(table + "\n"))
+
+
+def without_test(dataset: Dataset) -> Dataset:
+    """The dataset with its test split removed: what the calibration stage is given, so it cannot read it."""
+    empty = ImageArrays(dataset.test.images[:0], dataset.test.labels[:0])
+    return Dataset(dataset.name, dataset.classes, dataset.train, empty)
+
+
+def table_cells(protocol: Protocol, extra: dict[str, Any], ratio: float) -> list[tuple[str, ExperimentConfig, dict[str, Any]]]:
+    """Every (variant, ipc, seed) of the table, cheapest ipc first, with the calibrated ratio."""
+    cells = []
+    for ipc in protocol.table_ipcs:
+        single = ipc in protocol.single_seed_ipcs
+        for seed in protocol.seeds[:1] if single else protocol.seeds:
+            for name in protocol.single_seed_variants if single else protocol.variants:
+                variant = VARIANTS[name]
+                cfg = cell_config(protocol, extra, variant, ipc, seed, {"distill.dkkt_ratio": ratio})
+                pipc = cfg.split.pipc
+                cells.append((f"pipc{pipc}-ipc{ipc}-{name.replace('+', '_').replace('@', '-at-')}-seed{seed}", cfg,
+                              {"pipc": pipc, "ipc": ipc, "method": name, "seed": seed}))
+    return cells
+
+
+# ---------------------------------------------------------------- report
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge: dict[str, Any], ratio: float | None) -> str:
+    scale = "; ".join(
+        f"ipc {ipc}: {o.get('distill.iterations', cfg.distill.iterations)} iterations, batch_real "
+        f"{o.get('distill.batch_real', cfg.distill.batch_real)}, DKKT candidates/it "
+        f"{o.get('distill.dkkt_candidates', 0) or 'all'}, {o.get('evaluation.epochs', cfg.evaluation.epochs)} evaluation epochs"
+        for ipc, o in protocol.per_ipc.items()
+    )
+    return "\n".join([
+        f"Preset `{preset}` of `python -m simulations.evidence` at commit {git_commit()}, {time.strftime('%Y-%m-%d')}.",
+        f"CIFAR-10 (JPEG copy), pipc {cfg.split.pipc} public images per class; the received model: a Flower federation of "
+        f"{edge['num_clients']} IID edge clients on the whole private pool, {edge['rounds']} rounds, test accuracy "
+        f"{100 * edge['test_accuracy']:.2f} %.",
+        f"Scale (reduced, not the paper's 20k iterations / 1000 epochs): {scale}; {cfg.evaluation.num_nets} evaluation nets "
+        f"per seed; mean ± std over every net of every seed (seeds {', '.join(map(str, protocol.seeds))}; "
+        f"ipc {', '.join(map(str, protocol.single_seed_ipcs))}: seed {protocol.seeds[0]} only).",
+        f"dkkt_weight auto, dkkt_ratio {ratio:g} (chosen on the validation slice, calibration.json)" if ratio is not None
+        else "dkkt_ratio: not calibrated yet",
+    ])
+
+
+def report_stage(ctx: Context, preset: str, cfg: ExperimentConfig) -> None:
+    from simulations.report import markdown_table, plot_method_bars, plot_history, render
+
+    table_dir = ctx.out / "table"
+    results = write_results(table_dir)
+    if results.empty:
+        ctx.log("report: no finished table cell yet")
+        return
+    edge = json.loads((ctx.out / "edge_model.json").read_text())
+    calibration = ctx.out / "calibration.json"
+    ratio = json.loads(calibration.read_text())["chosen_dkkt_ratio"] if calibration.is_file() else None
+    seconds = results.groupby(["ipc", "method"])[["distill_s", "evaluate_s"]].mean().reset_index()
+    timing = ["| ipc | method | seeds done | distillation s / seed | evaluation s / seed |", "|---|---|---|---|---|"]
+    for _, row in seconds.iterrows():
+        done = int(((results["ipc"] == row["ipc"]) & (results["method"] == row["method"])).sum())
+        timing.append(f"| {row['ipc']} | {row['method']} | {done} | {row['distill_s']:.0f} | {row['evaluate_s']:.0f} |")
+    text = "\n\n".join([
+        "# DM + DKKT against DM with 50 public images per class (CPU evidence)",
+        protocol_header(ctx.protocol, preset, cfg, edge, ratio),
+        "Test accuracy (%):", markdown_table(results),
+        "Time per cell (2 CPU cores, shared with development work):", "\n".join(timing),
+    ]) + "\n"
+    atomic_write(ctx.out / "table.md", lambda tmp: tmp.write_text(text))
+    atomic_write(ctx.out / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
+    plot_method_bars(results, ctx.out / "accuracy.png")
+    history = sorted((table_dir / "cells").glob("*-dm_dkkt-seed0/seed_0/history.jsonl"))
+    if history:
+        plot_history(history[0], ctx.out / "loss_terms.png")
+    render(table_dir, ctx.out / "figures")
+    ctx.log(f"report: {ctx.out / 'table.md'}")
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run(preset: str, out: Path, stages: Sequence[str], extra: dict[str, Any], max_minutes: float | None) -> int:
+    protocol = PRESETS[preset]
+    ctx = Context(protocol, out.resolve(), time.time() + 60 * max_minutes if max_minutes else float("inf"))
+    cfg = base_config(protocol, extra)
+    try:
+        model_path = edge_stage(ctx, cfg, train="edge" in stages)
+        dataset = load_experiment_data(cfg)
+        model = load_model(cfg, dataset, model_path)
+        ratio = None
+        calibration = ctx.out / "calibration.json"
+        if "calibrate" in stages and not calibration.is_file():
+            ratio = calibrate_stage(ctx, extra, model, dataset)
+        if calibration.is_file():
+            ratio = json.loads(calibration.read_text())["chosen_dkkt_ratio"]
+        if "balance" in stages and not (ctx.out / "balance.json").is_file():
+            balance_stage(ctx, extra, ratio, model, dataset)
+        if "table" in stages:
+            if ratio is None:
+                raise ConfigError("the table needs the calibrated dkkt_ratio: run the calibrate stage first")
+            run_cells(ctx, "table", table_cells(protocol, extra, ratio), model, dataset, dataset.test)
+    except OutOfTime:
+        ctx.log(f"stopped: --max-minutes {max_minutes} spent; run the same command again to continue")
+    if "report" in stages and (ctx.out / "edge_model.json").is_file():
+        report_stage(ctx, preset, cfg)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--max-minutes", type=float, help="start no new cell after this many minutes")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="key=value applied to every config (e.g. data.path=...)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args.preset, args.out, args.stages, parse_overrides(args.overrides), args.max_minutes)
+    except ConfigError as err:
+        print(f"error: {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

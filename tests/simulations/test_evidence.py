@@ -1,0 +1,61 @@
+"""The evidence protocol end to end on generated data: edge model, calibration on validation only, table, report."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+import simulations.evidence as evidence
+from common.config import ConfigError
+from common.data import Dataset
+
+
+@pytest.mark.slow
+def test_tiny_protocol_runs_every_stage_resumes_and_reports(tmp_path):
+    out = tmp_path / "evidence"
+    assert evidence.main(["--preset", "tiny", "--out", str(out), "--threads", "1"]) == 0
+    edge = json.loads((out / "edge_model.json").read_text())
+    assert edge["rounds"] == 1 and 0 <= edge["test_accuracy"] <= 1
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["chosen_dkkt_ratio"] in evidence.PRESETS["tiny"].ratio_grid
+    assert "validation" in calibration["evaluated_on"]
+    balance = json.loads((out / "balance.json").read_text())
+    assert [r["ipc"] for r in balance["results"]] == [1, 2]
+    results = pd.read_csv(out / "results.csv")
+    # ipc 1: 4 variants x 2 seeds; ipc 2 (single seed): 2 variants
+    assert len(results) == 4 * 2 + 2
+    assert set(results["method"]) == {"random", "dm", "dm+dkkt", "dm@lambda"}
+    table = (out / "table.md").read_text()
+    assert "Preset `tiny`" in table and "dkkt_ratio" in table and "evaluation epochs" not in table.split("\n")[0]
+    for name in ("accuracy.png", "loss_terms.png", "figures/figure2.png"):
+        assert (out / name).stat().st_size > 0
+    history = out / "table/cells/pipc2-ipc1-dm_dkkt-seed0/seed_0/history.jsonl"
+    lines = [json.loads(x) for x in history.read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [2, 4] and all(0 < x["share_dkkt"] < 1 for x in lines)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    assert evidence.main(["--preset", "tiny", "--out", str(out), "--threads", "1"]) == 0  # resumes: nothing reruns
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == before
+
+
+def test_calibration_never_reads_the_test_set(monkeypatch):
+    cfg = evidence.base_config(evidence.PRESETS["tiny"], {})
+    dataset = evidence.load_experiment_data(cfg)
+    hidden = evidence.without_test(dataset)
+    assert len(hidden.test) == 0 and len(hidden.train) == len(dataset.train)
+    validation = evidence.validation_split(cfg, dataset)
+    assert len(validation) == 2 * dataset.num_classes
+    seen = {}
+
+    def fake_run_cells(ctx, stage, cells, model, data: Dataset, evaluation):
+        seen.update(stage=stage, test=len(data.test), evaluation=len(evaluation))
+        raise evidence.OutOfTime
+
+    monkeypatch.setattr(evidence, "run_cells", fake_run_cells)
+    ctx = evidence.Context(evidence.PRESETS["tiny"], __import__("pathlib").Path("/nonexistent"), float("inf"))
+    with pytest.raises(evidence.OutOfTime):
+        evidence.calibrate_stage(ctx, {}, None, dataset)
+    assert seen == {"stage": "calibration", "test": 0, "evaluation": 2 * dataset.num_classes}
+    with pytest.raises(ConfigError, match="never evaluates on the test set"):
+        evidence.validation_split(evidence.base_config(evidence.PRESETS["tiny"], {"split.validation_per_class": 0}), dataset)
