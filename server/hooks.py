@@ -12,6 +12,7 @@ from torch import nn
 from common.config import ExperimentConfig, build_config, config_to_dict
 from common.data import Dataset, to_normalized_tensor
 from common.holdings import Holdings
+from common.progress import LineProgress
 from common.runtime import pick_device
 
 log = logging.getLogger("flwr.feddistill")
@@ -48,5 +49,6 @@ def after_federation(
         method_cfg = build_config(config_to_dict(cfg), {"distill.method": method})
         out_dir = Path(run_dir) / "distill" / method.replace("+", "_")
         log.info("distilling (%s) from the received model and %d public images into %s", method, len(public_y), out_dir)
-        results[method] = run_distillation(method_cfg, model, public_x, public_y, test_x, test_y, out_dir, show_progress=True)
+        results[method] = run_distillation(method_cfg, model, public_x, public_y, test_x, test_y, out_dir,
+                                           progress=LineProgress(log.info))
     return results

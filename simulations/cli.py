@@ -76,6 +76,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from common.models import model_from_config
     from common.runtime import pick_device
     from server.distill.run import run_distillation
+    from simulations.progress import progress_for
 
     if args.resume:
         if args.overrides or args.out:
@@ -106,14 +107,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
         )
     save_json(out_dir / INVOCATION, {"config": config_to_dict(cfg), "model": model_path})
     device = pick_device(cfg.device)
-    result = run_distillation(
-        cfg, model,
-        to_normalized_tensor(dataset.train.images[public], device),
-        torch.as_tensor(labels[public], device=device),
-        to_normalized_tensor(dataset.test.images, device),
-        torch.as_tensor(dataset.test.labels, device=device),
-        out_dir, show_progress=True, num_classes=dataset.num_classes,
-    )
+    with progress_for(console, args.progress_every) as progress:
+        result = run_distillation(
+            cfg, model,
+            to_normalized_tensor(dataset.train.images[public], device),
+            torch.as_tensor(labels[public], device=device),
+            to_normalized_tensor(dataset.test.images, device),
+            torch.as_tensor(dataset.test.labels, device=device),
+            out_dir, num_classes=dataset.num_classes, progress=progress,
+        )
     console.print(
         f"{cfg.distill.method}, ipc {cfg.distill.ipc}: test accuracy [bold]{100 * result['mean']:.2f} ± "
         f"{100 * result['std']:.2f} %[/] over {len(result['accuracies'])} evaluations; results: {out_dir}"
@@ -143,7 +145,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.config)
     out_dir = Path(args.out or Path("runs") / f"sweep-{sweep.name}")
-    table = run_sweep(sweep, out_dir, parse_overrides(args.overrides), console)
+    table = run_sweep(sweep, out_dir, parse_overrides(args.overrides), console, args.progress_every)
     console.print(markdown_table(table), highlight=False)
     console.print(f"results: {out_dir.resolve()}/results.csv; figures: feddistill report {out_dir}")
     return 0
@@ -180,9 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="received_model.pt of a run (needed by dsv and dm+dkkt)")
     p.add_argument("--out", default=None, help="output folder (default: <output_dir>/<name>-distill-<method>)")
     p.add_argument("--resume", default=None, metavar="OUT_DIR", help="continue an interrupted distill in its output folder")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="outside a terminal: a progress line per task at most this often (default 30)")
     p = add("sweep", cmd_sweep, "the split-ratio benchmark over a YAML grid (resumes finished cells)")
     p.set_defaults(config="tiny")
     p.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-<name>)")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="outside a terminal: a progress line per task at most this often (default 30)")
     p = sub.add_parser("report", help="tables and figures of a sweep folder", description=cmd_report.__doc__)
     p.add_argument("sweep_dir", help="a folder written by feddistill sweep")
     p.add_argument("--out", default=None, help="where to write (default: <sweep_dir>/report)")

@@ -34,6 +34,7 @@ from common.atomic import atomic_write, load_torch, save_json
 from common.config import ConfigError, ExperimentConfig, config_to_dict, load_config, parse_overrides
 from common.data import Dataset, ImageArrays, to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data
+from common.progress import LineProgress
 from common.models import model_from_config
 from simulations.sweep import edge_model_key
 
@@ -93,8 +94,8 @@ PRESETS = {
                    "distill.lambda_fit_steps": 300},
         per_ipc={
             1: {"distill.iterations": 200, "distill.batch_real": 16, "evaluation.epochs": 300},
-            10: {"distill.iterations": 200, "distill.batch_real": 16, "evaluation.epochs": 300, "distill.dkkt_candidates": 20},
-            50: {"distill.iterations": 100, "distill.batch_real": 50, "evaluation.epochs": 200, "distill.dkkt_candidates": 20},
+            10: {"distill.iterations": 150, "distill.batch_real": 16, "evaluation.epochs": 150, "distill.dkkt_candidates": 20},
+            50: {"distill.iterations": 100, "distill.batch_real": 50, "evaluation.epochs": 100, "distill.dkkt_candidates": 20},
         },
         table_ipcs=(1, 10, 50),
         seeds=(0, 1, 2),
@@ -218,8 +219,8 @@ def run_cells(ctx: Context, stage: str, cells: list[tuple[str, ExperimentConfig,
                 raise RuntimeError(f"{name}: its public subset differs from the stage's (the split seed must be fixed)")
             start = time.perf_counter()
             save_json(cell_dir / "cell.json", {"cell": name, **columns})
-            result = run_distillation(cfg, model, public_x, public_y, eval_x, eval_y, cell_dir, show_progress=False,
-                                      num_classes=dataset.num_classes)
+            result = run_distillation(cfg, model, public_x, public_y, eval_x, eval_y, cell_dir,
+                                      num_classes=dataset.num_classes, progress=LineProgress(interval=120.0))
             ctx.log(f"{stage} {name}: {100 * result['mean']:.2f} ± {100 * result['std']:.2f} % "
                     f"({time.perf_counter() - start:.0f} s)")
         write_results(stage_dir)

@@ -147,6 +147,10 @@ def simulate(
     def round_done(line: dict[str, Any]) -> None:
         lines.append(line)
         live.update(render())
+        if not console.is_terminal:  # a log file or a batch job: one plain, timestamped line per round
+            console.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} round {line['round']}/{rounds}: "
+                          f"test acc {line['test_accuracy']:.4f}, replies {line['replies']}/{line['sampled']}, "
+                          f"{line['seconds']:.1f} s, elapsed {line['elapsed']:.0f} s", highlight=False, soft_wrap=True)
         if on_round is not None:
             on_round(line)
 

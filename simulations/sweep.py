@@ -24,7 +24,6 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from common.atomic import atomic_write, load_torch, save_json
 from common.config import (
@@ -37,7 +36,9 @@ from common.config import (
     resolve_config_path,
 )
 from common.holdings import split_seed
+from common.progress import Progress
 from common.methods import MethodName
+from simulations.progress import progress_for
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 
@@ -143,7 +144,7 @@ def edge_model(train_cfg: ExperimentConfig, cache: Path, console: Console) -> Pa
     return path
 
 
-def run_cell(cfg: ExperimentConfig, model_path: Path, out_dir: Path) -> dict[str, Any]:
+def run_cell(cfg: ExperimentConfig, model_path: Path, out_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
     """Distils and evaluates one cell with the cached edge model; returns run_distillation's summary."""
     from common.data import to_normalized_tensor
     from common.holdings import decide_holdings, load_experiment_data
@@ -162,8 +163,8 @@ def run_cell(cfg: ExperimentConfig, model_path: Path, out_dir: Path) -> dict[str
         to_normalized_tensor(dataset.test.images),
         torch.as_tensor(dataset.test.labels),
         out_dir,
-        show_progress=False,
         num_classes=dataset.num_classes,
+        progress=progress,
     )
 
 
@@ -188,9 +189,11 @@ def write_results(out_dir: Path) -> pd.DataFrame:
 
 
 def run_sweep(
-    sweep: SweepConfig, out_dir: Path, extra: dict[str, Any] | None = None, console: Console | None = None
+    sweep: SweepConfig, out_dir: Path, extra: dict[str, Any] | None = None, console: Console | None = None,
+    progress_every: float = 30.0,
 ) -> pd.DataFrame:
-    """Runs every unfinished cell; returns the collected results table."""
+    """Runs every unfinished cell; returns the collected results table. Outside a terminal, progress is a plain
+    line per task at most every `progress_every` seconds."""
     console = console or Console()
     out_dir = Path(out_dir).resolve()
     todo, skipped = cells(sweep, extra)
@@ -200,26 +203,25 @@ def run_sweep(
     finished = [c for c in todo if (out_dir / "cells" / c.name / "result.json").exists()]
     if finished:
         console.print(f"resuming: {len(finished)} of {len(todo)} cells already finished")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[current]}"))
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(f"sweep {sweep.name}", total=len(todo), completed=len(finished), current="")
+    with progress_for(console, progress_every) as progress:
+        task = f"sweep {sweep.name}"
+        progress.start(task, len(todo), len(finished))
+        done = len(finished)
         for cell in todo:
             cell_dir = out_dir / "cells" / cell.name
             if (cell_dir / "result.json").exists():
                 continue
-            progress.update(task, current=cell.name)
             cfg = cell_config(sweep, cell, extra)
             start = time.perf_counter()
             model_path = edge_model(federation_config(cfg, sweep.seeds[0]), out_dir / "edge_models", console)
             save_json(cell_dir / "cell.json", {"cell": cell.name, "pipc": cell.pipc, "ipc": cell.ipc,
                                                "method": cell.method, "seed": cell.seed,
                                                "edge_model": model_path.name})
-            summary = run_cell(cfg, model_path, cell_dir)
+            summary = run_cell(cfg, model_path, cell_dir, progress)
             write_results(out_dir)
-            progress.console.print(
-                f"{cell.name}: {100 * summary['mean']:.2f} +- {100 * summary['std']:.2f} % "
-                f"({time.perf_counter() - start:.0f} s)", highlight=False,
-            )
-            progress.advance(task)
+            done += 1
+            progress.advance(task, done, {"last_accuracy": 100 * summary["mean"], "seconds": time.perf_counter() - start})
+            console.print(f"{cell.name}: {100 * summary['mean']:.2f} +- {100 * summary['std']:.2f} % "
+                          f"({time.perf_counter() - start:.0f} s)", highlight=False)
+        progress.finish(task)
     return write_results(out_dir)

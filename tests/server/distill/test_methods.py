@@ -48,7 +48,7 @@ def test_each_method_runs_end_to_end_and_writes_its_artifacts(method, theta_star
     public_x, public_y = data(PIPC, seed=1)
     test_x, test_y = data(5, seed=2)
     cfg = experiment(method, num_seeds=2)
-    result = run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path, show_progress=False)
+    result = run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path)
 
     assert result["seeds"] == [3, 4] and len(result["accuracies"]) == 4
     on_disk = json.loads((tmp_path / "result.json").read_text())
