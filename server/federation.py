@@ -28,7 +28,7 @@ from torch import nn
 
 from common.atomic import atomic_write, save_json, save_torch
 from common.config import ConfigError, ExperimentConfig, config_to_dict
-from common.data import to_normalized_tensor
+from common.data import Dataset, to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data
 from common.models import model_from_config
 from common.records import load_record_into, model_to_record
@@ -163,19 +163,40 @@ def run_federation(
     dataset = load_experiment_data(cfg)
     holdings = decide_holdings(cfg, dataset.train.labels)
     model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
-    first_round = 0
+    first_round = resume.round if resume is not None else 0
     if resume is not None:
         load_record_into(model, ArrayRecord(resume.state))
-        first_round = resume.round
     strategy = EdgeFedAvg(cfg, model, observer, max_examples=len(holdings.private), first_round=first_round)
     recorder = RoundRecorder(run_dir, cfg, strategy, on_round, resume.lines if resume is not None else None)
+    log.info("run folder %s; rounds %d..%d over %d edge clients", run_dir, first_round + 1, cfg.federation.rounds,
+             cfg.split.num_clients)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=model_to_record(model),
+        num_rounds=cfg.federation.rounds - first_round,
+        evaluate_fn=central_evaluation(cfg, dataset, device, recorder, first_round, resumed=resume is not None),
+        timeout=cfg.federation.round_timeout,
+    )
+    load_record_into(model, result.arrays)
+    model.cpu()
+    save_torch(run_dir / RECEIVED_MODEL, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    privacy = privacy_report(cfg)
+    save_summary_json(run_dir, cfg, recorder, privacy)
+    distill = after_federation(cfg, model, dataset, holdings, run_dir)
+    write_summary(run_dir, cfg, recorder.lines, distill, privacy)
+    return FederationOutcome(run_dir, model, recorder.lines, distill)
+
+
+def central_evaluation(
+    cfg: ExperimentConfig, dataset: Dataset, device: torch.device, recorder: RoundRecorder, first_round: int, resumed: bool
+) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+    """The strategy's evaluate_fn: the global model on the server's test set after every round, recorded."""
     test_x = to_normalized_tensor(dataset.test.images, device)
     test_y = torch.as_tensor(dataset.test.labels, device=device)
-    evaluator = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
-    evaluator.to(device)
+    evaluator = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size).to(device)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0 and resume is not None:
+        if server_round == 0 and resumed:
             return None  # the resumed-from round is already recorded
         server_round += first_round
         load_record_into(evaluator, arrays)
@@ -184,21 +205,13 @@ def run_federation(
                            {"test_loss": loss, "test_accuracy": accuracy})
         return MetricRecord({"test_loss": _finite_or(loss), "test_accuracy": _finite_or(accuracy)})
 
-    log.info("run folder %s; rounds %d..%d over %d edge clients", run_dir, first_round + 1, cfg.federation.rounds,
-             cfg.split.num_clients)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=model_to_record(model),
-        num_rounds=cfg.federation.rounds - first_round,
-        evaluate_fn=evaluate_fn,
-        timeout=cfg.federation.round_timeout,
-    )
-    load_record_into(model, result.arrays)
-    model.cpu()
-    save_torch(run_dir / RECEIVED_MODEL, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    return evaluate_fn
+
+
+def save_summary_json(run_dir: Path, cfg: ExperimentConfig, recorder: RoundRecorder, privacy: dict[str, Any] | None) -> None:
+    """summary.json: final and best test accuracy, time, the received model's path, (epsilon, delta) with DP."""
     lines = recorder.lines
     best = max(lines, key=lambda x: x["test_accuracy"])
-    privacy = privacy_report(cfg)
     save_json(
         run_dir / "summary.json",
         {
@@ -215,9 +228,6 @@ def run_federation(
         },
     )
     log.info("received model saved to %s (final test accuracy %.4f)", run_dir / RECEIVED_MODEL, lines[-1]["test_accuracy"])
-    distill = after_federation(cfg, model, dataset, holdings, run_dir)
-    write_summary(run_dir, cfg, lines, distill, privacy)
-    return FederationOutcome(run_dir, model, lines, distill)
 
 
 def _finite_or(value: float, default: float = 0.0) -> float:
