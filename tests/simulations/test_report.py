@@ -33,12 +33,12 @@ def _fake_sweep(root, grid):
 def test_table_pools_seeds_and_marks_the_best(tmp_path):
     results = _fake_sweep(tmp_path, [
         (50, 1, "dm", 0, [0.20, 0.22]), (50, 1, "dm", 1, [0.24, 0.26]),
-        (50, 1, "dm+dkkt", 0, [0.30, 0.30]), (10, 1, "random", 0, [0.15]),
+        (50, 1, "dm+dkkt", 0, [0.30, 0.30]), (10, 1, "random", 0, [0.15]), (10, 1, "dm", 0, [0.19]),
     ])
     table = markdown_table(results)
     assert "| ipc | pipc | random | dm | dm+dkkt |" in table
-    assert "| 1 | 50 | - | 23.0 ± 2.2 | **30.0 ± 0.0** |" in table  # dm pools 4 evaluations of 2 seeds
-    assert "| 1 | 10 | 15.0 ± 0.0 | - | - |" in table
+    assert "| 1 | 50 | - | 23.0 ± 2.2 | **30.0 ± 0.0** |" in table  # dm pools 4 evaluations of 2 seeds; no random here
+    assert "| 1 | 10 | 15.0 ± 0.0 | **19.0 ± 0.0** (+4.0) | - |" in table  # IOR = accuracy - random
 
 
 def test_render_writes_every_figure(tmp_path):
