@@ -12,7 +12,8 @@ Stages, each skipping what an earlier call finished (so the protocol can run in 
   report     OUT/table.md (protocol, commit, seconds per row), results.csv, plots, Figures 2 and 3
 
 Every cell is `run_distillation` into OUT/<stage>/cells/<cell>/ (result.json, history.jsonl, synthetic.pt/png).
-Presets: `cpu` (reduced scale for 2 CPU cores; every table states it), `tiny` (generated data, for tests).
+Presets: `cpu` (reduced scale for 2 CPU cores; every table states it), `gpu` (the paper-scale protocol on CUDA, same
+split and received model), `tiny` (generated data, for tests).
 """
 
 from __future__ import annotations
@@ -102,6 +103,25 @@ PRESETS = {
         variants=("random", "dm", "dsv", "dm+dkkt", "random@lambda", "dm@lambda", "dm+dkkt@lambda"),
         single_seed_ipcs=(50,),
         single_seed_variants=("random", "dm+dkkt", "random@lambda"),
+        calibration_ipcs=(1, 10),
+        ratio_grid=(0.1, 0.3, 1.0, 3.0),
+        balance_ipcs=(1, 10, 50),
+        balance_iterations=30,
+    ),
+    # A CUDA machine: the paper-scale protocol (DM's 1000-epoch evaluation, 5 nets, 5,000 iterations as the DM
+    # anchors of RESEARCH.md section 8) on the same split and received model as `cpu` (train the edge model where Flower
+    # is installed; the GPU machine has none). Run it repeatedly with --max-minutes 9 until every stage is done.
+    "gpu": Protocol(
+        config="cpu_pipc50",
+        overrides={"device": "cuda", "distill.log_every": 100, "distill.checkpoint_every": 500,
+                   "evaluation.num_nets": 5, "evaluation.epochs": 1000, "distill.batch_real": 256,
+                   "distill.lambda_fit_steps": 300},
+        per_ipc={1: {"distill.iterations": 3000}, 10: {"distill.iterations": 5000}, 50: {"distill.iterations": 2000}},
+        table_ipcs=(1, 10, 50),
+        seeds=(0, 1, 2),
+        variants=("random", "dm", "dsv", "dm+dkkt", "random@lambda", "dm@lambda", "dm+dkkt@lambda"),
+        single_seed_ipcs=(),
+        single_seed_variants=(),
         calibration_ipcs=(1, 10),
         ratio_grid=(0.1, 0.3, 1.0, 3.0),
         balance_ipcs=(1, 10, 50),

@@ -59,3 +59,15 @@ def test_calibration_never_reads_the_test_set(monkeypatch):
     assert seen == {"stage": "calibration", "test": 0, "evaluation": 2 * dataset.num_classes}
     with pytest.raises(ConfigError, match="never evaluates on the test set"):
         evidence.validation_split(evidence.base_config(evidence.PRESETS["tiny"], {"split.validation_per_class": 0}), dataset)
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_every_cell_of_the_real_presets_is_a_valid_config_on_one_split(preset):
+    protocol = evidence.PRESETS[preset]
+    extra = {"device": "cpu", "data.name": "tiny", "data.tiny_per_class": 300, "split.num_clients": 3}  # no data needed
+    cells = evidence.table_cells(protocol, extra, ratio=0.3)
+    base = evidence.base_config(protocol, extra)
+    assert {cfg.split.seed for _, cfg, _ in cells} == {base.seed}
+    assert {cfg.split.pipc for _, cfg, _ in cells} == {50}
+    assert {cfg.distill.dkkt_ratio for _, cfg, _ in cells} == {0.3}
+    assert len({name for name, _, _ in cells}) == len(cells)
