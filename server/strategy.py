@@ -152,7 +152,7 @@ class EdgeFedAvg(FedAvg):
         for node, reason in rejected:
             log.warning("round %d %s: rejected the reply of node %d: %s", server_round, kind, node, reason)
         for node, reason in failed:
-            log.warning("round %d %s: node %d failed: %s", server_round, kind, node, short_reason(reason))
+            log.warning("round %d %s: node %d failed: %s", server_round, kind, node, reason)
         return RoundReplies(sent=sent, kept=len(kept), rejected=list(rejected), failed=list(failed))
 
     def _restore_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -167,19 +167,13 @@ class EdgeFedAvg(FedAvg):
         return ArrayRecord(out)
 
 
-def short_reason(reason: str, limit: int = 400) -> str:
-    """The client's own error message out of a ClientApp failure (Ray wraps it in tracebacks), else the last line."""
-    marker = "ClientAppException occurred. Message:"
-    if marker in reason:
-        reason = reason.rsplit(marker, 1)[1].split("'>", 1)[0]
-    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
-    text = lines[-1] if lines else reason.strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def summarize_reasons(reasons: list[tuple[int, str]]) -> str:
-    """'node 12, node 34: <reason>; node 56: <other reason>', identical reasons grouped."""
+def summarize_reasons(reasons: list[tuple[int, str]], groups: int = 3) -> str:
+    """'node 12, node 34: <reason>; node 56: <other reason>': identical reasons grouped, at most `groups` shown."""
     grouped: dict[str, list[int]] = {}
     for node, reason in reasons:
-        grouped.setdefault(short_reason(reason), []).append(node)
-    return "; ".join(", ".join(f"node {n}" for n in nodes) + f": {text}" for text, nodes in grouped.items())
+        grouped.setdefault(reason, []).append(node)
+    parts = []
+    for text, nodes in list(grouped.items())[:groups]:
+        names = ", ".join(f"node {n}" for n in nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+        parts.append(f"{names}: {text}")
+    return "; ".join(parts) + (f"; {len(grouped) - groups} other reasons" if len(grouped) > groups else "")

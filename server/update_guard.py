@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from server.boundary import decode_array
+
 MIN_REPLIES_FOR_RATIO = 3
 CLIP_SLACK = 1e-3  # relative float32 slack on the clipping norm (clip, add back, subtract again)
 
@@ -32,12 +34,16 @@ class GuardLimits:
 
 
 def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
-    """||w - w_ref||_2 over the floating-point arrays (integer buffers such as BatchNorm counters are left out)."""
+    """||w - w_ref||_2 over the floating-point arrays (integer buffers such as BatchNorm counters are left out).
+
+    `arrays` must have passed server/boundary.py (it is decoded strictly, against `reference`'s shapes and dtypes).
+    """
     total = 0.0
-    for name, array in arrays.items():
-        value = array.numpy()
-        if value.dtype.kind == "f":
-            total += float(np.sum((value.astype(np.float64) - reference[name].numpy().astype(np.float64)) ** 2))
+    for name, ref in reference.items():
+        ref_value = ref.numpy()
+        if ref_value.dtype.kind == "f":
+            value = decode_array(arrays[name], ref_value.shape, str(ref_value.dtype))
+            total += float(np.sum((value.astype(np.float64) - ref_value.astype(np.float64)) ** 2))
     return math.sqrt(total)
 
 
