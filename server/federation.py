@@ -168,7 +168,7 @@ def run_federation(
     if resume is not None:
         load_record_into(model, ArrayRecord(resume.state))
         first_round = resume.round
-    strategy = EdgeFedAvg(cfg, model, observer, max_examples=len(split.private), first_round=first_round)
+    strategy = EdgeFedAvg(cfg, model, observer, shard_sizes=[len(c) for c in split.clients], first_round=first_round)
     recorder = RoundRecorder(run_dir, cfg, strategy, on_round, resume.lines if resume is not None else None)
     test_x = to_normalized_tensor(dataset.test.images, device)
     test_y = torch.as_tensor(dataset.test.labels, device=device)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +17,7 @@ from common.config import ExperimentConfig, dp_enabled, min_clients_of
 from edge_client.protocol import round_config
 from server.aggregators import build_aggregator
 from server.boundary import ModelSpec, model_spec, screen_replies
-from server.update_guard import GuardLimits, guard_updates
+from server.update_guard import GuardLimits, guard_evaluations, guard_updates, slice_limits
 
 log = logging.getLogger("flwr.feddistill")
 
@@ -37,9 +37,12 @@ class RoundReplies:
 
 
 class EdgeFedAvg(FedAvg):
-    """FedAvg's sampling; every train reply is screened (server/boundary.py) and guarded (server/update_guard.py),
-    the kept ones go to the configured aggregator (server/aggregators.py), and a round with fewer than
-    min_clients kept replies fails loudly.
+    """FedAvg's sampling; every reply is screened (server/boundary.py) and guarded (server/update_guard.py),
+    the kept train replies go to the configured aggregator (server/aggregators.py), and a round with fewer
+    than min_clients kept train replies fails loudly, naming every node and reason.
+
+    `shard_sizes` (the private shard sizes of the split) bound each reply's num-examples by the largest
+    train / held-out slice; None leaves num-examples unbounded.
 
     Train and evaluate messages carry edge_client.protocol.round_config(cfg, round) (the lr decayed for
     that round) and, with DP on, the clipping norm for the clients' fixedclipping_mod. Aggregated arrays
@@ -52,7 +55,7 @@ class EdgeFedAvg(FedAvg):
         cfg: ExperimentConfig,
         reference: nn.Module,
         observer: ReplyObserver | None = None,
-        max_examples: int | None = None,
+        shard_sizes: Sequence[int] | None = None,
         first_round: int = 0,
     ) -> None:
         fed = cfg.federation
@@ -70,7 +73,11 @@ class EdgeFedAvg(FedAvg):
         self.observer = observer
         self.first_round = first_round
         self.aggregator = build_aggregator(cfg)
-        self.limits = GuardLimits(max_examples, fed.max_update_norm_ratio, fed.dp_clipping_norm if dp_enabled(cfg) else None)
+        max_train, max_eval = slice_limits(shard_sizes, cfg.split.client_holdout) if shard_sizes is not None else (None, None)
+        self.limits = GuardLimits(
+            max_train, max_eval, fed.max_update_norm_ratio, fed.max_update_global_ratio, fed.round_timeout,
+            fed.dp_clipping_norm if dp_enabled(cfg) else None,
+        )
         self.global_arrays: dict[int, ArrayRecord] = {}  # the model each round's clients started from
         self.train_replies: dict[int, RoundReplies] = {}
         self.evaluate_replies: dict[int, RoundReplies] = {}
@@ -124,9 +131,10 @@ class EdgeFedAvg(FedAvg):
         server_round += self.first_round
         replies = self._observe("evaluate", replies)
         screened = screen_replies(replies, None)
+        kept, guarded = guard_evaluations(screened.kept, self.limits)
         # A client with an empty held-out slice reports 0 examples: it carries no weight, drop it.
-        kept = [m for m in screened.kept if m.content["metrics"]["num-examples"] > 0]
-        record = self._log(server_round, "evaluate", len(replies), kept, screened.rejected, screened.failed)
+        kept = [m for m in kept if m.content["metrics"]["num-examples"] > 0]
+        record = self._log(server_round, "evaluate", len(replies), kept, screened.rejected + guarded, screened.failed)
         self.evaluate_replies[server_round] = record
         metrics = super().aggregate_evaluate(server_round, kept) if kept else None
         if metrics is not None:
