@@ -8,17 +8,22 @@ wrong type never falls back to a default. `load_config` turns any validation fai
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "simulations" / "configs"
 
 # Training images per class of the datasets whose size is known before loading them.
 KNOWN_TRAIN_PER_CLASS = {"cifar10": 5000}
+SEED_LIMIT = 2**32  # numpy's seeds: 0 <= seed < 2**32
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # a run/sweep name: one safe folder-name component
+# A number as people write it; YAML 1.1 (PyYAML) reads e.g. 1e-3 or 1E5 as a string.
+_NUMBER_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -26,7 +31,25 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_written_as_text(cls, data: Any) -> Any:
+        """A float key given a string that spells a number (`1e-3` in YAML 1.1) takes that number."""
+        if not isinstance(data, dict):
+            return data
+        return {
+            key: float(value)
+            if isinstance(value, str) and key in cls.model_fields and _takes_float(cls.model_fields[key].annotation)
+            and _NUMBER_TEXT.fullmatch(value.strip())
+            else value
+            for key, value in data.items()
+        }
+
+
+def _takes_float(annotation: Any) -> bool:
+    return annotation is float or float in get_args(annotation)
 
 
 class DataConfig(_Section):
@@ -47,7 +70,7 @@ class SplitConfig(_Section):
     classes_per_client: int = Field(2, ge=1)  # for partition=shards
     min_partition_size: int = Field(1, ge=0)  # Dirichlet resamples until every client has this many
     client_holdout: float = Field(0.1, ge=0.0, lt=1.0)  # slice of each shard for local evaluation
-    seed: int | None = None  # defaults to the experiment seed
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # defaults to the experiment seed
 
     @model_validator(mode="after")
     def _one_public_size(self) -> SplitConfig:
@@ -136,8 +159,8 @@ class EvaluationConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    name: str = "experiment"
-    seed: int = 0
+    name: str = "experiment"  # names the run folder: letters, digits, '.', '_', '+', '-'
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "runs"
     data: DataConfig = DataConfig()
@@ -146,6 +169,16 @@ class ExperimentConfig(_Section):
     federation: FederationConfig = FederationConfig()
     distill: DistillConfig = DistillConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        if not NAME_PATTERN.fullmatch(value):
+            raise ValueError(
+                f"name={value[:60]!r}: must be 1-100 letters, digits, '.', '_', '+' or '-', starting with a letter or "
+                "digit (it names the run folder; no '/' or '..')"
+            )
+        return value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -283,7 +316,10 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key.strip()}: {raw[:60]!r} is not a YAML value ({' '.join(str(err).split())})") from None
     return out
 
 
@@ -307,15 +343,23 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_config_path(name_or_path: str | Path, directory: Path = CONFIG_DIR) -> Path:
-    """A YAML path, or the name of a file under `directory` (simulations/configs/; with or without .yaml)."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
+    """A YAML file, or the name of one under `directory` (simulations/configs/). A value with a '/' or ending in
+    .yaml/.yml is a path and must be a file: it never falls back to the bundled config of the same name."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if "/" in text or path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise ConfigError(f"config {text!r}: no such file")
+        if not path.is_file():
+            raise ConfigError(f"config {text!r}: not a file (a directory?); give a YAML file")
         return path
-    candidate = directory / f"{Path(name_or_path).stem}.yaml"
-    if candidate.exists():
+    candidate = directory / f"{text}.yaml"
+    if candidate.is_file():
         return candidate
     available = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
-    raise ConfigError(f"config {str(name_or_path)!r}: no such file, and no config of that name (available: {available})")
+    raise ConfigError(
+        f"config {text!r}: no config of that name (available: {available}); a file path needs a '/' or a .yaml suffix"
+    )
 
 
 def build_config(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
@@ -335,7 +379,9 @@ def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | None = 
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config {path}: not valid YAML ({err})") from None
+        raise ConfigError(f"config {path}: not valid YAML ({' '.join(str(err).split())})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config {path}: cannot be read ({type(err).__name__}: {err})") from None
     return build_config(raw, overrides)
 
 
