@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 from torch import nn
 
-from common.atomic import atomic_write, save_json, save_torch
+from common.atomic import atomic_write, check_folder, save_json, save_torch
 from common.config import ConfigError, ExperimentConfig, config_to_dict
 from common.data import load_dataset, to_normalized_tensor
 from common.models import build_model
@@ -50,7 +50,7 @@ RoundCallback = Callable[[dict[str, Any]], None]
 
 
 def resolve_run_dir(cfg: ExperimentConfig, output_dir: str | Path | None = None, run_dir: str | Path | None = None) -> Path:
-    """An absolute, new run folder.
+    """An absolute, new run folder (not created yet; ConfigError naming the key when it cannot be one).
 
     `run_dir` (absolute) is used as given. Otherwise `<root>/<name>-<YYYYmmdd-HHMMSS>[-k]` with root = `output_dir`,
     else $FEDDISTILL_OUTPUT, else cfg.output_dir; a relative root is resolved against the current directory
@@ -60,9 +60,10 @@ def resolve_run_dir(cfg: ExperimentConfig, output_dir: str | Path | None = None,
         path = Path(run_dir).expanduser()
         if not path.is_absolute():
             raise ConfigError(f"run-dir={str(run_dir)!r}: must be an absolute path (the app runs from another directory)")
-        return path
+        return check_folder(path, "run-dir")
+    key = "--output-dir" if output_dir else f"${OUTPUT_ENV}" if os.environ.get(OUTPUT_ENV) else "output_dir"
     root = Path(output_dir or os.environ.get(OUTPUT_ENV) or cfg.output_dir).expanduser()
-    root = root if root.is_absolute() else (Path.cwd() / root)
+    root = check_folder(root if root.is_absolute() else (Path.cwd() / root), key)
     stem = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path, k = root / stem, 1
     while path.exists():

@@ -14,6 +14,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch import nn
 
 from common.config import ExperimentConfig, dp_enabled, min_clients_of
+from common.runtime import FederationError
 from edge_client.protocol import round_config
 from server.aggregators import build_aggregator
 from server.boundary import ModelSpec, model_spec, screen_replies
@@ -39,7 +40,7 @@ class RoundReplies:
 class EdgeFedAvg(FedAvg):
     """FedAvg's sampling; every reply is screened (server/boundary.py) and guarded (server/update_guard.py),
     the kept train replies go to the configured aggregator (server/aggregators.py), and a round with fewer
-    than min_clients kept train replies fails loudly, naming every node and reason.
+    than min_clients kept train replies fails with a FederationError naming every node and reason.
 
     `shard_sizes` (the private shard sizes of the split) bound each reply's num-examples by the largest
     train / held-out slice; None leaves num-examples unbounded.
@@ -113,7 +114,7 @@ class EdgeFedAvg(FedAvg):
         self.train_replies[server_round] = record
         if record.kept < min_clients_of(self.cfg):
             reasons = summarize_reasons(screened.failed + rejected) or "no replies"
-            raise RuntimeError(
+            raise FederationError(
                 f"round {server_round}: {record.kept} usable training replies of {len(replies)}, fewer than "
                 f"federation.min_clients={min_clients_of(self.cfg)} ({reasons})"
             )

@@ -119,7 +119,7 @@ def _norm_problem(norm: float, median: float | None, global_norm: float | None, 
         )
     if global_norm is not None and global_norm > 0 and norm > limits.max_global_ratio * global_norm:
         return (
-            f"update norm {norm:.4g} is {norm / global_norm:.1f}x the global model's norm {global_norm:.4g} "
+            f"update norm {norm:.4g} is {norm / global_norm:.3g}x the global model's norm {global_norm:.4g} "
             f"(federation.max_update_global_ratio={limits.max_global_ratio:g})"
         )
     return None

@@ -9,9 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
+from common.atomic import check_folder
 from common.config import ConfigError, ExperimentConfig, build_config, load_config, parse_overrides
 from common.data import DataError
+from common.runtime import FederationError
 
 console = Console()
 
@@ -71,6 +74,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     else:
         cfg, model_path = _load(args), args.model
         out_dir = Path(args.out or Path(cfg.output_dir) / f"{cfg.name}-distill-{cfg.distill.method.replace('+', '_')}").resolve()
+        check_folder(out_dir, "--out" if args.out else "output_dir")
+    device = pick_device(cfg.device)
     dataset = load_dataset(cfg.data, cfg.seed)
     # Only the public subset is needed (the same one make_split gives the federation); pipc may be all images.
     labels = dataset.train.labels
@@ -90,7 +95,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
     elif cfg.distill.method in ("dsv", "dm+dkkt"):
         raise ConfigError(f"distill.method={cfg.distill.method!r} needs the received model: pass --model received_model.pt")
     save_json(out_dir / INVOCATION, {"config": config_to_dict(cfg), "model": model_path})
-    device = pick_device(cfg.device)
     result = run_distillation(
         cfg, model,
         to_normalized_tensor(dataset.train.images[public], device),
@@ -127,7 +131,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from simulations.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.config)
-    out_dir = Path(args.out or Path("runs") / f"sweep-{sweep.name}")
+    out_dir = check_folder(args.out or Path("runs") / f"sweep-{sweep.name}", "--out" if args.out else "the sweep folder")
     table = run_sweep(sweep, out_dir, parse_overrides(args.overrides), console)
     console.print(markdown_table(table), highlight=False)
     console.print(f"results: {out_dir.resolve()}/results.csv; figures: feddistill report {out_dir}")
@@ -179,8 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)  # one line per problem, never wrapped
+    except (ConfigError, DataError, FederationError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line per problem, never wrapped
+        return 2
+    except OSError as err:  # a file that cannot be read or written: name it
+        text = f"{err.filename or ''}: {err.strerror or err}"
+        console.print(f"[red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
         return 2
 
 

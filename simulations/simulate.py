@@ -22,6 +22,7 @@ from rich.live import Live
 from rich.table import Table
 
 from common.config import ExperimentConfig
+from common.runtime import FederationError, pick_device
 
 ENV_DEFAULTS = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -110,6 +111,7 @@ def simulate(
     from server.server_app import make_server_app
 
     console = console or Console()
+    pick_device(cfg.device)  # device=cuda without CUDA fails here, before Ray starts
     point = find_resume_point(Path(resume), cfg.federation.rounds) if resume is not None else None
     run_dir = Path(resume).resolve() if resume is not None else resolve_run_dir(cfg, output_dir)
     resources = client_resources(cfg, torch.cuda.is_available())
@@ -165,7 +167,7 @@ def simulate(
         flwr_logger.setLevel(old_level)
     seconds = time.perf_counter() - start
     if len(lines) != rounds + 1:
-        raise RuntimeError(f"the simulation ended after {max(len(lines) - 1, 0)} of {rounds} rounds; see the log above")
+        raise FederationError(f"the simulation ended after {max(len(lines) - 1, 0)} of {rounds} rounds; see the log above")
     console.print(rounds_table(lines, f"{cfg.name}: per-round results"))
     summary = run_dir / "summary.md"
     if cfg.distill.enabled and summary.exists():
