@@ -35,7 +35,7 @@ from common.records import load_record_into, model_to_record
 from common.runtime import pick_device, seed_everything
 from edge_client.protocol import round_lr
 from edge_client.train import evaluate
-from server.hooks import after_federation
+from server.hooks import after_federation, check_before_federation
 from server.privacy import privacy_report
 from server.resume import CONFIG_FILE, METRICS_FILE, ResumePoint, checkpoint_path
 from server.summary import write_summary
@@ -156,6 +156,7 @@ def run_federation(
     With `resume`, the global model starts from its checkpoint and only the rounds after it run; metrics.jsonl
     keeps the earlier lines.
     """
+    check_before_federation(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)

@@ -122,7 +122,9 @@ def _distill_invocation(out_dir: Path) -> tuple[ExperimentConfig, str | None]:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    return build_config(saved["config"]), saved.get("model")
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or not isinstance(saved.get("model"), (str, type(None))):
+        raise ConfigError(f"{path}: must be a JSON object with 'config' (an object) and 'model' (a path or null)")
+    return build_config(saved["config"]), saved["model"]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -186,3 +186,29 @@ def test_a_federated_round_that_fails_is_one_line_naming_the_nodes(tmp_path, cap
     assert lines[0].count("node ") == 2
     reliability("Bad command line (feddistill)", "a federated round without enough usable replies",
                 f"exit 2: `{lines[0]}`")
+
+
+def _tamper(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+TAMPERED = [
+    ("metrics.jsonl line without a round", lambda t: ["simulate", "--resume", str(
+        _tamper(fake_run_folder(t) / "metrics.jsonl", '{"round": 0}\n{"elapsed": 1}\n').parent)],
+     "metrics.jsonl: every line must be a JSON object with an integer 'round'"),
+    ("metrics.jsonl line that is a list", lambda t: ["simulate", "--resume", str(
+        _tamper(fake_run_folder(t) / "metrics.jsonl", "[0]\n").parent)], "metrics.jsonl: every line must be"),
+    ("distill invocation.json without a config", lambda t: ["distill", "--resume", str(
+        _tamper(t / "invocation.json", '{"model": null}').parent)], "invocation.json: must be a JSON object with 'config'"),
+    ("distill invocation.json that is a list", lambda t: ["distill", "--resume", str(
+        _tamper(t / "invocation.json", "[]").parent)], "invocation.json: must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("kind, argv, words", TAMPERED, ids=[c[0] for c in TAMPERED])
+def test_a_tampered_resume_file_is_one_line_naming_it(kind, argv, words, tmp_path, capsys, reliability):
+    code = main(argv(tmp_path))
+    lines = [line.replace(str(tmp_path), "<tmp>") for line in error_lines(capsys)]
+    assert code == 2 and len(lines) == 1 and words in lines[0], lines
+    reliability("Crash and resume", f"--resume with a {kind}", f"exit 2: `{lines[0]}`")
