@@ -23,6 +23,7 @@ from rich.table import Table
 
 from common.config import ExperimentConfig
 from common.runtime import FederationError, pick_device
+from server.boundary import MAX_REASON_CHARS, bounded_text
 
 ENV_DEFAULTS = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -88,6 +89,16 @@ class _DropDeprecation(logging.Filter):
         return "run_simulation" not in record.getMessage()
 
 
+class OneBoundedLine(logging.Filter):
+    """Flower's own log records as one line of at most MAX_REASON_CHARS printable characters. The simulated
+    SuperNodes log a failing ClientApp's exception whole (a client could put its private data there)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = bounded_text(record.getMessage(), MAX_REASON_CHARS)
+        record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
 def simulate(
     cfg: ExperimentConfig,
     output_dir: str | Path | None = None,
@@ -117,8 +128,9 @@ def simulate(
     resources = client_resources(cfg, torch.cuda.is_available())
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
-    drop = _DropDeprecation()
-    flwr_logger.addFilter(drop)
+    filters = [_DropDeprecation()] + ([] if verbose else [OneBoundedLine()])
+    for f in filters:
+        flwr_logger.addFilter(f)
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
 
@@ -163,7 +175,8 @@ def simulate(
                 verbose_logging=verbose,
             )
     finally:
-        flwr_logger.removeFilter(drop)
+        for f in filters:
+            flwr_logger.removeFilter(f)
         flwr_logger.setLevel(old_level)
     seconds = time.perf_counter() - start
     if len(lines) != rounds + 1:

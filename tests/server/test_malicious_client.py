@@ -98,7 +98,7 @@ class _Lines(logging.Handler):
         self.records: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record.getMessage())
+        self.records.append(self.format(record))
 
 
 def test_one_malicious_client_of_three_is_rejected_every_round_and_the_run_finishes(tmp_path, reliability):
@@ -144,3 +144,23 @@ def test_one_malicious_client_of_three_is_rejected_every_round_and_the_run_finis
         if path.suffix in (".json", ".jsonl", ".md", ".yaml"):
             assert leaked[:16] not in path.read_text(), path
 
+
+
+def test_flowers_own_log_records_are_one_bounded_line_in_feddistill_simulate():
+    from server.boundary import MAX_REASON_CHARS
+    from simulations.simulate import OneBoundedLine
+
+    logger, lines, one_line = logging.getLogger("flwr"), _Lines(), OneBoundedLine()
+    logger.addHandler(lines)
+    logger.addFilter(one_line)
+    try:
+        logger.error("ClientAppException occurred. Message:\n%s", "QUFB" * 2000)  # what the simulated SuperNodes log
+        try:
+            raise ValueError("x" * 5000)
+        except ValueError:
+            logger.exception("the ClientApp raised")
+    finally:
+        logger.removeFilter(one_line)
+        logger.removeHandler(lines)
+    assert len(lines.records) == 2
+    assert all("\n" not in x and len(x) <= MAX_REASON_CHARS and "QUFB" * 100 not in x for x in lines.records)
