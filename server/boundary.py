@@ -58,17 +58,16 @@ def model_spec(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
 # ---------------------------------------------------------------- bounded text
 
 
-def bounded_text(text: object, limit: int = MAX_TEXT_CHARS, total: int | None = None) -> str:
+def bounded_text(text: object, limit: int = MAX_TEXT_CHARS) -> str:
     """At most `limit` printable ASCII characters of `text` on one line (other characters become spaces, runs of
-    spaces one); a longer text is cut and its length (`total`, else len(text)) given after the cut."""
+    spaces one); a longer text is cut and its length given after the cut."""
     if not isinstance(text, str):
         return f"(a {bounded_text(type(text).__name__, 40)}, not text)"
-    total = len(text) if total is None else total
     head = text[: 4 * limit]  # enough to fill `limit` after whitespace is collapsed; the rest is never scanned
     cleaned = " ".join("".join(c if c.isascii() and c.isprintable() else " " for c in head).split())
     if len(cleaned) <= limit and len(head) == len(text):
         return cleaned
-    suffix = f"... ({total} characters)"
+    suffix = f"... ({len(text)} characters)"
     return cleaned[: max(0, limit - len(suffix))] + suffix
 
 
@@ -280,13 +279,12 @@ def screen_replies(replies: Iterable[Message], spec: ModelSpec | None) -> Screen
 
 
 def client_reason(reason: object) -> str:
-    """The client's own message out of an error reply's reason (Ray wraps it in tracebacks), else its last line;
-    bounded to MAX_TEXT_CHARS printable characters. Only the reason's tail is read, however long it is."""
+    """The client's own message out of an error reply's reason (Ray wraps it in a traceback), else the reason's last
+    line; bounded to MAX_TEXT_CHARS printable characters (the rest is cut, its length given)."""
     if not isinstance(reason, str):
         return bounded_text(reason)
-    tail = reason[-20 * MAX_TEXT_CHARS :]
     marker = "ClientAppException occurred. Message:"
-    if marker in tail:
-        tail = tail.rsplit(marker, 1)[1].split("'>", 1)[0]
-    lines = [line for line in tail.splitlines() if line.strip()]
-    return bounded_text(lines[-1] if lines else tail, total=len(reason))
+    start = reason.rfind(marker)
+    text = reason[start + len(marker) :].split("'>", 1)[0] if start >= 0 else reason
+    lines = [line for line in text.splitlines() if line.strip()]
+    return bounded_text(lines[-1] if lines else text)

@@ -331,7 +331,8 @@ def test_client_chosen_names_are_counted_not_quoted():
     assert SECRET[:20] not in text and "pixel" not in text
 
 
-@pytest.mark.parametrize("reason", [SECRET, "ValueError: " + SECRET + "\n", "line\x00one\x1b[31m red\r\n" + "é" * 5000])
+@pytest.mark.parametrize("reason", [SECRET, "ValueError: " + SECRET + "\n", "line\x00one\x1b[31m red\r\n" + "é" * 5000,
+                                    "ClientAppException occurred. Message: " + "A" * 10**7 + "'>"])
 def test_an_error_replys_reason_is_kept_as_at_most_100_printable_characters(reason):
     screened = screen_replies([FailedReply(reason, 7)], SPEC)
     [(node, kept)] = screened.failed

@@ -19,6 +19,7 @@ from common.config import ExperimentConfig, build_config
 from edge_client.client_app import evaluate_reply, train_reply
 from edge_client.protocol import read_experiment
 from edge_client.shard import load_shard
+from server.boundary import MAX_TEXT_CHARS
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
@@ -134,15 +135,15 @@ def test_one_malicious_client_of_three_is_rejected_every_round_and_the_run_finis
         train_lines = [x for x in lines.records if x.startswith(f"round {server_round} train:")]
         eval_lines = [x for x in lines.records if x.startswith(f"round {server_round} evaluate:")]
         assert len(train_lines) == 1 and len(eval_lines) == 1, lines.records
-        for line in train_lines + eval_lines:
-            assert "\n" not in line and len(line) < 500 and leaked[:16] not in line, line
+        for line in train_lines + eval_lines:  # at most MAX_TEXT_CHARS of what the client wrote reach the log
+            assert "\n" not in line and len(line) < 500 and leaked[:MAX_TEXT_CHARS] not in line, line
         assert "exceeds the largest held-out slice" in eval_lines[0]
         reliability("One malicious client of three (real simulation, default federation settings)",
                     f"round {server_round}: {what}; every round its evaluate reply claims num-examples = 10^9",
                     f"logged `{train_lines[0]}`; the round aggregated the 2 honest clients; the run finished 5 rounds")
     for path in run_dir.rglob("*"):
         if path.suffix in (".json", ".jsonl", ".md", ".yaml"):
-            assert leaked[:16] not in path.read_text(), path
+            assert leaked[:MAX_TEXT_CHARS] not in path.read_text(), path
 
 
 
