@@ -30,7 +30,7 @@ from common.atomic import atomic_write, check_folder, save_json, save_torch
 from common.config import ConfigError, ExperimentConfig, config_to_dict
 from common.data import load_dataset, to_normalized_tensor
 from common.models import build_model
-from common.partition import make_split
+from common.partition import make_split, train_holdout
 from common.records import load_record_into, model_to_record
 from common.runtime import pick_device, seed_everything
 from edge_client.protocol import round_lr
@@ -170,7 +170,8 @@ def run_federation(
     if resume is not None:
         load_record_into(model, ArrayRecord(resume.state))
         first_round = resume.round
-    strategy = EdgeFedAvg(cfg, model, observer, shard_sizes=[len(c) for c in split.clients], first_round=first_round)
+    slices = [train_holdout(shard, cfg.split.client_holdout, 0) for shard in split.clients]  # sizes: any seed
+    strategy = EdgeFedAvg(cfg, model, observer, slice_sizes=[(len(t), len(h)) for t, h in slices], first_round=first_round)
     recorder = RoundRecorder(run_dir, cfg, strategy, on_round, resume.lines if resume is not None else None)
     test_x = to_normalized_tensor(dataset.test.images, device)
     test_y = torch.as_tensor(dataset.test.labels, device=device)

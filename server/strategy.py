@@ -18,7 +18,7 @@ from common.runtime import FederationError
 from edge_client.protocol import round_config
 from server.aggregators import build_aggregator
 from server.boundary import ModelSpec, model_spec, screen_replies
-from server.update_guard import GuardLimits, guard_evaluations, guard_updates, slice_limits
+from server.update_guard import GuardLimits, guard_evaluations, guard_updates
 
 log = logging.getLogger("flwr.feddistill")
 
@@ -42,8 +42,8 @@ class EdgeFedAvg(FedAvg):
     the kept train replies go to the configured aggregator (server/aggregators.py), and a round with fewer
     than min_clients kept train replies fails with a FederationError naming every node and reason.
 
-    `shard_sizes` (the private shard sizes of the split) bound each reply's num-examples by the largest
-    train / held-out slice; None leaves num-examples unbounded.
+    `slice_sizes` ((train, held-out) images of each client's shard, as the server's split cut them) bound a
+    train / evaluate reply's num-examples by the largest train / held-out slice; None leaves them unbounded.
 
     Train and evaluate messages carry edge_client.protocol.round_config(cfg, round) (the lr decayed for
     that round) and, with DP on, the clipping norm for the clients' fixedclipping_mod. Aggregated arrays
@@ -56,7 +56,7 @@ class EdgeFedAvg(FedAvg):
         cfg: ExperimentConfig,
         reference: nn.Module,
         observer: ReplyObserver | None = None,
-        shard_sizes: Sequence[int] | None = None,
+        slice_sizes: Sequence[tuple[int, int]] | None = None,
         first_round: int = 0,
     ) -> None:
         fed = cfg.federation
@@ -74,7 +74,8 @@ class EdgeFedAvg(FedAvg):
         self.observer = observer
         self.first_round = first_round
         self.aggregator = build_aggregator(cfg)
-        max_train, max_eval = slice_limits(shard_sizes, cfg.split.client_holdout) if shard_sizes is not None else (None, None)
+        max_train = max(t for t, _ in slice_sizes) if slice_sizes else None
+        max_eval = max(h for _, h in slice_sizes) if slice_sizes else None
         self.limits = GuardLimits(
             max_train, max_eval, fed.max_update_norm_ratio, fed.max_update_global_ratio, fed.round_timeout,
             fed.dp_clipping_norm if dp_enabled(cfg) else None,

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from common.partition import train_holdout
 from server.boundary import decode_array
 
 MIN_REPLIES_FOR_RATIO = 3
@@ -39,12 +38,6 @@ class GuardLimits:
     max_global_ratio: float  # federation.max_update_global_ratio (against the global model's norm)
     max_seconds: float = math.inf  # federation.round_timeout
     clipping_norm: float | None = None  # federation.dp_clipping_norm when DP is on
-
-
-def slice_limits(shard_sizes: Sequence[int], holdout: float) -> tuple[int, int]:
-    """(largest train slice, largest held-out slice) over shards of these sizes (common.partition.train_holdout)."""
-    slices = [train_holdout(np.arange(size), holdout, 0) for size in shard_sizes]
-    return max((len(t) for t, _ in slices), default=0), max((len(h) for _, h in slices), default=0)
 
 
 def model_norm(arrays: ArrayRecord) -> float:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.reliability
 
 WIDTH = 8
 POOL = 180  # tiny data: 20 per class, pipc 2 -> 10 x 18 private images
-SHARDS = [45, 45, 45, 45]  # 4 IID clients; client_holdout 0.1 -> 41 train + 4 held-out images each
+SLICES = [(41, 4)] * 4  # 4 IID clients of 45 images; client_holdout 0.1 -> 41 train + 4 held-out images each
 GLOBAL = {k: v.clone() for k, v in build_model(width=WIDTH).state_dict().items()}
 
 
@@ -99,7 +99,7 @@ CASES = [
 
 @pytest.mark.parametrize("kind, make, reason", CASES, ids=[c[0] for c in CASES])
 def test_a_malformed_update_is_rejected_with_its_reason_and_the_round_aggregates_the_rest(kind, make, reason, reliability, caplog):
-    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), shard_sizes=SHARDS)
+    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), slice_sizes=SLICES)
     strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
     honest = [client_state(s) for s in (1, 2, 3)]
     replies = [FakeReply(reply(state), node) for node, state in zip((11, 12, 13), honest)] + [FakeReply(make(), 99)]
@@ -128,7 +128,7 @@ def test_the_norm_ratio_needs_three_replies_and_is_configurable():
 
 
 def test_with_two_replies_an_update_far_larger_than_the_global_model_is_rejected(reliability):
-    strategy = EdgeFedAvg(cfg_with(**{"federation.min_clients": 1}), build_model(width=WIDTH), shard_sizes=SHARDS)
+    strategy = EdgeFedAvg(cfg_with(**{"federation.min_clients": 1}), build_model(width=WIDTH), slice_sizes=SLICES)
     strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
     huge = client_state(2, scale=10.0)
     arrays, _ = strategy.aggregate_train(1, [FakeReply(reply(client_state(1)), 1), FakeReply(reply(huge), 2)])
@@ -151,7 +151,7 @@ def evaluate_reply(n, accuracy: float = 0.5) -> RecordDict:
      "records must be exactly"),
 ])
 def test_evaluate_replies_are_bounded_like_train_replies(kind, content, reason, reliability, caplog):
-    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), shard_sizes=SHARDS)
+    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), slice_sizes=SLICES)
     honest = [FakeReply(evaluate_reply(4, 0.25), 1), FakeReply(evaluate_reply(3, 0.5), 2)]
     with caplog.at_level("WARNING", logger="flwr.feddistill"):
         metrics = strategy.aggregate_evaluate(1, [*honest, FakeReply(content, 9)])
@@ -162,7 +162,7 @@ def test_evaluate_replies_are_bounded_like_train_replies(kind, content, reason, 
 
 
 def test_a_train_time_longer_than_the_round_timeout_is_rejected():
-    strategy = EdgeFedAvg(cfg_with(**{"federation.round_timeout": 60}), build_model(width=WIDTH), shard_sizes=SHARDS)
+    strategy = EdgeFedAvg(cfg_with(**{"federation.round_timeout": 60}), build_model(width=WIDTH), slice_sizes=SLICES)
     slow = reply(client_state(4))
     slow["metrics"]["train_seconds"] = 1e9
     strategy.aggregate_train(1, [FakeReply(reply(client_state(s)), s) for s in (1, 2, 3)] + [FakeReply(slow, 9)])
@@ -187,7 +187,7 @@ def test_by_default_krum_waits_for_what_it_needs():
 
 def test_with_the_default_min_clients_one_bad_client_of_three_does_not_stop_the_round(reliability):
     cfg = cfg_with(**{"split.num_clients": 3, "federation.min_clients": None})
-    strategy = EdgeFedAvg(cfg, build_model(width=WIDTH), shard_sizes=[60, 60, 60])
+    strategy = EdgeFedAvg(cfg, build_model(width=WIDTH), slice_sizes=[(54, 6)] * 3)
     strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
     arrays, _ = strategy.aggregate_train(1, [FakeReply(reply(client_state(1)), 1), FakeReply(reply(client_state(2)), 2),
                                              FakeReply(non_finite(float("nan")), 3)])
@@ -198,7 +198,7 @@ def test_with_the_default_min_clients_one_bad_client_of_three_does_not_stop_the_
 
 
 def test_too_few_updates_left_fail_the_round_with_every_reason(reliability):
-    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), shard_sizes=SHARDS)
+    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), slice_sizes=SLICES)
     replies = [FakeReply(reply(client_state(1)), 1), FakeReply(claimed(10**6), 2), FakeReply(missing_key(), 3)]
     with pytest.raises(RuntimeError, match="min_clients=3") as err:
         strategy.aggregate_train(1, replies)
@@ -211,7 +211,7 @@ def test_too_few_updates_left_fail_the_round_with_every_reason(reliability):
 @pytest.mark.parametrize("aggregator", ["fedmedian", "fedtrimmedavg", "krum"])
 def test_robust_aggregators_run_behind_the_same_screen(aggregator, reliability):
     cfg = cfg_with(**{"federation.aggregator": aggregator, "split.num_clients": 5})
-    strategy = EdgeFedAvg(cfg, build_model(width=WIDTH), shard_sizes=SHARDS)
+    strategy = EdgeFedAvg(cfg, build_model(width=WIDTH), slice_sizes=SLICES)
     strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
     replies = [FakeReply(reply(client_state(s)), s) for s in (1, 2, 3, 4)] + [FakeReply(non_finite(float("nan")), 9)]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -223,7 +223,7 @@ def test_robust_aggregators_run_behind_the_same_screen(aggregator, reliability):
 
 def test_with_dp_an_unclipped_update_is_rejected_and_clipped_ones_pass(reliability):
     cfg = cfg_with(**{"federation.dp_noise_multiplier": 0.5, "federation.dp_clipping_norm": 1.0})
-    strategy = EdgeFedAvg(cfg, build_model(width=WIDTH), shard_sizes=SHARDS)
+    strategy = EdgeFedAvg(cfg, build_model(width=WIDTH), slice_sizes=SLICES)
     strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
     states = [client_state(s) for s in (1, 2, 3)] + [client_state(4, scale=0.05)]
     norms = [update_norm(ArrayRecord(s), ArrayRecord(GLOBAL)) for s in states]
