@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from common.config import ConfigError
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Calls `write(tmp_path)` and renames tmp_path to `path`; a crash leaves the old file intact."""
@@ -27,6 +29,17 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+    return path
+
+
+def check_folder(path: str | Path, key: str) -> Path:
+    """`path`, when it is a folder or can become one (nothing is created); ConfigError naming `key` when it or
+    the nearest existing ancestor is a file."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is a file)"
+        raise ConfigError(f"{key}={str(path)!r}: must be a folder, not a file{where}")
     return path
 
 

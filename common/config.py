@@ -8,12 +8,13 @@ wrong type never falls back to a default. `load_config` turns any validation fai
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.methods import METHODS, MethodName
 
@@ -21,6 +22,10 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # Training images per class of the datasets whose size is known before loading them.
 KNOWN_TRAIN_PER_CLASS = {"cifar10": 5000}
+SEED_LIMIT = 2**32  # numpy's seeds: 0 <= seed < 2**32
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # a run/sweep name: one safe folder-name component
+# A number as people write it; YAML 1.1 (PyYAML) reads e.g. 1e-3 or 1E5 as a string.
+_NUMBER_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -28,7 +33,27 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_written_as_text(cls, data: Any) -> Any:
+        """A float key given a string that spells a number (`1e-3` in YAML 1.1) takes that number."""
+        if not isinstance(data, dict):
+            return data
+        return {
+            key: float(value)
+            if isinstance(value, str) and key in cls.model_fields and _takes_float(cls.model_fields[key].annotation)
+            and _NUMBER_TEXT.fullmatch(value.strip())
+            else value
+            for key, value in data.items()
+        }
+
+
+def _takes_float(annotation: Any) -> bool:
+    """Whether a field's type admits a float (directly, or as an Annotated branch of a union)."""
+    branches = [annotation, *get_args(annotation)]
+    return any(b is float or (get_origin(b) is Annotated and get_args(b)[0] is float) for b in branches)
 
 
 class DataConfig(_Section):
@@ -52,7 +77,7 @@ class SplitConfig(_Section):
     # Images per class that neither the server nor any client holds: validation data for choosing hyperparameters.
     validation_per_class: int = Field(0, ge=0)
     # The seed of the holdings and the dataset slice (common/holdings.py); defaults to the experiment seed.
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
 
     @model_validator(mode="after")
     def _one_public_size(self) -> SplitConfig:
@@ -73,8 +98,9 @@ class FederationConfig(_Section):
     rounds: int = Field(3, ge=1)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
-    # Replies a round needs, and connected nodes to wait for before it starts; null = every client.
-    # Set it below split.num_clients to let a federation survive dead edge devices.
+    # Usable replies a round needs, and connected nodes to wait for before it starts; null = a majority of
+    # split.num_clients (num_clients // 2 + 1; with krum at least 2 * krum_malicious + 3), so that one bad or
+    # dead client of three does not stop the run. Set it to split.num_clients to require every client.
     min_clients: int | None = Field(None, ge=1)
     round_timeout: float = Field(3600.0, gt=0.0)  # seconds a round waits for replies before going on without them
     local_epochs: int = Field(1, ge=1)
@@ -90,6 +116,9 @@ class FederationConfig(_Section):
     # Update guard (server/update_guard.py): with >= 3 replies, reject an update whose norm ||w_client - w_global||
     # exceeds this multiple of the round's median update norm.
     max_update_norm_ratio: float = Field(10.0, gt=1.0)
+    # ... and, with any number of replies, one whose norm exceeds this multiple of ||w_global|| (honest updates
+    # measured at most 1.9x, at lr 0.2 and 10 local epochs from a fresh model; 0.1x at the quickstart settings).
+    max_update_global_ratio: float = Field(3.0, gt=0.0)
     aggregator: Literal["fedavg", "fedmedian", "fedtrimmedavg", "krum"] = "fedavg"
     trim_beta: float = Field(0.2, ge=0.0, lt=0.5)  # fedtrimmedavg: fraction cut at each end per coordinate
     krum_malicious: int = Field(0, ge=0)  # krum: the number of malicious clients it tolerates
@@ -149,8 +178,8 @@ class EvaluationConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    name: str = "experiment"
-    seed: int = 0
+    name: str = "experiment"  # names the run folder: letters, digits, '.', '_', '+', '-'
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "runs"
     data: DataConfig = DataConfig()
@@ -159,6 +188,16 @@ class ExperimentConfig(_Section):
     federation: FederationConfig = FederationConfig()
     distill: DistillConfig = DistillConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        if not NAME_PATTERN.fullmatch(value):
+            raise ValueError(
+                f"name={value[:60]!r}: must be 1-100 letters, digits, '.', '_', '+' or '-', starting with a letter or "
+                "digit (it names the run folder; no '/' or '..')"
+            )
+        return value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -199,8 +238,12 @@ def _check_robust_and_dp(cfg: ExperimentConfig) -> None:
 
 
 def min_clients_of(cfg: ExperimentConfig) -> int:
-    """federation.min_clients, defaulting to every client."""
-    return cfg.federation.min_clients or cfg.split.num_clients
+    """federation.min_clients, defaulting to a majority of the clients (at least what krum needs, at most all)."""
+    fed = cfg.federation
+    if fed.min_clients is not None:
+        return fed.min_clients
+    needed = 2 * fed.krum_malicious + 3 if fed.aggregator == "krum" else 1
+    return min(cfg.split.num_clients, max(cfg.split.num_clients // 2 + 1, needed))
 
 
 def dp_enabled(cfg: ExperimentConfig) -> bool:
@@ -263,10 +306,18 @@ def check_against_dataset(cfg: ExperimentConfig, train_per_class: int | None) ->
             )
 
 
+_UNION_TAG = re.compile(r"constrained-\w+|literal\[.*\]|int|float|str|bool|none")
+
+
 def _format_error(err: ValidationError) -> str:
-    lines = []
+    lines, seen = [], set()
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        # A union (e.g. dkkt_weight: a number or "auto") reports one error per branch, tagged in the location:
+        # name the key once, with the first branch's message.
+        key = ".".join(str(p) for p in e["loc"] if not _UNION_TAG.fullmatch(str(p)))
+        if key in seen:
+            continue
+        seen.add(key)
         if e["type"] == "extra_forbidden":
             parent_keys = _allowed_keys(e["loc"][:-1])
             guess = difflib.get_close_matches(str(e["loc"][-1]), parent_keys, n=1)
@@ -298,7 +349,10 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key.strip()}: {raw[:60]!r} is not a YAML value ({' '.join(str(err).split())})") from None
     return out
 
 
@@ -322,15 +376,23 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_config_path(name_or_path: str | Path, directory: Path = CONFIG_DIR) -> Path:
-    """A YAML path, or the name of a file under `directory` (configs/; with or without .yaml)."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
+    """A YAML file, or the name of one under `directory` (configs/). A value with a '/' or ending in
+    .yaml/.yml is a path and must be a file: it never falls back to the bundled config of the same name."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if "/" in text or path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise ConfigError(f"config {text!r}: no such file")
+        if not path.is_file():
+            raise ConfigError(f"config {text!r}: not a file (a directory?); give a YAML file")
         return path
-    candidate = directory / f"{Path(name_or_path).stem}.yaml"
-    if candidate.exists():
+    candidate = directory / f"{text}.yaml"
+    if candidate.is_file():
         return candidate
     available = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
-    raise ConfigError(f"config {str(name_or_path)!r}: no such file, and no config of that name (available: {available})")
+    raise ConfigError(
+        f"config {text!r}: no config of that name (available: {available}); a file path needs a '/' or a .yaml suffix"
+    )
 
 
 def build_config(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
@@ -350,7 +412,9 @@ def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | None = 
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config {path}: not valid YAML ({err})") from None
+        raise ConfigError(f"config {path}: not valid YAML ({' '.join(str(err).split())})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config {path}: cannot be read ({type(err).__name__}: {err})") from None
     return build_config(raw, overrides)
 
 

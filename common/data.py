@@ -109,6 +109,9 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
             raise DataError(_missing_message(path, cfg.name))
         if cfg.name == "cifar10" and dataset.classes != CIFAR10_CLASSES:
             raise DataError(f"{path}: class folders {list(dataset.classes)} are not CIFAR-10's {list(CIFAR10_CLASSES)}")
+        untested = [c for i, c in enumerate(dataset.classes) if not (dataset.test.labels == i).any()]
+        if untested:
+            raise DataError(f"{path}: the test split has no images of classes {untested}; every class needs test images")
     return Dataset(
         dataset.name,
         dataset.classes,
@@ -164,11 +167,14 @@ def load_imagefolder(path: Path) -> Dataset:
 
 
 def _source_key(path: Path) -> str:
+    """The cache key: the source's path, and the size and modification time of the archive or of every file in the
+    directory tree (a file edited, added, removed or renamed in place changes it; nothing is read)."""
     if path.is_file():
         st = path.stat()
         ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     else:
-        entries = sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+        stats = ((str(p.relative_to(path)), p.stat()) for p in path.rglob("*") if p.is_file())
+        entries = sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats)
         ident = f"{path.resolve()}|{entries}"
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
@@ -198,12 +204,27 @@ def _read_cache(cached: Path, source: Path) -> Dataset:
 _MEMBER = re.compile(r"(?:^|/)(train|test)/([^/]+)/([^/]+)$")
 
 
+def unsafe_member(member: tarfile.TarInfo) -> str | None:
+    """Why an archive member is unsafe to read or extract (an absolute or '..' path, a link, a device), else None."""
+    parts = member.name.replace("\\", "/").split("/")
+    if member.name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", member.name) or ".." in parts:
+        return "an absolute path or a '..' component"
+    if member.issym() or member.islnk():
+        return "a link"
+    if not (member.isfile() or member.isdir()):
+        return "a device, FIFO or other special file"
+    return None
+
+
 def _read_tar(path: Path) -> list[tuple[str, str, str, bytes]]:
-    """(split, class, name, bytes) of every image in the archive."""
+    """(split, class, name, bytes) of every image in the archive; DataError for any unsafe member."""
     out = []
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
+                reason = unsafe_member(member)
+                if reason:
+                    raise DataError(f"{path}: member {member.name[:100]!r} is {reason}; the archive must hold only plain files")
                 m = _MEMBER.search(member.name)
                 if member.isfile() and m and member.name.lower().endswith(IMAGE_SUFFIXES):
                     out.append((m[1], m[2], m[3], tar.extractfile(member).read()))

@@ -7,6 +7,13 @@ import random
 import numpy as np
 import torch
 
+from common.config import ConfigError
+
+
+class FederationError(RuntimeError):
+    """A federated run that cannot go on (a round with too few usable replies); the message is one line naming
+    the nodes and their reasons."""
+
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seeds python, numpy and torch (CPU and CUDA); returns a CPU generator seeded the same way."""
@@ -17,9 +24,9 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def pick_device(preference: str = "auto") -> torch.device:
-    """`auto`: CUDA when available, else CPU. `cuda` without a GPU is an error, not a silent fallback."""
+    """`auto`: CUDA when available, else CPU. `cuda` without a GPU is a ConfigError, not a silent fallback."""
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was requested but torch.cuda.is_available() is False; use device=auto or cpu")
+        raise ConfigError("device=cuda: this machine has no CUDA device (torch.cuda.is_available() is False); use device=auto or cpu")
     return torch.device(preference)

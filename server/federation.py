@@ -26,16 +26,16 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 from torch import nn
 
-from common.atomic import atomic_write, save_json, save_torch
+from common.atomic import atomic_write, check_folder, save_json, save_torch
 from common.config import ConfigError, ExperimentConfig, config_to_dict
 from common.data import Dataset, to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data
 from common.models import model_from_config
+from common.protocol import round_lr
 from common.records import load_record_into, model_to_record
 from common.runtime import pick_device, seed_everything
-from common.protocol import round_lr
 from common.training import evaluate
-from server.hooks import after_federation
+from server.hooks import after_federation, check_before_federation
 from server.privacy import privacy_report
 from server.resume import CONFIG_FILE, METRICS_FILE, ResumePoint, checkpoint_path
 from server.summary import write_summary
@@ -50,7 +50,7 @@ RoundCallback = Callable[[dict[str, Any]], None]
 
 
 def resolve_run_dir(cfg: ExperimentConfig, output_dir: str | Path | None = None, run_dir: str | Path | None = None) -> Path:
-    """An absolute, new run folder.
+    """An absolute, new run folder (not created yet; ConfigError naming the key when it cannot be one).
 
     `run_dir` (absolute) is used as given. Otherwise `<root>/<name>-<YYYYmmdd-HHMMSS>[-k]` with root = `output_dir`,
     else $FEDDISTILL_OUTPUT, else cfg.output_dir; a relative root is resolved against the current directory
@@ -60,9 +60,10 @@ def resolve_run_dir(cfg: ExperimentConfig, output_dir: str | Path | None = None,
         path = Path(run_dir).expanduser()
         if not path.is_absolute():
             raise ConfigError(f"run-dir={str(run_dir)!r}: must be an absolute path (the app runs from another directory)")
-        return path
+        return check_folder(path, "run-dir")
+    key = "--output-dir" if output_dir else f"${OUTPUT_ENV}" if os.environ.get(OUTPUT_ENV) else "output_dir"
     root = Path(output_dir or os.environ.get(OUTPUT_ENV) or cfg.output_dir).expanduser()
-    root = root if root.is_absolute() else (Path.cwd() / root)
+    root = check_folder(root if root.is_absolute() else (Path.cwd() / root), key)
     stem = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path, k = root / stem, 1
     while path.exists():
@@ -155,6 +156,7 @@ def run_federation(
     With `resume`, the global model starts from its checkpoint and only the rounds after it run; metrics.jsonl
     keeps the earlier lines.
     """
+    check_before_federation(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
@@ -166,7 +168,8 @@ def run_federation(
     first_round = resume.round if resume is not None else 0
     if resume is not None:
         load_record_into(model, ArrayRecord(resume.state))
-    strategy = EdgeFedAvg(cfg, model, observer, max_examples=len(holdings.private), first_round=first_round)
+    slice_sizes = [tuple(map(len, holdings.client(k))) for k in range(cfg.split.num_clients)]
+    strategy = EdgeFedAvg(cfg, model, observer, slice_sizes=slice_sizes, first_round=first_round)
     recorder = RoundRecorder(run_dir, cfg, strategy, on_round, resume.lines if resume is not None else None)
     log.info("run folder %s; rounds %d..%d over %d edge clients", run_dir, first_round + 1, cfg.federation.rounds,
              cfg.split.num_clients)

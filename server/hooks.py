@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.config import ExperimentConfig, build_config, config_to_dict
+from common.config import ConfigError, ExperimentConfig, build_config, config_to_dict
 from common.data import Dataset, to_normalized_tensor
 from common.holdings import Holdings
 from common.progress import LineProgress
@@ -21,6 +21,18 @@ log = logging.getLogger("flwr.feddistill")
 def distill_methods(cfg: ExperimentConfig) -> list[str]:
     """The baselines, then the configured method (each once)."""
     return list(dict.fromkeys([*cfg.distill.baselines, cfg.distill.method]))
+
+
+def check_before_federation(cfg: ExperimentConfig) -> None:
+    """ConfigError before any round when the distillation after the last one could not start (distill.dsa_strategy)."""
+    if not cfg.distill.enabled:
+        return
+    from server.distill.dsa import parse_strategy
+
+    try:
+        parse_strategy(cfg.distill.dsa_strategy)
+    except ValueError as err:
+        raise ConfigError(f"distill.{err}") from None
 
 
 def after_federation(

@@ -51,6 +51,8 @@ def find_resume_point(run_dir: Path, rounds: int) -> ResumePoint:
         lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     except json.JSONDecodeError as err:
         raise ValueError(f"{metrics}: not valid JSON lines ({err})") from None
+    if not all(isinstance(line, dict) and type(line.get("round")) is int and line["round"] >= 0 for line in lines):
+        raise ValueError(f"{metrics}: every line must be a JSON object with an integer 'round' >= 0")
     done = [line["round"] for line in lines if checkpoint_path(run_dir, line["round"]).is_file()]
     if not done or done != list(range(len(done))):
         raise ValueError(f"--resume {run_dir}: rounds {done} have checkpoints and metrics lines; expected 0, 1, ...")

@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import ExperimentConfig, load_config, parse_overrides
+from common.config import ConfigError, ExperimentConfig, load_config, parse_overrides
 from server.federation import RoundCallback, resolve_run_dir, run_federation
 from server.resume import ResumePoint
 from server.strategy import ReplyObserver
@@ -33,7 +33,11 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     pyproject.toml (e.g. "federation.rounds") override too, unless they hold their "keep" value ("" or 0).
     """
     merged = {**RUN_CONFIG_DEFAULTS, **run_config}
-    overrides = parse_overrides(shlex.split(str(merged["overrides"])))
+    try:
+        words = shlex.split(str(merged["overrides"]))
+    except ValueError as err:  # e.g. an unclosed quote
+        raise ConfigError(f"run config overrides={str(merged['overrides'])[:80]!r}: {err}") from None
+    overrides = parse_overrides(words)
     overrides.update({k: v for k, v in merged.items() if "." in k and v not in ("", 0)})
     return load_config(str(merged["config"]) or "quickstart", overrides)
 

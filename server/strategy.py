@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,9 +15,10 @@ from torch import nn
 
 from common.config import ExperimentConfig, dp_enabled, min_clients_of
 from common.protocol import round_config
+from common.runtime import FederationError
 from server.aggregators import build_aggregator
 from server.boundary import ModelSpec, model_spec, screen_replies
-from server.update_guard import GuardLimits, guard_updates
+from server.update_guard import GuardLimits, guard_evaluations, guard_updates
 
 log = logging.getLogger("flwr.feddistill")
 
@@ -37,9 +38,12 @@ class RoundReplies:
 
 
 class EdgeFedAvg(FedAvg):
-    """FedAvg's sampling; every train reply is screened (server/boundary.py) and guarded (server/update_guard.py),
-    the kept ones go to the configured aggregator (server/aggregators.py), and a round with fewer than
-    min_clients kept replies fails loudly.
+    """FedAvg's sampling; every reply is screened (server/boundary.py) and guarded (server/update_guard.py),
+    the kept train replies go to the configured aggregator (server/aggregators.py), and a round with fewer
+    than min_clients kept train replies fails with a FederationError naming every node and reason.
+
+    `slice_sizes` ((train, held-out) images of each client's shard, as the server's split cut them) bound a
+    train / evaluate reply's num-examples by the largest train / held-out slice; None leaves them unbounded.
 
     Train and evaluate messages carry common.protocol.round_config(cfg, round) (the lr decayed for
     that round) and, with DP on, the clipping norm for the clients' fixedclipping_mod. Aggregated arrays
@@ -52,7 +56,7 @@ class EdgeFedAvg(FedAvg):
         cfg: ExperimentConfig,
         reference: nn.Module,
         observer: ReplyObserver | None = None,
-        max_examples: int | None = None,
+        slice_sizes: Sequence[tuple[int, int]] | None = None,
         first_round: int = 0,
     ) -> None:
         fed = cfg.federation
@@ -70,7 +74,12 @@ class EdgeFedAvg(FedAvg):
         self.observer = observer
         self.first_round = first_round
         self.aggregator = build_aggregator(cfg)
-        self.limits = GuardLimits(max_examples, fed.max_update_norm_ratio, fed.dp_clipping_norm if dp_enabled(cfg) else None)
+        max_train = max(t for t, _ in slice_sizes) if slice_sizes else None
+        max_eval = max(h for _, h in slice_sizes) if slice_sizes else None
+        self.limits = GuardLimits(
+            max_train, max_eval, fed.max_update_norm_ratio, fed.max_update_global_ratio, fed.round_timeout,
+            fed.dp_clipping_norm if dp_enabled(cfg) else None,
+        )
         self.global_arrays: dict[int, ArrayRecord] = {}  # the model each round's clients started from
         self.train_replies: dict[int, RoundReplies] = {}
         self.evaluate_replies: dict[int, RoundReplies] = {}
@@ -106,7 +115,7 @@ class EdgeFedAvg(FedAvg):
         self.train_replies[server_round] = record
         if record.kept < min_clients_of(self.cfg):
             reasons = summarize_reasons(screened.failed + rejected) or "no replies"
-            raise RuntimeError(
+            raise FederationError(
                 f"round {server_round}: {record.kept} usable training replies of {len(replies)}, fewer than "
                 f"federation.min_clients={min_clients_of(self.cfg)} ({reasons})"
             )
@@ -124,9 +133,10 @@ class EdgeFedAvg(FedAvg):
         server_round += self.first_round
         replies = self._observe("evaluate", replies)
         screened = screen_replies(replies, None)
+        kept, guarded = guard_evaluations(screened.kept, self.limits)
         # A client with an empty held-out slice reports 0 examples: it carries no weight, drop it.
-        kept = [m for m in screened.kept if m.content["metrics"]["num-examples"] > 0]
-        record = self._log(server_round, "evaluate", len(replies), kept, screened.rejected, screened.failed)
+        kept = [m for m in kept if m.content["metrics"]["num-examples"] > 0]
+        record = self._log(server_round, "evaluate", len(replies), kept, screened.rejected + guarded, screened.failed)
         self.evaluate_replies[server_round] = record
         metrics = super().aggregate_evaluate(server_round, kept) if kept else None
         if metrics is not None:
@@ -152,7 +162,7 @@ class EdgeFedAvg(FedAvg):
         for node, reason in rejected:
             log.warning("round %d %s: rejected the reply of node %d: %s", server_round, kind, node, reason)
         for node, reason in failed:
-            log.warning("round %d %s: node %d failed: %s", server_round, kind, node, short_reason(reason))
+            log.warning("round %d %s: node %d failed: %s", server_round, kind, node, reason)
         return RoundReplies(sent=sent, kept=len(kept), rejected=list(rejected), failed=list(failed))
 
     def _restore_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -167,19 +177,13 @@ class EdgeFedAvg(FedAvg):
         return ArrayRecord(out)
 
 
-def short_reason(reason: str, limit: int = 400) -> str:
-    """The client's own error message out of a ClientApp failure (Ray wraps it in tracebacks), else the last line."""
-    marker = "ClientAppException occurred. Message:"
-    if marker in reason:
-        reason = reason.rsplit(marker, 1)[1].split("'>", 1)[0]
-    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
-    text = lines[-1] if lines else reason.strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def summarize_reasons(reasons: list[tuple[int, str]]) -> str:
-    """'node 12, node 34: <reason>; node 56: <other reason>', identical reasons grouped."""
+def summarize_reasons(reasons: list[tuple[int, str]], groups: int = 3) -> str:
+    """'node 12, node 34: <reason>; node 56: <other reason>': identical reasons grouped, at most `groups` shown."""
     grouped: dict[str, list[int]] = {}
     for node, reason in reasons:
-        grouped.setdefault(short_reason(reason), []).append(node)
-    return "; ".join(", ".join(f"node {n}" for n in nodes) + f": {text}" for text, nodes in grouped.items())
+        grouped.setdefault(reason, []).append(node)
+    parts = []
+    for text, nodes in list(grouped.items())[:groups]:
+        names = ", ".join(f"node {n}" for n in nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+        parts.append(f"{names}: {text}")
+    return "; ".join(parts) + (f"; {len(grouped) - groups} other reasons" if len(grouped) > groups else "")

@@ -1,11 +1,15 @@
-"""The update guard: checks a round's screened train replies against each other and the global model.
+"""The update guard: checks a round's screened replies against each other, the global model and the split.
 
-server/boundary.py decides what may cross the edge->server boundary (layout, names, shapes, dtypes, finite
-values, scalar metrics). This module runs after it and rejects updates that are well-formed but implausible:
-  - a claimed num-examples above the largest possible shard (the private pool), which would let one
-    client outweigh all others in FedAvg;
-  - an update norm ||w_client - w_global|| above `max_norm_ratio` x the round's median (only with >= 3
-    replies, so that the median means something);
+server/boundary.py decides what may cross the edge->server boundary (layout, names, shapes, dtypes, exact
+bytes, finite values, scalar metrics in range). This module runs after it and rejects replies that are
+well-formed but implausible:
+  - a claimed num-examples above the largest train slice (train replies) or held-out slice (evaluate
+    replies) the server's split gave any client, so one client weighs at most what the biggest shard weighs;
+  - a train_seconds above federation.round_timeout (the reply could not have arrived);
+  - an update norm ||w_client - w_global|| above `max_norm_ratio` x the round's median (with >= 3 replies,
+    so that the median means something);
+  - an update norm above `max_global_ratio` x ||w_global|| (any number of replies: with 2, the median
+    cannot tell the honest update from the other);
   - with DP on, an update norm above the clipping norm (the client skipped fixedclipping_mod).
 """
 
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from server.boundary import decode_array
+
 MIN_REPLIES_FOR_RATIO = 3
 CLIP_SLACK = 1e-3  # relative float32 slack on the clipping norm (clip, add back, subtract again)
 
@@ -26,33 +32,51 @@ CLIP_SLACK = 1e-3  # relative float32 slack on the clipping norm (clip, add back
 class GuardLimits:
     """What the guard enforces in one federation."""
 
-    max_examples: int | None  # the private pool size; None: no upper bound
-    max_norm_ratio: float  # federation.max_update_norm_ratio
+    max_train_examples: int | None  # the largest client train slice of the split; None: no upper bound
+    max_eval_examples: int | None  # the largest client held-out slice; None: no upper bound
+    max_norm_ratio: float  # federation.max_update_norm_ratio (against the round's median)
+    max_global_ratio: float  # federation.max_update_global_ratio (against the global model's norm)
+    max_seconds: float = math.inf  # federation.round_timeout
     clipping_norm: float | None = None  # federation.dp_clipping_norm when DP is on
 
 
+def model_norm(arrays: ArrayRecord) -> float:
+    """||w||_2 over the floating-point arrays of a server-made record."""
+    values = [array.numpy() for array in arrays.values()]
+    return math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in values if v.dtype.kind == "f"))
+
+
 def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
-    """||w - w_ref||_2 over the floating-point arrays (integer buffers such as BatchNorm counters are left out)."""
+    """||w - w_ref||_2 over the floating-point arrays (integer buffers such as BatchNorm counters are left out).
+
+    `arrays` must have passed server/boundary.py (it is decoded strictly, against `reference`'s shapes and dtypes).
+    """
     total = 0.0
-    for name, array in arrays.items():
-        value = array.numpy()
-        if value.dtype.kind == "f":
-            total += float(np.sum((value.astype(np.float64) - reference[name].numpy().astype(np.float64)) ** 2))
+    for name, ref in reference.items():
+        ref_value = ref.numpy()
+        if ref_value.dtype.kind == "f":
+            value = decode_array(arrays[name], ref_value.shape, str(ref_value.dtype))
+            total += float(np.sum((value.astype(np.float64) - ref_value.astype(np.float64)) ** 2))
     return math.sqrt(total)
 
 
 def guard_updates(
     replies: Sequence[Message], reference: ArrayRecord | None, limits: GuardLimits
 ) -> tuple[list[Message], list[tuple[int, str]]]:
-    """(kept, [(node id, reason), ...]) for replies that already passed server/boundary.py.
+    """(kept, [(node id, reason), ...]) for train replies that already passed server/boundary.py.
 
-    `reference` is the global model the clients started from; without it only num-examples is checked.
+    `reference` is the global model the clients started from; without it only the metrics are checked.
     """
     kept, rejected = [], []
     norms = [update_norm(msg.content["arrays"], reference) if reference is not None else 0.0 for msg in replies]
     median = float(np.median(norms)) if reference is not None and len(norms) >= MIN_REPLIES_FOR_RATIO else None
+    global_norm = model_norm(reference) if reference is not None else None
     for msg, norm in zip(replies, norms, strict=True):
-        reason = _problem(int(msg.content["metrics"]["num-examples"]), norm, median, limits)
+        metrics = msg.content["metrics"]
+        reason = _examples_problem(int(metrics["num-examples"]), limits.max_train_examples, "train")
+        if reason is None and metrics["train_seconds"] > limits.max_seconds:
+            reason = f"metric 'train_seconds'={metrics['train_seconds']:.4g} exceeds federation.round_timeout={limits.max_seconds:g}"
+        reason = reason or _norm_problem(norm, median, global_norm, limits)
         if reason:
             rejected.append((msg.metadata.src_node_id, reason))
         else:
@@ -60,14 +84,35 @@ def guard_updates(
     return kept, rejected
 
 
-def _problem(num_examples: int, norm: float, median: float | None, limits: GuardLimits) -> str | None:
-    if limits.max_examples is not None and num_examples > limits.max_examples:
-        return f"metric 'num-examples'={num_examples} exceeds the private pool ({limits.max_examples} images)"
+def guard_evaluations(replies: Sequence[Message], limits: GuardLimits) -> tuple[list[Message], list[tuple[int, str]]]:
+    """(kept, [(node id, reason), ...]) for evaluate replies that already passed server/boundary.py."""
+    kept, rejected = [], []
+    for msg in replies:
+        reason = _examples_problem(int(msg.content["metrics"]["num-examples"]), limits.max_eval_examples, "held-out")
+        if reason:
+            rejected.append((msg.metadata.src_node_id, reason))
+        else:
+            kept.append(msg)
+    return kept, rejected
+
+
+def _examples_problem(num_examples: int, limit: int | None, kind: str) -> str | None:
+    if limit is not None and num_examples > limit:
+        return f"metric 'num-examples'={num_examples} exceeds the largest {kind} slice of any client ({limit} images)"
+    return None
+
+
+def _norm_problem(norm: float, median: float | None, global_norm: float | None, limits: GuardLimits) -> str | None:
     if limits.clipping_norm is not None and norm > limits.clipping_norm * (1 + CLIP_SLACK):
         return f"update norm {norm:.4g} exceeds federation.dp_clipping_norm={limits.clipping_norm:g} (not clipped)"
     if median is not None and median > 0 and norm > limits.max_norm_ratio * median:
         return (
             f"update norm {norm:.4g} is {norm / median:.1f}x the round's median {median:.4g} "
             f"(federation.max_update_norm_ratio={limits.max_norm_ratio:g})"
+        )
+    if global_norm is not None and global_norm > 0 and norm > limits.max_global_ratio * global_norm:
+        return (
+            f"update norm {norm:.4g} is {norm / global_norm:.3g}x the global model's norm {global_norm:.4g} "
+            f"(federation.max_update_global_ratio={limits.max_global_ratio:g})"
         )
     return None

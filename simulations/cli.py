@@ -10,11 +10,14 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from common.atomic import check_folder
 from common.config import ConfigError, ExperimentConfig, build_config, load_config, parse_overrides
 from common.data import DataError
 from common.holdings import Holdings
+from common.runtime import FederationError
 
 console = Console()
 
@@ -87,6 +90,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     else:
         cfg, model_path = _load(args), args.model
         out_dir = Path(args.out or Path(cfg.output_dir) / f"{cfg.name}-distill-{cfg.distill.method.replace('+', '_')}").resolve()
+        check_folder(out_dir, "--out" if args.out else "output_dir")
+    device = pick_device(cfg.device)
     dataset = load_experiment_data(cfg)
     labels = dataset.train.labels
     public = decide_holdings(cfg, labels).public  # the subset the federation excluded from every shard
@@ -106,7 +111,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
             "pass --model received_model.pt"
         )
     save_json(out_dir / INVOCATION, {"config": config_to_dict(cfg), "model": model_path})
-    device = pick_device(cfg.device)
     with progress_for(console, args.progress_every) as progress:
         result = run_distillation(
             cfg, model,
@@ -135,7 +139,9 @@ def _distill_invocation(out_dir: Path) -> tuple[ExperimentConfig, str | None]:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    return build_config(saved["config"]), saved.get("model")
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or not isinstance(saved.get("model"), (str, type(None))):
+        raise ConfigError(f"{path}: must be a JSON object with 'config' (an object) and 'model' (a path or null)")
+    return build_config(saved["config"]), saved["model"]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -144,7 +150,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from simulations.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.config)
-    out_dir = Path(args.out or Path("runs") / f"sweep-{sweep.name}")
+    out_dir = check_folder(args.out or Path("runs") / f"sweep-{sweep.name}", "--out" if args.out else "the sweep folder")
     table = run_sweep(sweep, out_dir, parse_overrides(args.overrides), console, args.progress_every)
     console.print(markdown_table(table), highlight=False)
     console.print(f"results: {out_dir.resolve()}/results.csv; figures: feddistill report {out_dir}")
@@ -200,8 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)  # one line per problem, never wrapped
+    except (ConfigError, DataError, FederationError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line per problem, never wrapped
+        return 2
+    except OSError as err:  # a file that cannot be read or written: name it
+        text = f"{err.filename or ''}: {err.strerror or err}"
+        console.print(f"[red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
         return 2
 
 

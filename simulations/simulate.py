@@ -22,6 +22,8 @@ from rich.live import Live
 from rich.table import Table
 
 from common.config import ExperimentConfig
+from common.runtime import FederationError, pick_device
+from server.boundary import MAX_REASON_CHARS, bounded_text
 
 ENV_DEFAULTS = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -87,6 +89,16 @@ class _DropDeprecation(logging.Filter):
         return "run_simulation" not in record.getMessage()
 
 
+class OneBoundedLine(logging.Filter):
+    """Flower's own log records as one line of at most MAX_REASON_CHARS printable characters. The simulated
+    SuperNodes log a failing ClientApp's exception whole (a client could put its private data there)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = bounded_text(record.getMessage(), MAX_REASON_CHARS)
+        record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
 def simulate(
     cfg: ExperimentConfig,
     output_dir: str | Path | None = None,
@@ -110,13 +122,15 @@ def simulate(
     from server.server_app import make_server_app
 
     console = console or Console()
+    pick_device(cfg.device)  # device=cuda without CUDA fails here, before Ray starts
     point = find_resume_point(Path(resume), cfg.federation.rounds) if resume is not None else None
     run_dir = Path(resume).resolve() if resume is not None else resolve_run_dir(cfg, output_dir)
     resources = client_resources(cfg, torch.cuda.is_available())
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
-    drop = _DropDeprecation()
-    flwr_logger.addFilter(drop)
+    filters = [_DropDeprecation()] + ([] if verbose else [OneBoundedLine()])
+    for f in filters:
+        flwr_logger.addFilter(f)
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
 
@@ -165,11 +179,12 @@ def simulate(
                 verbose_logging=verbose,
             )
     finally:
-        flwr_logger.removeFilter(drop)
+        for f in filters:
+            flwr_logger.removeFilter(f)
         flwr_logger.setLevel(old_level)
     seconds = time.perf_counter() - start
     if len(lines) != rounds + 1:
-        raise RuntimeError(f"the simulation ended after {max(len(lines) - 1, 0)} of {rounds} rounds; see the log above")
+        raise FederationError(f"the simulation ended after {max(len(lines) - 1, 0)} of {rounds} rounds; see the log above")
     console.print(rounds_table(lines, f"{cfg.name}: per-round results"))
     summary = run_dir / "summary.md"
     if cfg.distill.enabled and summary.exists():

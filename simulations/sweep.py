@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pandas as pd
 import torch
@@ -28,6 +28,8 @@ from rich.console import Console
 from common.atomic import atomic_write, load_torch, save_json
 from common.config import (
     CONFIG_DIR,
+    NAME_PATTERN,
+    SEED_LIMIT,
     ConfigError,
     ExperimentConfig,
     build_config,
@@ -36,8 +38,8 @@ from common.config import (
     resolve_config_path,
 )
 from common.holdings import split_seed
-from common.progress import Progress
 from common.methods import MethodName
+from common.progress import Progress
 from simulations.progress import progress_for
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
@@ -47,13 +49,13 @@ class SweepConfig(BaseModel):
     """A YAML grid: the experiment config every cell starts from, then the axes."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: str = "sweep"
+    name: str = Field("sweep", pattern=f"^{NAME_PATTERN.pattern}$")  # names the sweep folder
     base: str = "quickstart"  # experiment config (name under configs/ or a path)
     overrides: dict[str, Any] = Field(default_factory=dict)  # dotted keys applied to the base
     pipc: list[int] = Field(min_length=1)
     ipc: list[int] = Field(min_length=1)
     methods: list[MethodName] = Field(min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, lt=SEED_LIMIT)]] = Field(default_factory=lambda: [0], min_length=1)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ def load_sweep(name_or_path: str | Path) -> SweepConfig:
     path = resolve_config_path(name_or_path, SWEEP_DIR)
     try:
         return SweepConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"sweep {path}: cannot be read as YAML ({' '.join(str(err).split())})") from None
     except ValidationError as err:
         lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
         raise ConfigError(f"sweep {path.name}: " + "; ".join(lines)) from None

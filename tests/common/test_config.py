@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
+from pydantic import BaseModel
 
 from common.config import ConfigError, build_config, load_config, parse_overrides
 
@@ -83,3 +86,75 @@ def test_unknown_config_name_lists_the_available_ones(tmp_path):
 def test_all_images_public_is_allowed_for_distillation_only():
     cfg = build_config({}, {"split.pipc": 5000, "distill.method": "dm", "distill.ipc": 10})
     assert cfg.split.pipc == 5000
+
+
+def test_numbers_written_the_way_people_write_them_are_read_as_floats(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("federation:\n  lr: 1e-3\n  dp_delta: 1E-6\ndistill:\n  lambda_lr: +2.5e-2\n")
+    cfg = load_config(str(path), parse_overrides(["evaluation.lr=5e-3", "distill.lr_img=1e1"]))
+    assert (cfg.federation.lr, cfg.federation.dp_delta, cfg.distill.lambda_lr) == (1e-3, 1e-6, 2.5e-2)
+    assert (cfg.evaluation.lr, cfg.distill.lr_img) == (5e-3, 10.0)
+    with pytest.raises(ConfigError, match="federation.rounds='1e1'"):  # integers stay strict
+        build_config({}, {"federation.rounds": "1e1"})
+
+
+def _float_keys() -> list[str]:
+    """Every float key of the config, dotted."""
+    from common.config import ExperimentConfig
+
+    keys = []
+    for section, field in ExperimentConfig.model_fields.items():
+        model = field.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            keys += [f"{section}.{k}" for k, f in model.model_fields.items()
+                     if f.annotation is float or float in get_args(f.annotation)]
+    assert len(keys) > 20
+    return keys
+
+
+@pytest.mark.parametrize("key", _float_keys())
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_every_float_key_rejects_non_finite_values(key, value):
+    with pytest.raises(ConfigError) as info:
+        build_config({}, parse_overrides([f"{key}={value}"]))
+    assert str(info.value).startswith(f"{key}=") and "finite" in str(info.value)
+
+
+@pytest.mark.parametrize("key, value, hint", [
+    ("seed", -1, "greater than or equal to 0"),
+    ("seed", 2**32, "less than 4294967296"),
+    ("split.seed", 2**40, "less than 4294967296"),
+])
+def test_seeds_outside_numpys_range_are_named(key, value, hint):
+    with pytest.raises(ConfigError, match=f"^{key}={value}: .*{hint}"):
+        build_config({}, {key: value})
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "", "x" * 101, "tab\tname"])
+def test_a_name_must_be_one_safe_folder_name(name):
+    with pytest.raises(ConfigError, match="name=.*it names the run folder"):
+        build_config({}, {"name": name})
+
+
+def test_a_config_path_never_falls_back_to_the_bundled_config_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for value in (str(tmp_path / "quickstart.yaml"), "missing/quickstart", "quickstart.yaml", "quickstart.yml"):
+        with pytest.raises(ConfigError, match=r"no such file$"):
+            load_config(value)
+    (tmp_path / "dir.yaml").mkdir()
+    for value in ("dir.yaml", str(tmp_path)):
+        with pytest.raises(ConfigError, match="not a file"):
+            load_config(value)
+    assert load_config("quickstart").name == "quickstart"
+
+
+def test_an_unreadable_config_file_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(path)
+
+
+def test_an_override_that_is_not_yaml_names_its_key():
+    with pytest.raises(ConfigError, match="^override federation.lr: '\\[1' is not a YAML value"):
+        parse_overrides(["federation.lr=[1"])

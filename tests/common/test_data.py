@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -21,6 +22,7 @@ from common.data import (
     load_imagefolder,
     resolve_data_path,
     to_normalized_tensor,
+    unsafe_member,
 )
 
 
@@ -57,12 +59,24 @@ def test_real_archive_has_the_full_cifar10(archive, tmp_path):
     np.testing.assert_array_equal(again.test.images[:100], ds.test.images[:100])
 
 
+def extract(archive, folder):
+    """Extracts a test archive safely on every Python 3.11: with filter="data" where tarfile has it (3.11.4+),
+    else after checking every member ourselves."""
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(folder, filter="data")
+        else:
+            unsafe = [(m.name, reason) for m in tar.getmembers() if (reason := unsafe_member(m))]
+            if unsafe:
+                raise tarfile.TarError(f"unsafe members {unsafe}")
+            tar.extractall(folder)
+
+
 def test_archive_and_directory_read_the_same(tmp_path):
     archive = _write_archive(tmp_path / "small.tar.gz")
     from_archive = load_imagefolder(archive)
     folder = tmp_path / "folder"
-    with tarfile.open(archive) as tar:
-        tar.extractall(folder, filter="data")
+    extract(archive, folder)
     from_dir = load_imagefolder(folder / "root")
     assert from_archive.classes == from_dir.classes == ("a", "b")
     np.testing.assert_array_equal(from_archive.train.images, from_dir.train.images)
@@ -138,3 +152,68 @@ def test_normalisation_matches_the_dm_reference_and_inverts():
 def test_tiny_dataset_is_generated_only_by_name():
     ds = load_dataset(DataConfig(name="tiny", tiny_per_class=4))
     assert ds.name == "tiny" and len(ds.train) == 40 and len(ds.test) == 20
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, target: str = "") -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    data = b"x" if kind == tarfile.REGTYPE else b""
+    info.size = len(data)
+    return info, data
+
+
+UNSAFE = [
+    ("absolute path", _member("/tmp/train/a/0.png"), "an absolute path"),
+    ("'..' component", _member("root/train/../../escape.png"), "'..' component"),
+    ("symlink", _member("root/train/a/1.png", tarfile.SYMTYPE, "/etc/passwd"), "a link"),
+    ("hard link", _member("root/train/a/1.png", tarfile.LNKTYPE, "root/train/a/0000.png"), "a link"),
+    ("character device", _member("root/train/a/dev", tarfile.CHRTYPE), "a device"),
+]
+
+
+def _with_member(tmp_path, member) -> object:
+    archive = _write_archive(tmp_path / "bad.tar.gz")
+    with tarfile.open(archive) as good:
+        members = [(m, good.extractfile(m).read()) for m in good.getmembers()]
+    with tarfile.open(archive, "w:gz") as tar:
+        for info, data in [*members, member]:
+            tar.addfile(info, io.BytesIO(data))
+    return archive
+
+
+@pytest.mark.parametrize("kind, member, words", UNSAFE, ids=[u[0] for u in UNSAFE])
+def test_the_archive_reader_refuses_unsafe_members(kind, member, words, tmp_path):
+    with pytest.raises(DataError, match=f"bad.tar.gz: member .*{words}"):
+        load_imagefolder(_with_member(tmp_path, member))
+
+
+@pytest.mark.parametrize("kind, member, words", UNSAFE, ids=[u[0] for u in UNSAFE])
+def test_extraction_without_tarfile_filters_checks_every_member(kind, member, words, tmp_path, monkeypatch):
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)  # Python 3.11.0-3.11.3: extractall has no filter=
+    with pytest.raises(tarfile.TarError, match=words):
+        extract(_with_member(tmp_path, member), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    extract(_write_archive(tmp_path / "good.tar.gz"), tmp_path / "good")
+    assert len(list((tmp_path / "good" / "root" / "train").glob("*/*.png"))) == 6
+
+
+def test_a_test_split_without_a_class_is_an_error(tmp_path):
+    folder = tmp_path / "folder"
+    extract(_write_archive(tmp_path / "small.tar.gz", classes=("a", "b", "c")), folder)
+    for image in (folder / "root" / "test" / "c").iterdir():
+        image.unlink()
+    with pytest.raises(DataError, match=r"the test split has no images of classes \['c'\]"):
+        load_dataset(DataConfig(name="imagefolder", path=str(folder / "root")))
+
+
+def test_a_directory_edited_in_place_is_decoded_again(tmp_path):
+    folder = tmp_path / "folder"
+    extract(_write_archive(tmp_path / "small.tar.gz"), folder)
+    image = folder / "root" / "train" / "a" / "0001.png"
+    first = load_imagefolder(folder / "root")
+    stat = image.stat()
+    Image.fromarray(np.full((8, 8, 3), 3, dtype=np.uint8)).save(image)  # same size on disk, other pixels
+    assert image.stat().st_size == stat.st_size
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    again = load_imagefolder(folder / "root")
+    assert first.train.images[1, 0, 0, 0] == 1 and again.train.images[1, 0, 0, 0] == 3

@@ -6,6 +6,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
+from common.config import ConfigError
 from common.models import build_model, count_parameters
 from common.records import load_record_into, model_to_record, record_to_state_dict
 from common.runtime import pick_device, seed_everything
@@ -64,5 +65,5 @@ def test_seeding_makes_models_identical_and_device_is_cpu_here():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert pick_device("auto").type == expected
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="device=cuda"):
+        with pytest.raises(ConfigError, match="device=cuda: this machine has no CUDA device"):
             pick_device("cuda")

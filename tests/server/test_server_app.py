@@ -37,3 +37,17 @@ def test_run_folders_are_absolute_and_new(tmp_path, monkeypatch):
     assert resolve_run_dir(cfg, "relative").parent == tmp_path / "relative"
     with pytest.raises(ConfigError, match="run-dir"):
         resolve_run_dir(cfg, run_dir="not/absolute")
+
+
+def test_an_unclosed_quote_in_the_run_configs_overrides_names_the_key():
+    with pytest.raises(ConfigError, match="^run config overrides='name=\"x': No closing quotation"):
+        config_from_run_config({"overrides": 'name="x'})
+
+
+def test_a_bad_dsa_strategy_fails_before_the_first_round(tmp_path):
+    from server.federation import run_federation
+
+    cfg = load_config("quickstart", {"distill.dsa_strategy": "colour_crop"})
+    with pytest.raises(ConfigError, match=r"^distill.dsa_strategy: unknown transform\(s\) \['colour'\]"):
+        run_federation(None, cfg, tmp_path / "run")  # the grid is never reached
+    assert not (tmp_path / "run").exists()

@@ -11,13 +11,14 @@ from common.config import build_config
 from common.models import build_model
 from server.privacy import dp_epsilon, privacy_report
 from server.strategy import EdgeFedAvg
-from server.update_guard import GuardLimits, guard_updates, update_norm
+from server.update_guard import GuardLimits, guard_updates, model_norm, update_norm
 from tests.server.test_boundary import FakeReply, good_metrics
 
 pytestmark = pytest.mark.reliability
 
 WIDTH = 8
 POOL = 180  # tiny data: 20 per class, pipc 2 -> 10 x 18 private images
+SLICES = [(41, 4)] * 4  # 4 IID clients of 45 images; client_holdout 0.1 -> 41 train + 4 held-out images each
 GLOBAL = {k: v.clone() for k, v in build_model(width=WIDTH).state_dict().items()}
 
 
@@ -81,7 +82,7 @@ def extra_record() -> RecordDict:
 
 CASES = [
     ("missing key", missing_key, "arrays lack ['classifier.bias']"),
-    ("extra key", extra_key, "names not in the model ['extra.weight']"),
+    ("extra key", extra_key, "arrays have 1 name not in the model"),
     ("wrong shape", wrong_shape, "array 'classifier.bias': float32(11,)"),
     ("wrong dtype", wrong_dtype, "array 'classifier.bias': float64(10,) != model float32(10,)"),
     ("NaN weight", lambda: non_finite(float("nan")), "non-finite values"),
@@ -90,14 +91,15 @@ CASES = [
     ("num-examples = 0", lambda: claimed(0), "'num-examples' is 0"),
     ("num-examples < 0", lambda: claimed(-5), "must be an integer >= 0"),
     ("num-examples not an integer (40.5)", lambda: claimed(40.5), "must be an integer >= 0"),
-    ("num-examples > the private pool", lambda: claimed(10**6), f"exceeds the private pool ({POOL} images)"),
+    ("num-examples > the private pool", lambda: claimed(10**6), "exceeds the largest train slice of any client (41 images)"),
+    ("num-examples = the whole private pool", lambda: claimed(POOL), "'num-examples'=180 exceeds the largest train slice"),
     ("an extra record (ConfigRecord)", extra_record, "records must be exactly"),
 ]
 
 
 @pytest.mark.parametrize("kind, make, reason", CASES, ids=[c[0] for c in CASES])
 def test_a_malformed_update_is_rejected_with_its_reason_and_the_round_aggregates_the_rest(kind, make, reason, reliability, caplog):
-    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), max_examples=POOL)
+    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), slice_sizes=SLICES)
     strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
     honest = [client_state(s) for s in (1, 2, 3)]
     replies = [FakeReply(reply(state), node) for node, state in zip((11, 12, 13), honest)] + [FakeReply(make(), 99)]
@@ -115,21 +117,93 @@ def test_a_malformed_update_is_rejected_with_its_reason_and_the_round_aggregates
 
 
 def test_the_norm_ratio_needs_three_replies_and_is_configurable():
-    honest, big = ArrayRecord(client_state(1)), ArrayRecord(client_state(2, scale=10.0))
+    honest, big = ArrayRecord(client_state(1)), ArrayRecord(client_state(2, scale=0.5))
     replies = [FakeReply(RecordDict({"arrays": a, "metrics": good_metrics(40)}), n) for n, a in ((1, honest), (2, big))]
-    kept, rejected = guard_updates(replies, ArrayRecord(GLOBAL), GuardLimits(POOL, 10.0))
+    limits = GuardLimits(None, None, 10.0, max_global_ratio=1000.0)
+    kept, rejected = guard_updates(replies, ArrayRecord(GLOBAL), limits)
     assert len(kept) == 2 and not rejected  # two replies: no meaningful median
     third = FakeReply(RecordDict({"arrays": ArrayRecord(client_state(3)), "metrics": good_metrics(40)}), 3)
-    assert [n for n, _ in guard_updates([*replies, third], ArrayRecord(GLOBAL), GuardLimits(POOL, 10.0))[1]] == [2]
-    assert not guard_updates([*replies, third], ArrayRecord(GLOBAL), GuardLimits(POOL, 10_000.0))[1]
+    assert [n for n, _ in guard_updates([*replies, third], ArrayRecord(GLOBAL), limits)[1]] == [2]
+    assert not guard_updates([*replies, third], ArrayRecord(GLOBAL), GuardLimits(None, None, 10_000.0, 1000.0))[1]
+
+
+def test_with_two_replies_an_update_far_larger_than_the_global_model_is_rejected(reliability):
+    strategy = EdgeFedAvg(cfg_with(**{"federation.min_clients": 1}), build_model(width=WIDTH), slice_sizes=SLICES)
+    strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
+    huge = client_state(2, scale=10.0)
+    arrays, _ = strategy.aggregate_train(1, [FakeReply(reply(client_state(1)), 1), FakeReply(reply(huge), 2)])
+    [(node, reason)] = strategy.train_replies[1].rejected
+    ratio = update_norm(ArrayRecord(huge), ArrayRecord(GLOBAL)) / model_norm(ArrayRecord(GLOBAL))
+    assert node == 2 and ratio > 3 and "x the global model's norm" in reason and "max_update_global_ratio=3" in reason
+    assert all(torch.allclose(arrays.to_torch_state_dict()[k], v) for k, v in client_state(1).items())
+    reliability("Update guard (server)", "2 replies, one with an update 1000x the other (no median to compare with)",
+                f"rejected ({reason}); the honest one aggregated")
+
+
+def evaluate_reply(n, accuracy: float = 0.5) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord({"num-examples": n, "eval_loss": 1.0, "eval_accuracy": accuracy})})
+
+
+@pytest.mark.parametrize("kind, content, reason", [
+    ("num-examples = 10^9 (would decide the accuracy)", evaluate_reply(10**9, 1.0), "exceeds the largest held-out slice of any client (4 images)"),
+    ("eval_accuracy = 7", evaluate_reply(4, 7.0), "metric 'eval_accuracy'=7 is not finite or outside [0, 1]"),
+    ("an ArrayRecord of images", RecordDict({**evaluate_reply(4), "x": ArrayRecord({"i": Array(np.zeros(3))})}),
+     "records must be exactly"),
+])
+def test_evaluate_replies_are_bounded_like_train_replies(kind, content, reason, reliability, caplog):
+    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), slice_sizes=SLICES)
+    honest = [FakeReply(evaluate_reply(4, 0.25), 1), FakeReply(evaluate_reply(3, 0.5), 2)]
+    with caplog.at_level("WARNING", logger="flwr.feddistill"):
+        metrics = strategy.aggregate_evaluate(1, [*honest, FakeReply(content, 9)])
+    [(node, why)] = strategy.evaluate_replies[1].rejected
+    assert node == 9 and reason in why and "node 9" in caplog.text
+    assert metrics["eval_accuracy"] == pytest.approx((4 * 0.25 + 3 * 0.5) / 7)
+    reliability("Update guard (server)", f"evaluate reply with {kind}", f"rejected ({why}); the other 2 aggregated")
+
+
+def test_a_train_time_longer_than_the_round_timeout_is_rejected():
+    strategy = EdgeFedAvg(cfg_with(**{"federation.round_timeout": 60}), build_model(width=WIDTH), slice_sizes=SLICES)
+    slow = reply(client_state(4))
+    slow["metrics"]["train_seconds"] = 1e9
+    strategy.aggregate_train(1, [FakeReply(reply(client_state(s)), s) for s in (1, 2, 3)] + [FakeReply(slow, 9)])
+    assert strategy.train_replies[1].rejected == [(9, "metric 'train_seconds'=1e+09 exceeds federation.round_timeout=60")]
+
+
+@pytest.mark.parametrize("clients, expected", [(1, 1), (2, 2), (3, 2), (4, 3), (10, 6)])
+def test_by_default_a_round_needs_a_majority_of_the_clients(clients, expected):
+    from common.config import min_clients_of
+
+    cfg = build_config({"data": {"name": "tiny"}, "split": {"pipc": 2, "num_clients": clients}, "distill": {"ipc": 1}})
+    assert min_clients_of(cfg) == expected
+
+
+def test_by_default_krum_waits_for_what_it_needs():
+    from common.config import min_clients_of
+
+    cfg = cfg_with(**{"split.num_clients": 6, "federation.min_clients": None, "federation.aggregator": "krum",
+                      "federation.krum_malicious": 1})
+    assert min_clients_of(cfg) == 5
+
+
+def test_with_the_default_min_clients_one_bad_client_of_three_does_not_stop_the_round(reliability):
+    cfg = cfg_with(**{"split.num_clients": 3, "federation.min_clients": None})
+    strategy = EdgeFedAvg(cfg, build_model(width=WIDTH), slice_sizes=[(54, 6)] * 3)
+    strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
+    arrays, _ = strategy.aggregate_train(1, [FakeReply(reply(client_state(1)), 1), FakeReply(reply(client_state(2)), 2),
+                                             FakeReply(non_finite(float("nan")), 3)])
+    record = strategy.train_replies[1]
+    assert arrays is not None and record.kept == 2 and [n for n, _ in record.rejected] == [3]
+    reliability("Update guard (server)", "1 bad reply of 3 with the default federation.min_clients (a majority: 2)",
+                "rejected; the round aggregated the other 2")
 
 
 def test_too_few_updates_left_fail_the_round_with_every_reason(reliability):
-    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), max_examples=POOL)
+    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), slice_sizes=SLICES)
     replies = [FakeReply(reply(client_state(1)), 1), FakeReply(claimed(10**6), 2), FakeReply(missing_key(), 3)]
     with pytest.raises(RuntimeError, match="min_clients=3") as err:
         strategy.aggregate_train(1, replies)
     assert "node 2: metric 'num-examples'=1000000 exceeds" in str(err.value) and "node 3: arrays lack" in str(err.value)
+    assert "\n" not in str(err.value)
     reliability("Update guard (server)", "2 of 3 replies malformed, federation.min_clients=3",
                 f"the round fails: {err.value}")
 
@@ -137,7 +211,7 @@ def test_too_few_updates_left_fail_the_round_with_every_reason(reliability):
 @pytest.mark.parametrize("aggregator", ["fedmedian", "fedtrimmedavg", "krum"])
 def test_robust_aggregators_run_behind_the_same_screen(aggregator, reliability):
     cfg = cfg_with(**{"federation.aggregator": aggregator, "split.num_clients": 5})
-    strategy = EdgeFedAvg(cfg, build_model(width=WIDTH), max_examples=POOL)
+    strategy = EdgeFedAvg(cfg, build_model(width=WIDTH), slice_sizes=SLICES)
     strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
     replies = [FakeReply(reply(client_state(s)), s) for s in (1, 2, 3, 4)] + [FakeReply(non_finite(float("nan")), 9)]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -149,7 +223,7 @@ def test_robust_aggregators_run_behind_the_same_screen(aggregator, reliability):
 
 def test_with_dp_an_unclipped_update_is_rejected_and_clipped_ones_pass(reliability):
     cfg = cfg_with(**{"federation.dp_noise_multiplier": 0.5, "federation.dp_clipping_norm": 1.0})
-    strategy = EdgeFedAvg(cfg, build_model(width=WIDTH), max_examples=POOL)
+    strategy = EdgeFedAvg(cfg, build_model(width=WIDTH), slice_sizes=SLICES)
     strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
     states = [client_state(s) for s in (1, 2, 3)] + [client_state(4, scale=0.05)]
     norms = [update_norm(ArrayRecord(s), ArrayRecord(GLOBAL)) for s in states]

@@ -43,6 +43,11 @@ BAD_CONFIGS = [
      "federation.aggregator='krum' with krum_malicious=1"),
     ("update-norm ratio <= 1", ["federation.max_update_norm_ratio=1"], "federation.max_update_norm_ratio=1"),
     ("DP delta out of range", ["federation.dp_delta=1.5"], "federation.dp_delta=1.5"),
+    ("non-finite learning rate", ["distill.lr_img=.inf"], "distill.lr_img=inf: Input should be a finite number"),
+    ("non-finite loss weight", ["distill.dkkt_weight=.nan"], "distill.dkkt_weight=nan: Input should be a finite number"),
+    ("seed outside numpy's range", ["seed=-1"], "seed=-1: Input should be greater than or equal to 0"),
+    ("a name that climbs out of output_dir", ["name=../../escape"], "name='../../escape': must be 1-100 letters"),
+    ("an override that is not YAML", ["federation.lr=[1"], "override federation.lr: '[1' is not a YAML value"),
 ]
 
 
@@ -129,3 +134,81 @@ def test_a_bad_model_file_given_to_distill_is_a_one_line_error(fault, tmp_path, 
     assert code == 2 and len(lines) == 1 and "received_model.pt: cannot be loaded as a weights-only torch file" in lines[0], lines
     assert not marker.exists() and not out.exists()
     reliability("Loading safety", f"{fault} file given to `distill --model`", f"exit 2, nothing executed or written: `{lines[0]}`")
+
+
+def _file(tmp_path: Path) -> Path:
+    path = tmp_path / "a-file"
+    path.write_text("not a folder")
+    return path
+
+
+USAGE_ERRORS = [
+    ("simulate: device=cuda without CUDA", lambda t: ["simulate", *TINY, "device=cuda", "--output-dir", str(t / "runs")],
+     "device=cuda: this machine has no CUDA device"),
+    ("distill: device=cuda without CUDA", lambda t: ["distill", *TINY, "device=cuda", "distill.method=random",
+                                                     "--out", str(t / "runs")], "device=cuda: this machine has no CUDA device"),
+    ("--config naming a directory", lambda t: ["simulate", "--config", str(t), *TINY], "not a file (a directory?)"),
+    ("--config naming a missing file (a bundled config has its name)",
+     lambda t: ["simulate", "--config", str(t / "quickstart.yaml"), *TINY], "quickstart.yaml': no such file"),
+    ("--config naming a missing file whose name is console markup", lambda t: ["simulate", "--config", str(t / "[/x].yaml")],
+     "[/x].yaml': no such file"),
+    ("--output-dir naming a file", lambda t: ["simulate", *TINY, "--output-dir", str(_file(t))],
+     "--output-dir='<tmp>/a-file': must be a folder, not a file"),
+    ("output_dir naming a file", lambda t: ["simulate", *TINY, f"output_dir={_file(t)}"],
+     "output_dir='<tmp>/a-file': must be a folder, not a file"),
+    ("distill --out naming a file", lambda t: ["distill", *TINY, "distill.method=random", "--out", str(_file(t))],
+     "--out='<tmp>/a-file': must be a folder, not a file"),
+    ("distill output_dir under a file", lambda t: ["distill", *TINY, "distill.method=random", f"output_dir={_file(t)}/x"],
+     "(<tmp>/a-file is a file)"),
+    ("sweep --out naming a file", lambda t: ["sweep", "--out", str(_file(t))], "--out='<tmp>/a-file': must be a folder"),
+]
+
+
+@pytest.mark.parametrize("kind, argv, words", USAGE_ERRORS, ids=[c[0] for c in USAGE_ERRORS])
+def test_a_bad_device_config_path_or_output_folder_is_one_line_naming_it(kind, argv, words, tmp_path, capsys, monkeypatch,
+                                                                          reliability):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(argv(tmp_path))
+    lines = [line.replace(str(tmp_path), "<tmp>") for line in error_lines(capsys)]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+    assert not (tmp_path / "runs").exists()
+    reliability("Bad command line (feddistill)", kind, f"exit 2: `{lines[0]}`")
+
+
+@pytest.mark.slow
+def test_a_federated_round_that_fails_is_one_line_naming_the_nodes(tmp_path, capsys, reliability):
+    # Every honest update is far above a tiny multiple of the global model's norm: no round can aggregate.
+    code = main(["simulate", *TINY, "split.num_clients=2", "federation.rounds=1", "distill.enabled=false",
+                 "federation.max_update_global_ratio=1e-9", "--output-dir", str(tmp_path)])
+    lines = [line for line in error_lines(capsys) if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1, lines
+    assert "round 1: 0 usable training replies of 2" in lines[0] and "x the global model's norm" in lines[0]
+    assert lines[0].count("node ") == 2
+    reliability("Bad command line (feddistill)", "a federated round without enough usable replies",
+                f"exit 2: `{lines[0]}`")
+
+
+def _tamper(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+TAMPERED = [
+    ("metrics.jsonl line without a round", lambda t: ["simulate", "--resume", str(
+        _tamper(fake_run_folder(t) / "metrics.jsonl", '{"round": 0}\n{"elapsed": 1}\n').parent)],
+     "metrics.jsonl: every line must be a JSON object with an integer 'round'"),
+    ("metrics.jsonl line that is a list", lambda t: ["simulate", "--resume", str(
+        _tamper(fake_run_folder(t) / "metrics.jsonl", "[0]\n").parent)], "metrics.jsonl: every line must be"),
+    ("distill invocation.json without a config", lambda t: ["distill", "--resume", str(
+        _tamper(t / "invocation.json", '{"model": null}').parent)], "invocation.json: must be a JSON object with 'config'"),
+    ("distill invocation.json that is a list", lambda t: ["distill", "--resume", str(
+        _tamper(t / "invocation.json", "[]").parent)], "invocation.json: must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("kind, argv, words", TAMPERED, ids=[c[0] for c in TAMPERED])
+def test_a_tampered_resume_file_is_one_line_naming_it(kind, argv, words, tmp_path, capsys, reliability):
+    code = main(argv(tmp_path))
+    lines = [line.replace(str(tmp_path), "<tmp>") for line in error_lines(capsys)]
+    assert code == 2 and len(lines) == 1 and words in lines[0], lines
+    reliability("Crash and resume", f"--resume with a {kind}", f"exit 2: `{lines[0]}`")

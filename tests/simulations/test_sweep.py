@@ -68,3 +68,18 @@ def test_killed_sweep_resumes_and_finishes_every_cell_once(tmp_path):
     assert markdown.count("\n| 1 | ") == 2  # one row per (ipc, pipc)
     written = render(out)
     assert {"table", "plot", "figure2"} <= set(written) and all(p.stat().st_size > 0 for p in written.values())
+
+
+@pytest.mark.parametrize("text, words", [
+    ("name: ../../escape\npipc: [2]\nipc: [1]\nmethods: [dm]\n", "name: String should match pattern"),
+    ("name: ok\npipc: [2]\nipc: [1]\nmethods: [dm]\nseeds: [-1]\n", "seeds.0: Input should be greater than or equal to 0"),
+    ("pipc: [2\n", "cannot be read as YAML"),
+])
+def test_a_bad_sweep_file_is_one_config_error_naming_the_key(tmp_path, text, words):
+    from common.config import ConfigError
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="^sweep .*grid.yaml: ") as info:
+        load_sweep(str(path))
+    assert words in str(info.value) and "\n" not in str(info.value)
