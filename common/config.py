@@ -89,6 +89,9 @@ class SplitConfig(_Section):
 
 
 class ModelConfig(_Section):
+    # convnet: ConvNet-3 and its width/depth/norm variants (the edge model, the DM embedder, the evaluation net);
+    # resnet18: torchvision's ResNet-18 for small images, for cross-architecture evaluation only.
+    arch: Literal["convnet", "resnet18"] = "convnet"
     width: int = Field(128, ge=1, le=4096)
     depth: int = Field(3, ge=1, le=5)
     norm: Literal["instancenorm", "batchnorm", "none"] = "instancenorm"
@@ -201,6 +204,11 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
+        if self.model.arch != "convnet":
+            raise ValueError(
+                f"model.arch={self.model.arch!r}: the edge model and the DM embedder are ConvNets; other architectures "
+                "are for evaluation (feddistill evaluate PACK --arch resnet18)"
+            )
         check_against_dataset(self, train_per_class_of(self))
         if self.federation.min_clients is not None and self.federation.min_clients > self.split.num_clients:
             raise ValueError(

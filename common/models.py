@@ -66,9 +66,36 @@ class ConvNet(nn.Module):
         return self.classifier(self.embed(x))
 
 
-def model_from_config(cfg: ModelConfig, num_classes: int, channels: int, image_size: int) -> ConvNet:
-    """A fresh ConvNet as `model.*` describes it, for images of `channels` x `image_size` x `image_size`."""
+def model_from_config(cfg: ModelConfig, num_classes: int, channels: int, image_size: int) -> nn.Module:
+    """A fresh net as `model.*` describes it, for images of `channels` x `image_size` x `image_size`."""
+    if cfg.arch == "resnet18":
+        return small_image_resnet18(num_classes, channels)
     return ConvNet(num_classes, channels, image_size, cfg.width, cfg.depth, cfg.norm)
+
+
+def small_image_resnet18(num_classes: int, channels: int) -> nn.Module:
+    """torchvision's ResNet-18 adapted to 32x32 inputs as is usual for CIFAR: a 3x3 stride-1 stem, no max-pool."""
+    from torchvision.models import resnet18
+
+    net = resnet18(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+def parse_architecture(spec: str, base: ModelConfig) -> ModelConfig:
+    """`convnet`, `convnet:width=64,depth=4,norm=batchnorm` (any of them) or `resnet18`, on top of `base`."""
+    name, _, options = spec.partition(":")
+    fields: dict[str, object] = {"arch": name}
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("width", "depth", "norm") or not value:
+            raise ValueError(f"--arch {spec!r}: options are width=N, depth=N, norm=instancenorm|batchnorm|none")
+        fields[key] = int(value) if key in ("width", "depth") else value
+    try:
+        return ModelConfig.model_validate(base.model_dump() | fields)
+    except ValueError as err:
+        raise ValueError(f"--arch {spec!r}: {' '.join(str(err).split())[:200]}") from None
 
 
 def build_model(

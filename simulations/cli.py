@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from common.atomic import check_folder
+from common.atomic import check_folder, save_json
 from common.config import ConfigError, ExperimentConfig, build_config, load_config, parse_overrides
 from common.data import DataError
 from common.holdings import Holdings
@@ -71,7 +71,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     """Distils from a received model and the config's public subset, then evaluates (no Flower)."""
     import torch
 
-    from common.atomic import load_torch, save_json
+    from common.atomic import load_torch
     from common.config import config_to_dict
     from common.data import to_normalized_tensor
     from common.holdings import decide_holdings, load_experiment_data
@@ -157,6 +157,52 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Packs a distilled set (images, labels, normalisation, config and its hash, commit, accuracy) into one file."""
+    from simulations.synthetic_pack import export_pack, load_pack
+
+    path = export_pack(Path(args.run_dir), Path(args.out), args.seed_index)
+    pack = load_pack(path)
+    accuracy = pack.meta["evaluation"]["mean"]
+    console.print(f"{path}: {pack.meta['method']}, {len(pack.labels)} images (ipc {pack.meta['ipc']}), config "
+                  f"sha256 {pack.meta['config_sha256'][:12]}" + (f", measured {100 * accuracy:.2f} %" if accuracy is not None else ""),
+                  highlight=False)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Re-evaluates a pack on its dataset's test split, with its own protocol or other epochs, nets and architectures."""
+    import torch
+
+    from common.data import to_normalized_tensor
+    from common.holdings import load_experiment_data
+    from common.runtime import pick_device
+    from server.distill.evaluate import mean_std
+    from simulations.synthetic_pack import evaluate_pack, load_pack
+
+    pack = load_pack(Path(args.pack))
+    cfg = pack.config
+    if args.data:
+        cfg = build_config(cfg.model_dump(mode="json"), {"data.path": args.data})
+    device = pick_device(args.device or cfg.device)
+    test = load_experiment_data(cfg).test
+    test_x, test_y = to_normalized_tensor(test.images, device), torch.as_tensor(test.labels, device=device)
+    recorded = pack.meta["evaluation"]
+    if recorded["accuracies"]:
+        console.print(f"recorded: {100 * recorded['mean']:.2f} % over seeds {recorded['seeds']} "
+                      f"({recorded['protocol']['epochs']} epochs, {pack.meta['config']['model']})", highlight=False)
+    rows = []
+    for arch in args.arch:
+        accuracies = evaluate_pack(pack, test_x, test_y, device, args.epochs, args.nets, arch)
+        mean, std = mean_std(accuracies)
+        rows.append({"arch": arch, "accuracies": accuracies, "mean": mean, "std": std})
+        console.print(f"{arch}: {100 * mean:.2f} ± {100 * std:.2f} % ({' '.join(f'{a:.4f}' for a in accuracies)})",
+                      highlight=False)
+    if args.json:
+        save_json(Path(args.json), {"pack": str(args.pack), "epochs": args.epochs, "nets": args.nets, "results": rows})
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Writes table.md, accuracy_vs_pipc.png, figure2.png and figure3.png for a sweep folder."""
     from simulations.report import render
@@ -195,6 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-<name>)")
     p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
                    help="outside a terminal: a progress line per task at most this often (default 30)")
+    p = sub.add_parser("export", help="pack a distilled set into one shareable file", description=cmd_export.__doc__)
+    p.add_argument("run_dir", help="a distill folder (RUN/distill/<method>) or one of its seed_<k> folders")
+    p.add_argument("--out", required=True, help="the pack file to write (.pt)")
+    p.add_argument("--seed-index", type=int, default=0, help="which seed_<k> of a distill folder (default 0)")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("evaluate", help="re-evaluate a pack (other epochs, nets, architectures)",
+                       description=cmd_evaluate.__doc__)
+    p.add_argument("pack", help="a file written by feddistill export")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs per net (default: the recorded protocol)")
+    p.add_argument("--nets", type=int, default=None, help="nets per architecture (default: the recorded seeds)")
+    p.add_argument("--arch", nargs="+", default=["convnet"],
+                   help="convnet (the pack's model), convnet:width=N,depth=N,norm=instancenorm|batchnorm|none, resnet18")
+    p.add_argument("--data", default=None, help="the dataset (default: the pack config's data.path, else $FEDDISTILL_DATA)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("report", help="tables and figures of a sweep folder", description=cmd_report.__doc__)
     p.add_argument("sweep_dir", help="a folder written by feddistill sweep")
     p.add_argument("--out", default=None, help="where to write (default: <sweep_dir>/report)")

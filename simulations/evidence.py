@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from common.config import ConfigError, ExperimentConfig, config_to_dict, load_co
 from common.data import Dataset, ImageArrays, to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data
 from common.progress import LineProgress
+from common.runtime import git_commit
 from common.models import model_from_config
 from simulations.sweep import edge_model_key
 
@@ -341,14 +341,6 @@ def table_cells(protocol: Protocol, extra: dict[str, Any], ratio: float) -> list
 
 
 # ---------------------------------------------------------------- report
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge: dict[str, Any], ratio: float | None) -> str:

@@ -270,6 +270,8 @@ def evaluate_synthetic(
     seeds = list(seeds)
     if max_parallel is None:
         max_parallel = len(seeds) if torch.device(device).type == "cuda" else 1
+    if model_cfg.arch != "convnet" or model_cfg.norm == "batchnorm":
+        max_parallel = 1  # the vmapped path has no batch-norm running statistics
     step = max(1, max_parallel)
     accuracies: list[float] = []
     for i in range(0, len(seeds), step):

@@ -1,0 +1,125 @@
+"""Shareable synthetic sets: one file with everything needed to reuse and re-evaluate a distilled set.
+
+    feddistill export RUN/distill/dm_dkkt --out dm_dkkt-ipc10.pt     (a method folder, or one seed_k folder)
+    feddistill evaluate dm_dkkt-ipc10.pt [--epochs N] [--nets K] [--arch convnet resnet18 convnet:norm=batchnorm]
+
+The pack is a `torch.save` dict that `torch.load(weights_only=True)` reads: `images` (N, C, H, W) float32 in the
+normalised space, `labels` (N,), `mean`/`std` (the normalisation: pixels = images * std + mean, in [0, 1]), and
+`meta`, a JSON string: format, method, seed, ipc, the full experiment config and its sha256, the commit that made
+it, the measured accuracies with their evaluation seeds and protocol. `evaluate` re-runs that protocol from the
+pack and the dataset's test split alone: on the CPU with the same seeds it reproduces the recorded accuracies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.atomic import load_torch, save_torch
+from common.config import ConfigError, ExperimentConfig, build_config
+from common.data import CIFAR10_MEAN, CIFAR10_STD, DataError
+from common.models import parse_architecture
+from common.runtime import git_commit
+from server.distill.evaluate import evaluate_synthetic
+from server.distill.run import eval_seeds
+
+FORMAT = "feddistill-synthetic/1"
+
+
+@dataclass(frozen=True)
+class Pack:
+    images: torch.Tensor
+    labels: torch.Tensor
+    meta: dict[str, Any]
+
+    @property
+    def config(self) -> ExperimentConfig:
+        return build_config(self.meta["config"])
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _seed_dir(run_dir: Path, seed_index: int) -> Path:
+    """A seed folder: `run_dir` itself when it holds synthetic.pt, else its seed_<k>."""
+    if (run_dir / "synthetic.pt").is_file():
+        return run_dir
+    seed_dir = run_dir / f"seed_{seed_index}"
+    if not (seed_dir / "synthetic.pt").is_file():
+        raise DataError(f"{run_dir}: neither a seed folder nor a distill folder with {seed_dir.name}/synthetic.pt")
+    return seed_dir
+
+
+def export_pack(run_dir: Path, out: Path, seed_index: int = 0) -> Path:
+    """Packs the synthetic set of `run_dir` (and its measured accuracy) into `out`."""
+    seed_dir = _seed_dir(Path(run_dir), seed_index)
+    tensors = load_torch(seed_dir / "synthetic.pt")
+    info = json.loads((seed_dir / "synthetic.json").read_text())
+    result_file = seed_dir / "result.json"
+    result = json.loads(result_file.read_text()) if result_file.is_file() else None
+    cfg = build_config(info["config"])
+    meta = {
+        "format": FORMAT,
+        "method": info["method"],
+        "seed": info["seed"],
+        "ipc": info["ipc"],
+        "iteration": info.get("iteration"),
+        "dataset": cfg.data.name,
+        "config": info["config"],
+        "config_sha256": config_hash(info["config"]),
+        "commit": git_commit(),
+        "evaluation": {
+            "protocol": cfg.evaluation.model_dump(mode="json"),
+            "model": cfg.model.model_dump(mode="json"),
+            "dsa_strategy": cfg.distill.dsa_strategy,
+            "seeds": eval_seeds(info["seed"], len(result["accuracies"])) if result else [],
+            "accuracies": result["accuracies"] if result else [],
+            "mean": result["mean"] if result else None,
+        },
+    }
+    pack = {"images": tensors["images"].float(), "labels": tensors["labels"].long(),
+            "mean": torch.tensor(CIFAR10_MEAN), "std": torch.tensor(CIFAR10_STD), "meta": json.dumps(meta)}
+    return save_torch(out, pack)
+
+
+def load_pack(path: Path) -> Pack:
+    """The pack at `path`; DataError naming the file when it is not one."""
+    saved = load_torch(path)
+    if not isinstance(saved, dict) or not {"images", "labels", "meta"} <= set(saved):
+        raise DataError(f"{path}: not a synthetic-set pack (feddistill export writes them)")
+    try:
+        meta = json.loads(saved["meta"])
+    except (TypeError, json.JSONDecodeError):
+        raise DataError(f"{path}: its meta is not JSON") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    images, labels = saved["images"], saved["labels"]
+    if images.dim() != 4 or labels.shape != (images.shape[0],):
+        raise DataError(f"{path}: images {tuple(images.shape)} and labels {tuple(labels.shape)} do not pair up")
+    if config_hash(meta["config"]) != meta["config_sha256"]:
+        raise DataError(f"{path}: the config does not match its sha256 (edited?)")
+    return Pack(images, labels, meta)
+
+
+def evaluate_pack(
+    pack: Pack, test_x: torch.Tensor, test_y: torch.Tensor, device: torch.device | str, epochs: int | None = None,
+    nets: int | None = None, arch: str = "convnet",
+) -> list[float]:
+    """Accuracies of fresh nets trained on the pack: its recorded protocol and seeds unless epochs/nets are given."""
+    cfg = pack.config
+    eval_cfg = cfg.evaluation.model_copy(update={k: v for k, v in (("epochs", epochs), ("num_nets", nets)) if v})
+    recorded = pack.meta["evaluation"]["seeds"]
+    seeds = recorded if nets is None and recorded else eval_seeds(pack.meta["seed"], eval_cfg.num_nets)
+    try:
+        model_cfg = parse_architecture(arch, cfg.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    num_classes = int(pack.labels.max()) + 1
+    return evaluate_synthetic(pack.images, pack.labels, test_x, test_y, eval_cfg, model_cfg, seeds, device,
+                              num_classes, cfg.distill.dsa_strategy)

@@ -1,0 +1,75 @@
+"""Shareable synthetic sets: export -> evaluate in another process reproduces the run's accuracy; other
+architectures train on the same pack; a damaged pack is a one-line error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.atomic import load_torch, save_torch
+from common.config import ModelConfig
+from common.models import parse_architecture
+from simulations.cli import main as cli_main
+from simulations.synthetic_pack import load_pack
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["device=cpu", "data.name=tiny", "data.train_per_class=null", "data.test_per_class=null", "model.width=8",
+        "split.pipc=4", "distill.method=dm", "distill.ipc=2", "distill.iterations=5", "distill.batch_real=4",
+        "evaluation.epochs=4", "evaluation.num_nets=2"]
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pack")
+    assert cli_main(["distill", "--config", "quickstart", "--out", str(root / "run"), *TINY]) == 0
+    assert cli_main(["export", str(root / "run"), "--out", str(root / "dm.pt")]) == 0
+    return root / "dm.pt"
+
+
+def test_the_pack_holds_what_reuse_needs(pack):
+    loaded = load_pack(pack)
+    run = json.loads((pack.parent / "run" / "seed_0" / "result.json").read_text())
+    assert loaded.images.shape == (20, 3, 32, 32) and loaded.labels.bincount().tolist() == [2] * 10
+    meta = loaded.meta
+    assert meta["method"] == "dm" and meta["ipc"] == 2 and len(meta["config_sha256"]) == 64 and meta["commit"]
+    assert meta["evaluation"]["accuracies"] == run["accuracies"] and meta["evaluation"]["seeds"] == [0, 1]
+    raw = load_torch(pack)
+    assert raw["mean"].shape == (3,) and raw["std"].shape == (3,)
+
+
+def test_evaluate_in_another_process_reproduces_the_recorded_accuracy(pack, tmp_path):
+    out = tmp_path / "eval.json"
+    subprocess.run([sys.executable, "-m", "simulations.cli", "evaluate", str(pack), "--device", "cpu", "--json", str(out)],
+                   cwd=ROOT, check=True, capture_output=True)
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["accuracies"] == pytest.approx(load_pack(pack).meta["evaluation"]["accuracies"], abs=1e-6)
+
+
+def test_other_architectures_and_protocols_train_on_the_pack(pack, tmp_path):
+    out = tmp_path / "cross.json"
+    assert cli_main(["evaluate", str(pack), "--device", "cpu", "--epochs", "2", "--nets", "1", "--json", str(out),
+                     "--arch", "convnet:norm=batchnorm", "convnet:width=16,depth=2", "resnet18"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["arch"] for r in rows] == ["convnet:norm=batchnorm", "convnet:width=16,depth=2", "resnet18"]
+    assert all(len(r["accuracies"]) == 1 and 0 <= r["mean"] <= 1 for r in rows)
+
+
+def test_architecture_specs_and_damaged_packs_give_one_line_errors(pack, tmp_path, capsys):
+    assert parse_architecture("resnet18", ModelConfig()).arch == "resnet18"
+    with pytest.raises(ValueError, match="--arch 'convnet:colour=red'"):
+        parse_architecture("convnet:colour=red", ModelConfig())
+    damaged = load_torch(pack)
+    meta = json.loads(damaged["meta"])
+    meta["config"]["distill"]["ipc"] = 3
+    damaged["meta"] = json.dumps(meta)
+    save_torch(tmp_path / "edited.pt", damaged)
+    assert cli_main(["evaluate", str(tmp_path / "edited.pt")]) == 2
+    assert "does not match its sha256" in capsys.readouterr().out
+    save_torch(tmp_path / "other.pt", {"weights": torch.zeros(2)})
+    assert cli_main(["evaluate", str(tmp_path / "other.pt")]) == 2
+    assert "not a synthetic-set pack" in capsys.readouterr().out
