@@ -204,11 +204,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Writes table.md, accuracy_vs_pipc.png, figure2.png and figure3.png for a sweep folder."""
-    from simulations.report import render
+    """A sweep folder: table.md, accuracy_vs_pipc.png, figure2.png, figure3.png, loss_curves.png. A run folder:
+    federation_accuracy.png (per round) and each distilled method's loss terms and gradient shares."""
+    from simulations.report import render, render_run
 
-    written = render(args.sweep_dir, args.out)
-    console.print((written["table"]).read_text(), highlight=False)
+    if (Path(args.sweep_dir) / "metrics.jsonl").is_file():  # a federation run folder
+        written = render_run(Path(args.sweep_dir), args.out)
+    else:
+        written = render(args.sweep_dir, args.out)
+        console.print((written["table"]).read_text(), highlight=False)
     for name, path in written.items():
         console.print(f"{name}: {path}")
     return 0
@@ -257,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=cmd_evaluate)
-    p = sub.add_parser("report", help="tables and figures of a sweep folder", description=cmd_report.__doc__)
-    p.add_argument("sweep_dir", help="a folder written by feddistill sweep")
+    p = sub.add_parser("report", help="tables and figures of a sweep folder, or the curves of a run folder",
+                       description=cmd_report.__doc__)
+    p.add_argument("sweep_dir", help="a folder written by feddistill sweep, or a run folder of feddistill simulate")
     p.add_argument("--out", default=None, help="where to write (default: <sweep_dir>/report)")
     p.set_defaults(func=cmd_report)
     return parser

@@ -193,13 +193,18 @@ def plot_history(history_file: Path, path: Path) -> Path:
     losses.set_xlabel("iteration")
     losses.set_title("loss terms", fontsize=9)
     losses.legend(fontsize=7)
+    drawn = False
     for key, label in (("share_dkkt", "DKKT share of the image gradient"), ("stat_rel", "L_stat / mean|θ*|"),
                        ("lambda_mean", "λ mean")):
         if key in lines[0]:
             shares.plot(its, [x[key] for x in lines], label=label)
-    shares.set_xlabel("iteration")
-    shares.set_title("gradient share, stationarity, λ", fontsize=9)
-    shares.legend(fontsize=7)
+            drawn = True
+    if drawn:
+        shares.set_xlabel("iteration")
+        shares.set_title("gradient share, stationarity, λ", fontsize=9)
+        shares.legend(fontsize=7)
+    else:
+        shares.set_axis_off()  # no DKKT term in this run
     return _save_figure(fig, path)
 
 
@@ -218,4 +223,42 @@ def render(sweep_dir: Path, out_dir: Path | None = None, class_names: list[str] 
     dsv_method = next((m for m in ("dsv", "dm+dkkt") if m in methods), None)  # pure DSVs first, else DM + DKKT
     if dsv_method and "dm" in methods:
         written["figure3"] = figure3(sweep_dir, results, out_dir / "figure3.png", dsv_method, class_names=class_names)
+    histories = {f"{row['method']} ipc {row['ipc']} seed {row['seed']}": Path(sweep_dir) / "cells" / row["cell"] / "seed_0" / "history.jsonl"
+                 for _, row in results.sort_values(["ipc", "method", "seed"]).drop_duplicates(["ipc", "method"]).iterrows()}
+    histories = {name: path for name, path in histories.items() if path.is_file()}
+    if histories:
+        written["curves"] = plot_loss_curves(histories, out_dir / "loss_curves.png")
+    return written
+
+
+def plot_loss_curves(histories: dict[str, Path], path: Path) -> Path:
+    """The loss of each run over its iterations (DM's for methods with DM, else DKKT's), one line per run."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name, history_file in histories.items():
+        lines = [json.loads(x) for x in history_file.read_text().splitlines() if x.strip()]
+        key = "dm" if "dm" in lines[0] else "dkkt"
+        ax.semilogy([x["iteration"] for x in lines], [max(x[key], 1e-12) for x in lines], label=f"{name} ({key})")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=6)
+    return _save_figure(fig, path)
+
+
+def render_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
+    """A federation run's report: the per-round test accuracy curve and each distilled method's loss curves."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir or run_dir / "report")
+    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["round"] for r in rounds], [100 * r["test_accuracy"] for r in rounds], marker="o", label="global model (test)")
+    held = [(r["round"], r["client_eval_accuracy"]) for r in rounds if r.get("client_eval_accuracy") is not None]
+    if held:
+        ax.plot(*zip(*[(k, 100 * a) for k, a in held]), marker=".", label="clients' held-out slices")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=7)
+    written = {"rounds": _save_figure(fig, out_dir / "federation_accuracy.png")}
+    for history in sorted(run_dir.glob("distill/*/seed_0/history.jsonl")):
+        method = history.parent.parent.name
+        written[f"history {method}"] = plot_history(history, out_dir / f"distill_{method}.png")
     return written

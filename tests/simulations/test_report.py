@@ -69,3 +69,23 @@ def test_results_csv_keeps_every_evaluation(tmp_path):
     on_disk = pd.read_csv(tmp_path / "results.csv")
     assert json.loads(on_disk.loc[0, "accuracies"]) == [0.1, 0.3]
     assert on_disk.loc[0, "num_evaluations"] == 2 and results.loc[0, "accuracy_mean"] == pytest.approx(0.2)
+
+
+def test_a_run_folder_gets_its_round_curve_and_each_methods_loss_and_share_curves(tmp_path):
+    import json as _json
+
+    from simulations.report import render_run
+
+    rounds = [{"round": r, "test_accuracy": 0.1 + 0.1 * r, "client_eval_accuracy": None if r == 0 else 0.15 + 0.1 * r}
+              for r in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rounds))
+    history = tmp_path / "distill" / "dm_dkkt" / "seed_0" / "history.jsonl"
+    history.parent.mkdir(parents=True)
+    lines = [{"iteration": i, "dm": 100.0 / i, "dkkt": 0.1, "stat": 0.02, "primal": 0.0, "share_dkkt": 0.3,
+              "stat_rel": 0.99, "lambda_mean": 0.01 * i, "seconds": float(i)} for i in range(1, 6)]
+    history.write_text("".join(_json.dumps(x) + "\n" for x in lines))
+    written = render_run(tmp_path)
+    assert set(written) == {"rounds", "history dm_dkkt"}
+    for path in written.values():
+        with Image.open(path) as img:
+            assert img.size[0] > 100
