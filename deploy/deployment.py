@@ -52,7 +52,9 @@ class Topology:
     bind_host: str = "127.0.0.1"
     supernode_hosts: tuple[str, ...] | None = None  # per node (compose: service names); default superlink_host
     tls: Tls | None = None
-    data_path: str | None = None  # node_config data-path, if the nodes' data is not at $FEDDISTILL_DATA
+    # node_config data-path, if the nodes' data is not at $FEDDISTILL_DATA; "{k}" is replaced by the partition id
+    # (e.g. "nodes/client-{k}.tar.gz": each node gets only its own archive of `feddistill partition`).
+    data_path: str | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -79,7 +81,7 @@ def superlink_args(t: Topology) -> list[str]:
 def supernode_args(t: Topology, k: int) -> list[str]:
     node_config = f"partition-id={k} num-partitions={t.num_nodes}"
     if t.data_path:
-        node_config += f' data-path="{t.data_path}"'
+        node_config += f' data-path="{t.data_path.format(k=k)}"'
     args = ["flower-supernode", "--superlink", t.superlink_address, "--isolation", "process",
             "--host", t.bind_host, "--port", str(t.supernode_ports[k]), "--node-config", node_config]
     if t.tls is None:

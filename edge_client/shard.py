@@ -1,8 +1,9 @@
 """One edge client's private shard (train slice + held-out slice), loaded once per process.
 
-The shard is client k of `common.holdings.decide_holdings`; the server's public subset is in no shard.
-The full dataset is only read to cut the shard out of it (as a stand-in for a node that holds just its
-own images) and is not kept: the per-process cache holds shards, keyed by everything that selects them.
+The shard is client k of `common.holdings.decide_holdings`; the server's public subset is in no shard. A node
+given its own archive (`feddistill partition`, node_config `data-path`) loads only that; under the simulation
+engine the full dataset is read to cut the shard out of it and is not kept. The per-process cache holds shards,
+keyed by everything that selects them.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from common.config import ExperimentConfig
-from common.data import load_dataset, resolve_data_path
+from common.data import CIFAR10_CLASSES, DataError, load_dataset, resolve_data_path
 from common.holdings import decide_holdings, split_seed
+from common.node_data import holdings_sha256, is_node_archive, load_node_archive
 
 
 @dataclass(frozen=True)
@@ -51,15 +53,37 @@ def shard_key(cfg: ExperimentConfig, partition_id: int, data_path: str | None) -
     )
 
 
+def shard_from_archive(cfg: ExperimentConfig, partition_id: int, path: Path) -> Shard:
+    """This node's own archive (feddistill partition) as its whole shard: no global split is computed or read.
+
+    DataError when the archive belongs to another client, was cut for another data/split config, or has classes
+    other than the configured dataset's."""
+    node = load_node_archive(path)
+    if node.role != "client" or node.partition_id != partition_id:
+        raise DataError(f"{path}: the archive of {node.role} {node.partition_id}, not of client {partition_id} "
+                        "(node_config partition-id)")
+    if node.meta.get("holdings_sha256") != holdings_sha256(cfg):
+        raise DataError(f"{path}: cut for another data/split config than the server's (holdings hash differs); "
+                        "run feddistill partition with the server's config")
+    expected = CIFAR10_CLASSES if cfg.data.name == "cifar10" else None
+    if expected is not None and node.classes != expected:
+        raise DataError(f"{path}: classes {list(node.classes)} differ from the server's dataset {list(expected)}")
+    return Shard(partition_id, node.train.images, node.train.labels, node.test.images, node.test.labels, len(node.classes))
+
+
 def load_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | Path | None = None) -> Shard:
     """Client `partition_id`'s shard, from the cache when this process loaded it before.
 
-    `data_path` (a node's own data location) wins over cfg.data.path and $FEDDISTILL_DATA.
+    `data_path` (a node's own data location) wins over cfg.data.path and $FEDDISTILL_DATA. When it is the node's
+    own archive (feddistill partition), that archive is the whole shard; otherwise the shard is cut out of the
+    full dataset in memory (the simulation engine).
     """
     if not 0 <= partition_id < cfg.split.num_clients:
         raise ValueError(f"partition-id={partition_id}: must be in 0..{cfg.split.num_clients - 1} (split.num_clients)")
     path = str(data_path) if data_path else None
     key = shard_key(cfg, partition_id, path)
+    if key not in _SHARDS and path and is_node_archive(Path(path)):
+        _SHARDS[key] = shard_from_archive(cfg, partition_id, Path(path))
     if key not in _SHARDS:
         data_cfg = cfg.data.model_copy(update={"path": path}) if path else cfg.data
         dataset = load_dataset(data_cfg, split_seed(cfg))

@@ -28,8 +28,7 @@ from torch import nn
 
 from common.atomic import atomic_write, check_folder, save_json, save_torch
 from common.config import ConfigError, ExperimentConfig, config_to_dict
-from common.data import Dataset, to_normalized_tensor
-from common.holdings import decide_holdings, load_experiment_data
+from common.data import to_normalized_tensor
 from common.models import model_from_config
 from common.protocol import round_lr
 from common.records import load_record_into, model_to_record
@@ -38,6 +37,7 @@ from common.training import evaluate
 from server.hooks import after_federation, check_before_federation
 from server.privacy import privacy_report
 from server.resume import CONFIG_FILE, METRICS_FILE, ResumePoint, checkpoint_path
+from server.server_data import ServerData, from_dataset
 from server.summary import write_summary
 from server.strategy import EdgeFedAvg, ReplyObserver
 
@@ -150,11 +150,13 @@ def run_federation(
     on_round: RoundCallback | None = None,
     observer: ReplyObserver | None = None,
     resume: ResumePoint | None = None,
+    data: ServerData | None = None,
 ) -> FederationOutcome:
     """Runs cfg.federation.rounds rounds over the grid's nodes and writes the run folder.
 
-    With `resume`, the global model starts from its checkpoint and only the rounds after it run; metrics.jsonl
-    keeps the earlier lines.
+    `data`: what the server holds (default: cut from the full dataset, `server_data.from_dataset`). With `resume`,
+    the global model starts from its checkpoint and only the rounds after it run; metrics.jsonl keeps the earlier
+    lines.
     """
     check_before_federation(cfg)
     run_dir = Path(run_dir)
@@ -162,14 +164,12 @@ def run_federation(
     save_config(cfg, run_dir)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    dataset = load_experiment_data(cfg)
-    holdings = decide_holdings(cfg, dataset.train.labels)
-    model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
+    data = data or from_dataset(cfg)
+    model = model_from_config(cfg.model, data.num_classes, data.channels, data.image_size)
     first_round = resume.round if resume is not None else 0
     if resume is not None:
         load_record_into(model, ArrayRecord(resume.state))
-    slice_sizes = [tuple(map(len, holdings.client(k))) for k in range(cfg.split.num_clients)]
-    strategy = EdgeFedAvg(cfg, model, observer, slice_sizes=slice_sizes, first_round=first_round)
+    strategy = EdgeFedAvg(cfg, model, observer, slice_sizes=data.slice_sizes, first_round=first_round)
     recorder = RoundRecorder(run_dir, cfg, strategy, on_round, resume.lines if resume is not None else None)
     log.info("run folder %s; rounds %d..%d over %d edge clients", run_dir, first_round + 1, cfg.federation.rounds,
              cfg.split.num_clients)
@@ -177,7 +177,7 @@ def run_federation(
         grid=grid,
         initial_arrays=model_to_record(model),
         num_rounds=cfg.federation.rounds - first_round,
-        evaluate_fn=central_evaluation(cfg, dataset, device, recorder, first_round, resumed=resume is not None),
+        evaluate_fn=central_evaluation(cfg, data, device, recorder, first_round, resumed=resume is not None),
         timeout=cfg.federation.round_timeout,
     )
     load_record_into(model, result.arrays)
@@ -185,18 +185,18 @@ def run_federation(
     save_torch(run_dir / RECEIVED_MODEL, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     privacy = privacy_report(cfg)
     save_summary_json(run_dir, cfg, recorder, privacy)
-    distill = after_federation(cfg, model, dataset, holdings, run_dir)
+    distill = after_federation(cfg, model, data, run_dir)
     write_summary(run_dir, cfg, recorder.lines, distill, privacy)
     return FederationOutcome(run_dir, model, recorder.lines, distill)
 
 
 def central_evaluation(
-    cfg: ExperimentConfig, dataset: Dataset, device: torch.device, recorder: RoundRecorder, first_round: int, resumed: bool
+    cfg: ExperimentConfig, data: ServerData, device: torch.device, recorder: RoundRecorder, first_round: int, resumed: bool
 ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
     """The strategy's evaluate_fn: the global model on the server's test set after every round, recorded."""
-    test_x = to_normalized_tensor(dataset.test.images, device)
-    test_y = torch.as_tensor(dataset.test.labels, device=device)
-    evaluator = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size).to(device)
+    test_x = to_normalized_tensor(data.test.images, device)
+    test_y = torch.as_tensor(data.test.labels, device=device)
+    evaluator = model_from_config(cfg.model, data.num_classes, data.channels, data.image_size).to(device)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and resumed:

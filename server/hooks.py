@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from common.config import ConfigError, ExperimentConfig, build_config, config_to_dict
-from common.data import Dataset, to_normalized_tensor
-from common.holdings import Holdings
+from common.data import to_normalized_tensor
 from common.progress import LineProgress
 from common.runtime import pick_device
+from server.server_data import ServerData
 
 log = logging.getLogger("flwr.feddistill")
 
@@ -36,13 +36,13 @@ def check_before_federation(cfg: ExperimentConfig) -> None:
 
 
 def after_federation(
-    cfg: ExperimentConfig, model: nn.Module, dataset: Dataset, holdings: Holdings, run_dir: Path
+    cfg: ExperimentConfig, model: nn.Module, data: ServerData, run_dir: Path
 ) -> dict[str, dict[str, Any]] | None:
     """When cfg.distill.enabled, distils from the received model, the public subset and the test set.
 
     Runs distill.baselines and then distill.method, each into `<run_dir>/distill/<method>/`. The public
-    subset is `holdings.public` (indices into the training set; never in any client's shard). Images are
-    passed normalised, (N, C, H, W) float32 on the config's device, labels int64 (N,).
+    subset is `data.public` (never in any client's shard). Images are passed normalised, (N, C, H, W) float32
+    on the config's device, labels int64 (N,).
     Returns {method: run_distillation's summary}, or None when disabled.
     """
     if not cfg.distill.enabled:
@@ -51,10 +51,10 @@ def after_federation(
     from server.distill.run import run_distillation  # lazy: the federation must not depend on distillation
 
     device = pick_device(cfg.device)
-    public_x = to_normalized_tensor(dataset.train.images[holdings.public], device)
-    public_y = torch.as_tensor(dataset.train.labels[holdings.public], device=device)
-    test_x = to_normalized_tensor(dataset.test.images, device)
-    test_y = torch.as_tensor(dataset.test.labels, device=device)
+    public_x = to_normalized_tensor(data.public.images, device)
+    public_y = torch.as_tensor(data.public.labels, device=device)
+    test_x = to_normalized_tensor(data.test.images, device)
+    test_y = torch.as_tensor(data.test.labels, device=device)
     model = model.to(device)
     results = {}
     for method in distill_methods(cfg):
@@ -62,5 +62,5 @@ def after_federation(
         out_dir = Path(run_dir) / "distill" / method.replace("+", "_")
         log.info("distilling (%s) from the received model and %d public images into %s", method, len(public_y), out_dir)
         results[method] = run_distillation(method_cfg, model, public_x, public_y, test_x, test_y, out_dir,
-                                           progress=LineProgress(log.info))
+                                           num_classes=data.num_classes, progress=LineProgress(log.info))
     return results

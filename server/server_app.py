@@ -6,6 +6,8 @@ Run config keys ([tool.flwr.app.config] in pyproject.toml; override with `flwr r
   data.path, federation.rounds, split.num_clients   shortcuts for the commonest overrides ("" / 0: keep the YAML's)
   output-dir  absolute folder for run folders (else $FEDDISTILL_OUTPUT, else output_dir resolved against the cwd)
   run-dir     an exact absolute run folder (used by `feddistill simulate`)
+  node-data   absolute folder of `feddistill partition`: the server opens only its manifest.json, public.tar.gz
+              and test.tar.gz there (a deployment where each node holds only its own data); "" cuts the full dataset
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import ConfigError, ExperimentConfig, load_config, parse_overrides
 from server.federation import RoundCallback, resolve_run_dir, run_federation
 from server.resume import ResumePoint
+from server.server_data import from_node_data
 from server.strategy import ReplyObserver
 
-RUN_CONFIG_DEFAULTS: dict[str, Any] = {"config": "quickstart", "overrides": "", "output-dir": "", "run-dir": ""}
+RUN_CONFIG_DEFAULTS: dict[str, Any] = {"config": "quickstart", "overrides": "", "output-dir": "", "run-dir": "", "node-data": ""}
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
@@ -58,7 +61,8 @@ def make_server_app(
         run_config = {**RUN_CONFIG_DEFAULTS, **context.run_config}
         experiment = cfg if cfg is not None else config_from_run_config(run_config)
         folder = run_dir or resolve_run_dir(experiment, run_config["output-dir"] or None, run_config["run-dir"] or None)
-        run_federation(grid, experiment, folder, on_round=on_round, observer=observer, resume=resume)
+        data = from_node_data(experiment, Path(run_config["node-data"])) if run_config["node-data"] else None
+        run_federation(grid, experiment, folder, on_round=on_round, observer=observer, resume=resume, data=data)
 
     return server_app
 

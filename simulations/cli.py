@@ -55,6 +55,20 @@ def holdings_table(labels: np.ndarray, holdings: Holdings, classes: Sequence[str
     return table
 
 
+def cmd_partition(args: argparse.Namespace) -> int:
+    """Writes one archive per party (client-<k>, public, test) and manifest.json: each node gets only its own."""
+    from simulations.partition import MANIFEST, partition
+
+    cfg = _load(args)
+    out = check_folder(Path(args.out), "--out")
+    manifest = partition(cfg, out)
+    for name, entry in manifest["archives"].items():
+        console.print(f"{entry['file']}: {sum(entry['train_per_class'])} train / {sum(entry['test_per_class'])} test "
+                      f"images, sha256 {entry['sha256'][:12]}", highlight=False)
+    console.print(f"{out / MANIFEST}: holdings {manifest['holdings_sha256'][:12]}, split seed {manifest['split_seed']}")
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Runs the federation in-process (Flower simulation engine) and prints the per-round table."""
     from server.resume import load_run_config
@@ -230,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("data", cmd_data, "dataset summary and the public/private split table")
+    p = add("partition", cmd_partition, "one data archive per party (edge clients, public subset, test set)")
+    p.add_argument("--out", required=True, help="folder for client-<k>.tar.gz, public.tar.gz, test.tar.gz, manifest.json")
     p = add("simulate", cmd_simulate, "federated training of the edge clients, simulated in this process")
     p.add_argument("--output-dir", default=None, help="folder for the run folder (default: the config's output_dir)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")

@@ -68,3 +68,34 @@ def test_a_dead_supernode_leaves_a_finished_run_that_records_the_dropout(tmp_pat
     for r in rounds[2:]:  # the dropout, recorded: the dead client is either offline or sampled without a reply
         assert r["replies"] == NODES - 1
         assert r["clients_online"] < NODES or r["sampled"] == NODES
+
+
+def test_nodes_with_only_their_own_archives_train_the_same_model_as_the_in_memory_split(tmp_path):
+    """Each SuperNode gets only client-<k>.tar.gz, the ServerApp only the public/test archives (node-data);
+    the received model equals the one of the same config over the full dataset."""
+    import dataclasses
+
+    import torch
+
+    from common.atomic import load_torch
+    from simulations.cli import main as cli_main
+
+    overrides = f"{TINY} federation.rounds=1"
+    nodes = tmp_path / "nodes"
+    assert cli_main(["partition", "--config", "quickstart", "--out", str(nodes), *overrides.split()]) == 0
+    models = {}
+    for mode in ("archives", "memory"):
+        topology = local_topology(NODES)
+        run_config = {"config": "quickstart", "overrides": overrides, "output-dir": str(tmp_path / mode)}
+        if mode == "archives":
+            topology = dataclasses.replace(topology, data_path=str(nodes / "client-{k}.tar.gz"))
+            run_config["node-data"] = str(nodes)
+        with LocalDeployment(topology, tmp_path / f"work-{mode}") as deployment:
+            row = deployment.wait(deployment.submit(run_config), timeout=300)
+        assert row["status"] == "finished:completed", (mode, row)
+        models[mode] = load_torch(next((tmp_path / mode).glob("*/received_model.pt")))
+    assert models["archives"].keys() == models["memory"].keys()
+    # Equal up to the order in which FedAvg sums the replies (they arrive in any order in a deployment); a
+    # different shard would move the weights by orders of magnitude more.
+    for name, value in models["memory"].items():
+        torch.testing.assert_close(models["archives"][name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -1,0 +1,143 @@
+"""Per-node data archives: what one party holds, and nothing else (the deployment's Figure 1 on disk).
+
+An archive is a gzip tar in ImageFolder layout plus `holding.json` at its root:
+
+    holding.json                  {"format", "role", "partition_id", "classes", "train": [names], "test": [names],
+                                   "holdings_sha256", "split_seed"}
+    train/<class>/<index>.png     client: its training slice; public: the server's public subset
+    test/<class>/<index>.png      client: its held-out slice;  test: the server's evaluation set
+
+Images are PNG (lossless), named by their index in the full dataset, and read back in the order `holding.json`
+lists them, so a node loads exactly the arrays the in-memory split gives (same images, labels and order).
+`holdings_sha256` identifies the data/split config that cut it: a node checks it against the server's config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from common.atomic import atomic_write
+from common.config import ExperimentConfig, config_to_dict
+from common.data import DataError, ImageArrays, unsafe_member
+
+FORMAT = "feddistill-holding/1"
+HOLDING_FILE = "holding.json"
+ROLES = ("client", "public", "test")
+
+
+@dataclass(frozen=True)
+class NodeData:
+    role: str
+    partition_id: int | None
+    classes: tuple[str, ...]
+    train: ImageArrays
+    test: ImageArrays
+    meta: dict[str, Any]
+
+
+def holdings_sha256(cfg: ExperimentConfig) -> str:
+    """What decides who holds which image: the data and split sections and the split seed."""
+    c = config_to_dict(cfg)
+    ident = {"data": {k: v for k, v in c["data"].items() if k != "path"}, "split": c["split"],
+             "split_seed": cfg.split.seed if cfg.split.seed is not None else cfg.seed}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_node_archive(
+    path: Path, role: str, classes: tuple[str, ...], train: tuple[ImageArrays, np.ndarray],
+    test: tuple[ImageArrays, np.ndarray], meta: dict[str, Any],
+) -> str:
+    """Writes one party's archive atomically; `train`/`test` are (arrays, their indices in the full split).
+
+    Returns the archive's sha256."""
+    if role not in ROLES:
+        raise ValueError(f"role={role!r}: must be one of {', '.join(ROLES)}")
+    entries: dict[str, list[str]] = {}
+    blobs: list[tuple[str, bytes]] = []
+    for split, (arrays, indices) in (("train", train), ("test", test)):
+        names = [f"{split}/{classes[label]}/{index:06d}.png" for label, index in zip(arrays.labels, indices)]
+        entries[split] = names
+        blobs += [(name, _png(image)) for name, image in zip(names, arrays.images)]
+    holding = {"format": FORMAT, "role": role, "classes": list(classes), **entries, **meta}
+
+    def write(tmp: Path) -> None:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for name, blob in [(HOLDING_FILE, json.dumps(holding, indent=1).encode()), *blobs]:
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+
+    atomic_write(path, write)
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def is_node_archive(path: Path) -> bool:
+    """Whether `path` is an archive with a holding.json at its root (read lazily: only the first member)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            first = tar.next()
+            return first is not None and first.name == HOLDING_FILE
+    except (tarfile.TarError, EOFError, zlib.error, OSError):
+        return False
+
+
+def load_node_archive(path: Path) -> NodeData:
+    """One party's archive, its images in holding.json's order; DataError naming the file for anything wrong."""
+    path = Path(path)
+    files: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                reason = unsafe_member(member)
+                if reason:
+                    raise DataError(f"{path}: member {member.name[:100]!r} is {reason}")
+                if member.isfile():
+                    files[member.name] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+        raise DataError(f"{path}: corrupt or truncated node archive ({type(err).__name__}: {err})") from None
+    try:
+        holding = json.loads(files[HOLDING_FILE])
+    except (KeyError, json.JSONDecodeError):
+        raise DataError(f"{path}: no readable {HOLDING_FILE} (write node archives with feddistill partition)") from None
+    if holding.get("format") != FORMAT or holding.get("role") not in ROLES:
+        raise DataError(f"{path}: {HOLDING_FILE} is not a {FORMAT} description")
+    classes = tuple(holding["classes"])
+    index = {c: i for i, c in enumerate(classes)}
+
+    def read(split: str) -> ImageArrays:
+        images, labels = [], []
+        for name in holding[split]:
+            if name not in files:
+                raise DataError(f"{path}: {HOLDING_FILE} lists {name}, which the archive lacks")
+            cls = name.split("/")[1]
+            if cls not in index:
+                raise DataError(f"{path}: {name} is of class {cls!r}, not one of {list(classes)}")
+            with Image.open(io.BytesIO(files[name])) as img:
+                array = np.asarray(img, dtype=np.uint8)
+            images.append(array[..., None] if array.ndim == 2 else array)
+            labels.append(index[cls])
+        if not images:
+            return ImageArrays(np.zeros((0, 0, 0, 0), dtype=np.uint8), np.zeros(0, dtype=np.int64))
+        return ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64))
+
+    meta = {k: v for k, v in holding.items() if k not in ("train", "test", "classes")}
+    return NodeData(holding["role"], holding.get("partition_id"), classes, read("train"), read("test"), meta)

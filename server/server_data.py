@@ -1,0 +1,85 @@
+"""What the server holds: its public subset, its test set, and how large each client's slices are (for the guard).
+
+Two sources, the same arrays:
+  - `from_dataset(cfg)`: the simulation engine; the full dataset is read and cut by `decide_holdings`, and only the
+    public subset and the test set are kept;
+  - `from_node_data(cfg, folder)`: a deployment; the folder `feddistill partition` wrote, of which the server opens
+    only `manifest.json`, `public.tar.gz` and `test.tar.gz` (each archive checked against the manifest's sha256,
+    the manifest against the server's config). Clients' archives need not be there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import ConfigError, ExperimentConfig
+from common.data import CIFAR10_CLASSES, DataError, ImageArrays
+from common.holdings import decide_holdings, load_experiment_data
+from common.node_data import holdings_sha256, load_node_archive
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ServerData:
+    classes: tuple[str, ...]
+    public: ImageArrays
+    test: ImageArrays
+    slice_sizes: list[tuple[int, int]]  # (train, held-out) images of each client, the update guard's bounds
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.test.images.shape[-1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.test.images.shape[1])
+
+
+def from_dataset(cfg: ExperimentConfig) -> ServerData:
+    """The server's part of the full dataset, cut by the project's holdings function."""
+    dataset = load_experiment_data(cfg)
+    holdings = decide_holdings(cfg, dataset.train.labels)
+    public = ImageArrays(dataset.train.images[holdings.public], dataset.train.labels[holdings.public])
+    sizes = [(len(train), len(held)) for train, held in (holdings.client(k) for k in range(cfg.split.num_clients))]
+    return ServerData(dataset.classes, public, dataset.test, sizes)
+
+
+def from_node_data(cfg: ExperimentConfig, folder: Path) -> ServerData:
+    """The server's own archives (public, test) and the client slice sizes from the manifest; DataError or
+    ConfigError naming the file or key when anything does not match."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{folder / MANIFEST}: unreadable ({type(err).__name__}); run feddistill partition") from None
+    if manifest.get("holdings_sha256") != holdings_sha256(cfg):
+        raise ConfigError(f"{folder / MANIFEST}: cut for another data/split config than this run's; "
+                          "run feddistill partition with this config")
+    archives = manifest["archives"]
+    nodes = {}
+    for name in ("public", "test"):
+        path = folder / archives[name]["file"]
+        if not path.is_file():
+            raise DataError(f"{path}: missing (the server needs public.tar.gz and test.tar.gz beside {MANIFEST})")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != archives[name]["sha256"]:
+            raise DataError(f"{path}: sha256 differs from {MANIFEST} (a changed or corrupt archive)")
+        nodes[name] = load_node_archive(path)
+    classes = nodes["public"].classes
+    if nodes["test"].classes != classes or (cfg.data.name == "cifar10" and classes != CIFAR10_CLASSES):
+        raise DataError(f"{folder}: the archives' classes {list(nodes['test'].classes)} / {list(classes)} are not the "
+                        f"configured dataset's")
+    sizes = []
+    for k in range(cfg.split.num_clients):
+        entry = archives.get(f"client-{k}")
+        if entry is None:
+            raise DataError(f"{folder / MANIFEST}: no client-{k} (split.num_clients={cfg.split.num_clients})")
+        sizes.append((sum(entry["train_per_class"]), sum(entry["test_per_class"])))
+    return ServerData(nodes["public"].classes, nodes["public"].train, nodes["test"].test, sizes)

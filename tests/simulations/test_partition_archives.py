@@ -1,0 +1,103 @@
+"""Per-node archives: each party's archive holds exactly its holdings; a node given its archive loads the same
+shard (images, labels, order) as the in-memory split; wrong archives are one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from common.config import load_config
+from common.data import DataError, ImageArrays
+from common.holdings import decide_holdings, load_experiment_data
+from common.node_data import holdings_sha256, load_node_archive, write_node_archive
+from edge_client.shard import clear_cache, load_shard, shard_from_archive
+from simulations.cli import main as cli_main
+
+TINY = {"data.name": "tiny", "data.tiny_per_class": 12, "data.train_per_class": None, "data.test_per_class": None,
+        "split.pipc": 2, "split.validation_per_class": 1, "split.num_clients": 3, "seed": 4}
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nodes")
+    args = [f"{k}={'null' if v is None else v}" for k, v in TINY.items()]
+    assert cli_main(["partition", "--config", "quickstart", "--out", str(out), *args]) == 0
+    return out, load_config("quickstart", TINY)
+
+
+def test_each_archive_holds_exactly_its_party_and_the_manifest_says_so(nodes):
+    out, cfg = nodes
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["archives"]) == {"client-0", "client-1", "client-2", "public", "test"}
+    dataset = load_experiment_data(cfg)
+    holdings = decide_holdings(cfg, dataset.train.labels)
+    for name, entry in manifest["archives"].items():
+        path = out / entry["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+        node = load_node_archive(path)
+        assert sum(entry["train_per_class"]) == len(node.train) and sum(entry["test_per_class"]) == len(node.test)
+    public = load_node_archive(out / "public.tar.gz")
+    np.testing.assert_array_equal(public.train.images, dataset.train.images[holdings.public])
+    test = load_node_archive(out / "test.tar.gz")
+    np.testing.assert_array_equal(test.test.images, dataset.test.images)
+    with tarfile.open(out / "client-1.tar.gz") as tar:  # a client archive holds nothing but its own slices
+        names = [m.name for m in tar if m.isfile() and m.name != "holding.json"]
+    train_idx, holdout_idx = holdings.client(1)
+    assert sorted(int(n.rsplit("/", 1)[1][:-4]) for n in names) == sorted([*train_idx, *holdout_idx])
+
+
+def test_a_node_with_its_archive_loads_the_same_shard_as_the_in_memory_split(nodes):
+    out, cfg = nodes
+    for k in range(3):
+        clear_cache()
+        memory = load_shard(cfg, k)
+        clear_cache()
+        own = load_shard(cfg, k, out / f"client-{k}.tar.gz")
+        for field in ("train_images", "train_labels", "holdout_images", "holdout_labels"):
+            np.testing.assert_array_equal(getattr(own, field), getattr(memory, field))
+
+
+def test_wrong_archives_are_one_line_errors(nodes, tmp_path):
+    out, cfg = nodes
+    with pytest.raises(DataError, match="not of client 2"):
+        shard_from_archive(cfg, 2, out / "client-0.tar.gz")
+    other = load_config("quickstart", {**TINY, "seed": 5})  # another split seed: other holdings
+    with pytest.raises(DataError, match="another data/split config"):
+        shard_from_archive(other, 0, out / "client-0.tar.gz")
+    cifar = load_config("quickstart", {"split.num_clients": 3})
+    images = ImageArrays(np.zeros((2, 4, 4, 3), np.uint8), np.array([0, 1]))
+    write_node_archive(tmp_path / "odd.tar.gz", "client", ("cat", "dog"), (images, np.array([0, 1])),
+                       (images, np.array([2, 3])), {"holdings_sha256": holdings_sha256(cifar), "partition_id": 0})
+    with pytest.raises(DataError, match="differ from the server's dataset"):
+        shard_from_archive(cifar, 0, tmp_path / "odd.tar.gz")
+    (tmp_path / "broken.tar.gz").write_bytes((out / "client-0.tar.gz").read_bytes()[:200])
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        load_node_archive(tmp_path / "broken.tar.gz")
+
+
+def test_the_server_from_its_archives_holds_what_the_in_memory_split_gives_it(nodes, tmp_path):
+    from server.server_data import from_dataset, from_node_data
+
+    out, cfg = nodes
+    server_dir = tmp_path / "server"  # only what the server may hold: no client archive
+    server_dir.mkdir()
+    for name in ("manifest.json", "public.tar.gz", "test.tar.gz"):
+        (server_dir / name).write_bytes((out / name).read_bytes())
+    own, memory = from_node_data(cfg, server_dir), from_dataset(cfg)
+    assert own.classes == memory.classes and own.slice_sizes == memory.slice_sizes
+    for part in ("public", "test"):
+        np.testing.assert_array_equal(getattr(own, part).images, getattr(memory, part).images)
+        np.testing.assert_array_equal(getattr(own, part).labels, getattr(memory, part).labels)
+    tampered = bytearray((out / "public.tar.gz").read_bytes())
+    tampered[-20] ^= 0xFF
+    (server_dir / "public.tar.gz").write_bytes(bytes(tampered))
+    with pytest.raises(DataError, match="sha256 differs from manifest.json"):
+        from_node_data(cfg, server_dir)
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="another data/split config"):
+        from_node_data(load_config("quickstart", {**TINY, "seed": 5}), out)
