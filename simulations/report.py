@@ -208,12 +208,48 @@ def plot_history(history_file: Path, path: Path) -> Path:
     return _save_figure(fig, path)
 
 
+def _cell_results(sweep_dir: Path, results: pd.DataFrame) -> list[dict]:
+    return [json.loads((Path(sweep_dir) / "cells" / cell / "result.json").read_text()) for cell in results["cell"]]
+
+
+def protocol_line(sweep_dir: Path, results: pd.DataFrame) -> str:
+    """Protocol: distillation iterations, evaluation epochs and nets, seeds, and the commits that made the cells."""
+    cells = _cell_results(sweep_dir, results)
+    def values(section: str, key: str) -> str:
+        return "/".join(str(v) for v in sorted({c["config"][section][key] for c in cells}))
+    commits = ", ".join(sorted({c.get("commit", "unknown") for c in cells}))
+    return (f"Protocol: {values('distill', 'iterations')} distillation iterations, {values('evaluation', 'epochs')} "
+            f"evaluation epochs, {values('evaluation', 'num_nets')} nets per seed, seeds "
+            f"{', '.join(map(str, sorted(set(results['seed']))))}; commit {commits}.")
+
+
+def cross_arch_table(sweep_dir: Path, results: pd.DataFrame) -> str | None:
+    """Test accuracy (%) of each cell's synthetic set on the sweep's other architectures, beside the ConvNet's."""
+    rows = []
+    for _, row in results.iterrows():
+        path = Path(sweep_dir) / "cells" / row["cell"] / "cross_arch.json"
+        if path.is_file():
+            rows.append((row, json.loads(path.read_text())))
+    if not rows:
+        return None
+    archs = sorted({a for _, cross in rows for a in cross})
+    lines = ["| ipc | pipc | method | seed | convnet (the model's) | " + " | ".join(archs) + " |",
+             "|---|---|---|---|---|" + "---|" * len(archs)]
+    for row, cross in rows:
+        cells = [f"{100 * cross[a]['mean']:.1f} ± {100 * cross[a]['std']:.1f}" if a in cross else "-" for a in archs]
+        lines.append(f"| {row['ipc']} | {row['pipc']} | {row['method']} | {row['seed']} | "
+                     f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f} | " + " | ".join(cells) + " |")
+    return "Cross-architecture evaluation (test accuracy %, same synthetic set and evaluation protocol):\n\n" + "\n".join(lines)
+
+
 def render(sweep_dir: Path, out_dir: Path | None = None, class_names: list[str] | None = None) -> dict[str, Path]:
     """Writes every report artefact the finished cells allow; returns name -> path."""
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir or sweep_dir / "report")
     results = load_results(sweep_dir)
-    written = {"table": atomic_write(out_dir / "table.md", lambda tmp: tmp.write_text(markdown_table(results)))}
+    text = "\n\n".join(filter(None, [protocol_line(sweep_dir, results), markdown_table(results),
+                                      cross_arch_table(sweep_dir, results)]))
+    written = {"table": atomic_write(out_dir / "table.md", lambda tmp: tmp.write_text(text))}
     written["plot"] = plot_accuracy_vs_pipc(results, out_dir / "accuracy_vs_pipc.png")
     methods = set(results["method"])
     fig2_method = "dm+dkkt" if "dm+dkkt" in methods else sorted(methods)[0]

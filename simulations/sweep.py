@@ -15,6 +15,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,7 +23,7 @@ from typing import Annotated, Any
 import pandas as pd
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rich.console import Console
 
 from common.atomic import atomic_write, load_torch, save_json
@@ -32,6 +33,7 @@ from common.config import (
     SEED_LIMIT,
     ConfigError,
     ExperimentConfig,
+    ModelConfig,
     build_config,
     config_to_dict,
     load_config,
@@ -39,10 +41,12 @@ from common.config import (
 )
 from common.holdings import split_seed
 from common.methods import MethodName
+from common.models import parse_architecture
 from common.progress import Progress
 from simulations.progress import progress_for
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
+CROSS_ARCH = "cross_arch.json"
 
 
 class SweepConfig(BaseModel):
@@ -56,6 +60,16 @@ class SweepConfig(BaseModel):
     ipc: list[int] = Field(min_length=1)
     methods: list[MethodName] = Field(min_length=1)
     seeds: list[Annotated[int, Field(ge=0, lt=SEED_LIMIT)]] = Field(default_factory=lambda: [0], min_length=1)
+    # Architectures the synthetic sets are also evaluated on (feddistill evaluate --arch syntax), e.g.
+    # [resnet18, "convnet:norm=batchnorm"]: each cell's cross_arch.json, a second table in the report.
+    archs: list[str] = Field(default_factory=list)
+
+    @field_validator("archs")
+    @classmethod
+    def _known_archs(cls, archs: list[str]) -> list[str]:
+        for spec in archs:
+            parse_architecture(spec, ModelConfig())
+        return archs
 
 
 @dataclass(frozen=True)
@@ -148,8 +162,11 @@ def edge_model(train_cfg: ExperimentConfig, cache: Path, console: Console) -> Pa
     return path
 
 
-def run_cell(cfg: ExperimentConfig, model_path: Path, out_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
-    """Distils and evaluates one cell with the cached edge model; returns run_distillation's summary."""
+def run_cell(
+    cfg: ExperimentConfig, model_path: Path, out_dir: Path, progress: Progress | None = None, archs: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Distils and evaluates one cell with the cached edge model, then on each of `archs` (cross_arch.json);
+    returns run_distillation's summary."""
     from common.data import to_normalized_tensor
     from common.holdings import decide_holdings, load_experiment_data
     from common.models import model_from_config
@@ -159,17 +176,45 @@ def run_cell(cfg: ExperimentConfig, model_path: Path, out_dir: Path, progress: P
     public = decide_holdings(cfg, dataset.train.labels).public
     model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
     model.load_state_dict(load_torch(model_path))
-    return run_distillation(
+    test_x, test_y = to_normalized_tensor(dataset.test.images), torch.as_tensor(dataset.test.labels)
+    summary = run_distillation(
         cfg,
         model,
         to_normalized_tensor(dataset.train.images[public]),
         torch.as_tensor(dataset.train.labels[public]),
-        to_normalized_tensor(dataset.test.images),
-        torch.as_tensor(dataset.test.labels),
+        test_x,
+        test_y,
         out_dir,
         num_classes=dataset.num_classes,
         progress=progress,
     )
+    if archs:
+        cross_arch(cfg, out_dir, archs, test_x, test_y, dataset.num_classes)
+    return summary
+
+
+def cross_arch(cfg: ExperimentConfig, out_dir: Path, archs: Sequence[str], test_x: torch.Tensor, test_y: torch.Tensor,
+               num_classes: int) -> dict[str, Any]:
+    """The cell's synthetic set (seed_0) trained on each architecture with the cell's protocol and evaluation
+    seeds; out_dir/cross_arch.json (archs already there are kept)."""
+    from common.runtime import pick_device
+    from server.distill.artifacts import load_synthetic
+    from server.distill.evaluate import evaluate_synthetic, mean_std
+    from server.distill.run import eval_seeds
+
+    path = out_dir / CROSS_ARCH
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    syn = load_synthetic(out_dir / "seed_0")
+    for spec in archs:
+        if spec in done:
+            continue
+        accuracies = evaluate_synthetic(syn.images, syn.labels, test_x, test_y, cfg.evaluation,
+                                        parse_architecture(spec, cfg.model), eval_seeds(cfg.seed, cfg.evaluation.num_nets),
+                                        pick_device(cfg.device), num_classes, cfg.distill.dsa_strategy)
+        mean, std = mean_std(accuracies)
+        done[spec] = {"accuracies": accuracies, "mean": mean, "std": std}
+        save_json(path, done)
+    return done
 
 
 def collect(out_dir: Path) -> pd.DataFrame:
@@ -221,7 +266,7 @@ def run_sweep(
             save_json(cell_dir / "cell.json", {"cell": cell.name, "pipc": cell.pipc, "ipc": cell.ipc,
                                                "method": cell.method, "seed": cell.seed,
                                                "edge_model": model_path.name})
-            summary = run_cell(cfg, model_path, cell_dir, progress)
+            summary = run_cell(cfg, model_path, cell_dir, progress, sweep.archs)
             write_results(out_dir)
             done += 1
             progress.advance(task, done, {"last_accuracy": 100 * summary["mean"], "seconds": time.perf_counter() - start})

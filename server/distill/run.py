@@ -14,7 +14,7 @@ from common.atomic import atomic_write
 from common.config import ExperimentConfig, config_to_dict
 from common.methods import method
 from common.progress import NoProgress, Progress, format_metrics
-from common.runtime import pick_device
+from common.runtime import git_commit, pick_device
 from server.distill.artifacts import load_checkpoint, save_checkpoint, save_grid, save_result, save_synthetic
 from server.distill.evaluate import evaluate_synthetic, mean_std
 from server.distill.methods import DistillState, SyntheticSet, distill
@@ -162,6 +162,7 @@ def _summarise(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], out_dir: P
             "evaluate_s": sum(r["timings"]["evaluate_s"] for r in per_seed),
         },
         "device": str(device),
+        "commit": git_commit(),
         "config": config_to_dict(cfg),
     }
     save_result(out_dir / "result.json", result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,13 +68,40 @@ def test_killed_sweep_resumes_and_finishes_every_cell_once(tmp_path):
     markdown = markdown_table(table)
     assert markdown.count("\n| 1 | ") == 2  # one row per (ipc, pipc)
     written = render(out)
-    assert {"table", "plot", "figure2"} <= set(written) and all(p.stat().st_size > 0 for p in written.values())
+    assert {"table", "plot", "figure2", "curves"} <= set(written) and all(p.stat().st_size > 0 for p in written.values())
+    assert "Protocol: 2 distillation iterations, 2 evaluation epochs" in written["table"].read_text()
+
+
+def test_a_cell_is_also_evaluated_on_the_sweeps_other_architectures(tmp_path):
+    from common.atomic import save_torch
+    from common.holdings import load_experiment_data
+    from common.models import model_from_config
+    from simulations.sweep import CROSS_ARCH, cell_config, run_cell, write_results
+
+    sweep = load_sweep("tiny").model_copy(update={"archs": ["convnet:norm=batchnorm", "convnet:width=16,depth=2"]})
+    cell = cells(sweep)[0][1]  # dm, pipc 2
+    cfg = cell_config(sweep, cell)
+    dataset = load_experiment_data(cfg)
+    save_torch(tmp_path / "model.pt", model_from_config(cfg.model, 10, 3, 32).state_dict())
+    cell_dir = tmp_path / "cells" / cell.name
+    from common.atomic import save_json
+
+    save_json(cell_dir / "cell.json", {"cell": cell.name, "pipc": cell.pipc, "ipc": cell.ipc, "method": cell.method,
+                                       "seed": cell.seed, "edge_model": "model.pt"})
+    run_cell(cfg, tmp_path / "model.pt", cell_dir, archs=sweep.archs)
+    cross = json.loads((cell_dir / CROSS_ARCH).read_text())
+    assert set(cross) == set(sweep.archs) and all(len(v["accuracies"]) == cfg.evaluation.num_nets for v in cross.values())
+    write_results(tmp_path)
+    table = render(tmp_path)["table"].read_text()
+    assert "Cross-architecture evaluation" in table and "convnet:norm=batchnorm" in table
+    assert dataset.num_classes == 10
 
 
 @pytest.mark.parametrize("text, words", [
     ("name: ../../escape\npipc: [2]\nipc: [1]\nmethods: [dm]\n", "name: String should match pattern"),
     ("name: ok\npipc: [2]\nipc: [1]\nmethods: [dm]\nseeds: [-1]\n", "seeds.0: Input should be greater than or equal to 0"),
     ("pipc: [2\n", "cannot be read as YAML"),
+    ("pipc: [2]\nipc: [1]\nmethods: [dm]\narchs: [vgg16]\n", "archs: Value error, --arch 'vgg16'"),
 ])
 def test_a_bad_sweep_file_is_one_config_error_naming_the_key(tmp_path, text, words):
     from common.config import ConfigError

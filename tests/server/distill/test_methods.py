@@ -65,6 +65,15 @@ def test_each_method_runs_end_to_end_and_writes_its_artifacts(method, theta_star
         assert len(seed_result["accuracies"]) == 2 and seed_result["seed"] == 3 + k
         loaded = load_synthetic(seed_dir)
         assert loaded.method == method and loaded.config["distill"]["method"] == method
+        if method != "random":  # the history: every logged iteration up to the last, within the run's time
+            history = [json.loads(x) for x in (seed_dir / "history.jsonl").read_text().splitlines()]
+            assert history[-1]["iteration"] == cfg.distill.iterations
+            assert 0 < history[-1]["seconds"] <= seed_result["timings"]["distill_s"] + 1e-3
+            assert ("share_dkkt" in history[-1]) == (method == "dm+dkkt")
+            from simulations.report import plot_history
+
+            assert plot_history(seed_dir / "history.jsonl", tmp_path / f"{method}-{k}.png").stat().st_size > 0
+    assert on_disk["commit"]
 
 
 def test_random_takes_public_images_and_real_init_starts_from_them():
