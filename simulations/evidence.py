@@ -61,6 +61,9 @@ VARIANTS = {
         Variant("random@lambda", "random", {"distill.init": "lambda"}),
         Variant("dm@lambda", "dm", {"distill.init": "lambda"}),
         Variant("dm+dkkt@lambda", "dm+dkkt", {"distill.init": "lambda"}),
+        # The control for the step size: DM alone with its image step scaled by (1 + dkkt_ratio), the largest
+        # step dm+dkkt can take (set per table in `table_cells`). If it matches dm+dkkt, DKKT adds only step.
+        Variant("dm@step", "dm"),
     )
 }
 
@@ -100,7 +103,7 @@ PRESETS = {
         },
         table_ipcs=(1, 10, 50),
         seeds=(0, 1, 2),
-        variants=("random", "dm", "dsv", "dm+dkkt", "random@lambda", "dm@lambda", "dm+dkkt@lambda"),
+        variants=("random", "dm", "dm+dkkt", "dm@step", "dsv", "random@lambda", "dm@lambda", "dm+dkkt@lambda"),
         single_seed_ipcs=(50,),
         single_seed_variants=("random", "dm+dkkt", "random@lambda"),
         calibration_ipcs=(1, 10),
@@ -119,7 +122,7 @@ PRESETS = {
         per_ipc={1: {"distill.iterations": 3000}, 10: {"distill.iterations": 5000}, 50: {"distill.iterations": 2000}},
         table_ipcs=(1, 10, 50),
         seeds=(0, 1, 2),
-        variants=("random", "dm", "dsv", "dm+dkkt", "random@lambda", "dm@lambda", "dm+dkkt@lambda"),
+        variants=("random", "dm", "dm+dkkt", "dm@step", "dsv", "random@lambda", "dm@lambda", "dm+dkkt@lambda"),
         single_seed_ipcs=(),
         single_seed_variants=(),
         calibration_ipcs=(1, 10),
@@ -325,7 +328,7 @@ def without_test(dataset: Dataset) -> Dataset:
     return Dataset(dataset.name, dataset.classes, dataset.train, empty)
 
 
-FIRST_VARIANTS = ("random", "dm", "dm+dkkt")  # the paper's comparison: every seed of these before the other rows
+FIRST_VARIANTS = ("random", "dm", "dm+dkkt", "dm@step")  # the paper's comparison and its control, every seed first
 
 
 def table_cells(protocol: Protocol, extra: dict[str, Any], ratio: float) -> list[tuple[str, ExperimentConfig, dict[str, Any]]]:
@@ -340,6 +343,9 @@ def table_cells(protocol: Protocol, extra: dict[str, Any], ratio: float) -> list
     cells = []
     for ipc, seed, name in order:
         cfg = cell_config(protocol, extra, VARIANTS[name], ipc, seed, {"distill.dkkt_ratio": ratio})
+        if name == "dm@step":
+            cfg = cell_config(protocol, extra, VARIANTS[name], ipc, seed,
+                              {"distill.dkkt_ratio": ratio, "distill.lr_img": cfg.distill.lr_img * (1 + ratio)})
         pipc = cfg.split.pipc
         cells.append((f"pipc{pipc}-ipc{ipc}-{name.replace('+', '_').replace('@', '-at-')}-seed{seed}", cfg,
                       {"pipc": pipc, "ipc": ipc, "method": name, "seed": seed}))
