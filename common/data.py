@@ -216,24 +216,31 @@ def unsafe_member(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _read_tar(path: Path) -> list[tuple[str, str, str, bytes]]:
-    """(split, class, name, bytes) of every image in the archive; DataError for any unsafe member."""
-    out = []
+def read_archive_files(path: Path, hint: str = "") -> dict[str, bytes]:
+    """Every plain file of a tar archive, name -> bytes, in archive order; DataError for an unsafe member or a
+    corrupt archive (`hint` says what to do)."""
+    out = {}
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
                 reason = unsafe_member(member)
                 if reason:
                     raise DataError(f"{path}: member {member.name[:100]!r} is {reason}; the archive must hold only plain files")
-                m = _MEMBER.search(member.name)
-                if member.isfile() and m and member.name.lower().endswith(IMAGE_SUFFIXES):
-                    out.append((m[1], m[2], m[3], tar.extractfile(member).read()))
+                if member.isfile():
+                    out[member.name] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        raise DataError(
-            f"{path}: corrupt or truncated archive ({type(err).__name__}: {err}); copy it again "
-            "(shared/data/README.md gives its sha256)"
-        ) from None
+        raise DataError(f"{path}: corrupt or truncated archive ({type(err).__name__}: {err}){hint}") from None
     return out
+
+
+def _read_tar(path: Path) -> list[tuple[str, str, str, bytes]]:
+    """(split, class, name, bytes) of every image in the archive; DataError for any unsafe member."""
+    files = read_archive_files(path, "; copy it again (shared/data/README.md gives its sha256)")
+    return [
+        (m[1], m[2], m[3], blob)
+        for name, blob in files.items()
+        if (m := _MEMBER.search(name)) and name.lower().endswith(IMAGE_SUFFIXES)
+    ]
 
 
 def _read_dir(path: Path) -> list[tuple[str, str, str, bytes]]:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from common.atomic import atomic_write
 from common.config import ExperimentConfig, config_to_dict
-from common.data import DataError, ImageArrays, unsafe_member
+from common.data import DataError, ImageArrays, read_archive_files
 
 FORMAT = "feddistill-holding/1"
 HOLDING_FILE = "holding.json"
@@ -103,17 +103,7 @@ def is_node_archive(path: Path) -> bool:
 def load_node_archive(path: Path) -> NodeData:
     """One party's archive, its images in holding.json's order; DataError naming the file for anything wrong."""
     path = Path(path)
-    files: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                reason = unsafe_member(member)
-                if reason:
-                    raise DataError(f"{path}: member {member.name[:100]!r} is {reason}")
-                if member.isfile():
-                    files[member.name] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        raise DataError(f"{path}: corrupt or truncated node archive ({type(err).__name__}: {err})") from None
+    files = read_archive_files(path, "; write it again with feddistill partition")
     try:
         holding = json.loads(files[HOLDING_FILE])
     except (KeyError, json.JSONDecodeError):
