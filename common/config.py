@@ -149,7 +149,7 @@ class DistillConfig(_Section):
     # w_kkt, the weight of L_DKKT: "auto" holds its image gradient at dkkt_ratio x DM's (server/distill/balance.py),
     # or a fixed number. dkkt_min_step: the RMS pixel step per iteration that sets the scale where DM's gradient vanishes.
     dkkt_weight: Annotated[float, Field(ge=0.0)] | Literal["auto"] = "auto"
-    dkkt_ratio: float = Field(0.5, gt=0.0)
+    dkkt_ratio: float = Field(1.0, gt=0.0)  # chosen on validation data: docs/method.md, our choice 5
     dkkt_min_step: float = Field(0.003, gt=0.0)
     # 0: the DKKT term on every synthetic image each iteration; m > 0: on m random ones (lambda scaled by n/m), a
     # CPU saving whose accuracy effect docs/results/cpu-pipc50 states.
