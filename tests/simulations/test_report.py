@@ -12,9 +12,13 @@ from PIL import Image
 
 from common.atomic import save_json
 from server.distill.artifacts import save_synthetic
+from common.config import config_to_dict, load_config
 from server.distill.methods import SyntheticSet
 from simulations.report import fft_magnitude, markdown_table, render
 from simulations.sweep import write_results
+
+
+CONFIG = config_to_dict(load_config("quickstart"))
 
 
 def _fake_sweep(root, grid):
@@ -26,7 +30,8 @@ def _fake_sweep(root, grid):
         syn = SyntheticSet(torch.randn(3 * ipc, 3, 8, 8, generator=g), torch.arange(3).repeat_interleave(ipc), None, method, seed)
         save_synthetic(syn, cell / "seed_0")
         save_json(cell / "cell.json", {"cell": name, "pipc": pipc, "ipc": ipc, "method": method, "seed": seed})
-        save_json(cell / "result.json", {"accuracies": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs))})
+        save_json(cell / "result.json", {"accuracies": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
+                                         "config": CONFIG, "commit": "abc1234"})
     return write_results(root)
 
 
@@ -46,6 +51,8 @@ def test_render_writes_every_figure(tmp_path):
                            (50, 2, "dm", 0, [0.35]), (50, 2, "dm+dkkt", 0, [0.4])])
     written = render(tmp_path)
     assert set(written) == {"table", "plot", "figure2", "figure3"}
+    assert "Protocol: 20 distillation iterations, 50 evaluation epochs, 2 nets per seed, seeds 0; commit abc1234." in (
+        written["table"].read_text())
     for key in ("plot", "figure2", "figure3"):
         with Image.open(written[key]) as img:
             assert img.size[0] > 100 and img.size[1] > 50
