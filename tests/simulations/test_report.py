@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from common.atomic import save_json
-from server.distill.artifacts import save_synthetic
 from common.config import config_to_dict, load_config
+from server.distill.artifacts import save_synthetic
 from server.distill.methods import SyntheticSet
 from simulations.report import fft_magnitude, markdown_table, render
 from simulations.sweep import write_results
