@@ -355,15 +355,18 @@ def table_cells(protocol: Protocol, extra: dict[str, Any], ratio: float) -> list
 # ---------------------------------------------------------------- report
 
 
-def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge: dict[str, Any], ratio: float | None) -> str:
+def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge: dict[str, Any], ratio: float | None,
+                    cell_results: list[Path]) -> str:
     scale = "; ".join(
         f"ipc {ipc}: {o.get('distill.iterations', cfg.distill.iterations)} iterations, batch_real "
         f"{o.get('distill.batch_real', cfg.distill.batch_real)}, DKKT candidates/it "
         f"{o.get('distill.dkkt_candidates', 0) or 'all'}, {o.get('evaluation.epochs', cfg.evaluation.epochs)} evaluation epochs"
         for ipc, o in protocol.per_ipc.items()
     )
+    cells = sorted({json.loads(p.read_text()).get("commit") or "unrecorded" for p in cell_results})
     return "\n".join([
-        f"Preset `{preset}` of `python -m simulations.evidence` at commit {git_commit()}, {time.strftime('%Y-%m-%d')}.",
+        f"Preset `{preset}` of `python -m simulations.evidence`: cells made at commit {', '.join(cells)}; this report at "
+        f"{git_commit()}, {time.strftime('%Y-%m-%d')}; 2 CPU cores (AMD EPYC dev VM), torch {torch.__version__}.",
         f"CIFAR-10 (JPEG copy), pipc {cfg.split.pipc} public images per class; the received model: a Flower federation of "
         f"{edge['num_clients']} IID edge clients on the whole private pool, {edge['rounds']} rounds, test accuracy "
         f"{100 * edge['test_accuracy']:.2f} %.",
@@ -393,7 +396,7 @@ def report_stage(ctx: Context, preset: str, cfg: ExperimentConfig) -> None:
         timing.append(f"| {row['ipc']} | {row['method']} | {done} | {row['distill_s']:.0f} | {row['evaluate_s']:.0f} |")
     text = "\n\n".join([
         "# DM + DKKT against DM with 50 public images per class (CPU evidence)",
-        protocol_header(ctx.protocol, preset, cfg, edge, ratio),
+        protocol_header(ctx.protocol, preset, cfg, edge, ratio, sorted(table_dir.glob("cells/*/result.json"))),
         "Test accuracy (%):", markdown_table(results),
         "Time per cell (2 CPU cores, shared with development work):", "\n".join(timing),
     ]) + "\n"

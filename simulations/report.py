@@ -144,8 +144,10 @@ def fft_magnitude(image: np.ndarray) -> np.ndarray:
 
 def figure3(sweep_dir: Path, results: pd.DataFrame, path: Path, dsv_method: str = "dm+dkkt", ipc: int | None = None,
             class_names: list[str] | None = None) -> Path:
-    """Rows: per-class mean of `dsv_method` images, of DM images, and the FFT magnitude of each."""
-    ipc = ipc or int(results[results["method"] == "dm"]["ipc"].max())
+    """Rows: per-class mean of `dsv_method` images, of DM images, and the FFT magnitude of each (at the largest ipc
+    both have, unless `ipc` is given)."""
+    both = set(results[results["method"] == "dm"]["ipc"]) & set(results[results["method"] == dsv_method]["ipc"])
+    ipc = ipc or int(max(both))
     rows = []
     for method in (dsv_method, "dm"):
         means = class_means(*_images(_cell_dir(sweep_dir, results, method, ipc, None)))
@@ -257,7 +259,8 @@ def render(sweep_dir: Path, out_dir: Path | None = None, class_names: list[str] 
         pipc = 50 if 50 in set(results["pipc"]) else None
         written["figure2"] = figure2(sweep_dir, results, out_dir / "figure2.png", fig2_method, pipc, class_names)
     dsv_method = next((m for m in ("dsv", "dm+dkkt") if m in methods), None)  # pure DSVs first, else DM + DKKT
-    if dsv_method and "dm" in methods:
+    if dsv_method and "dm" in methods and set(results[results["method"] == "dm"]["ipc"]) & set(
+            results[results["method"] == dsv_method]["ipc"]):
         written["figure3"] = figure3(sweep_dir, results, out_dir / "figure3.png", dsv_method, class_names=class_names)
     histories = {f"{row['method']} ipc {row['ipc']} seed {row['seed']}": Path(sweep_dir) / "cells" / row["cell"] / "seed_0" / "history.jsonl"
                  for _, row in results.sort_values(["ipc", "method", "seed"]).drop_duplicates(["ipc", "method"]).iterrows()}
