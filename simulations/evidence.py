@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from common.atomic import atomic_write, load_torch, save_json
-from common.config import ConfigError, ExperimentConfig, config_to_dict, load_config, parse_overrides
+from common.config import ConfigError, ExperimentConfig, load_config, parse_overrides
 from common.data import Dataset, ImageArrays, to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data
 from common.progress import LineProgress
