@@ -12,6 +12,8 @@ Stages, each skipping what an earlier call finished (so the protocol can run in 
   report     OUT/table.md (protocol, commit, seconds per row), results.csv, plots, Figures 2 and 3
 
 Every cell is `run_distillation` into OUT/<stage>/cells/<cell>/ (result.json, history.jsonl, synthetic.pt/png).
+`--workers N` runs the cells of the calibrate and table stages in N processes at once (a GPU runs ConvNet-3 steps
+launch-bound, so several processes share it well); this process chooses the ratio, measures the balance and reports.
 Presets: `cpu` (reduced scale for 2 CPU cores; every table states it), `gpu` (the paper-scale protocol on CUDA, same
 split and received model), `tiny` (generated data, for tests).
 """
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -157,14 +161,23 @@ class OutOfTime(Exception):
     """--max-minutes is spent: stop before the next cell (everything finished so far is on disk)."""
 
 
+class Incomplete(Exception):
+    """A stage has cells that other workers have not finished yet."""
+
+
 @dataclass
 class Context:
     protocol: Protocol
     out: Path
     deadline: float
+    shard: tuple[int, int] = (0, 1)  # (this worker's index, number of workers): it runs cells i with i % n == index
+
+    def mine(self, index: int) -> bool:
+        return index % self.shard[1] == self.shard[0]
 
     def log(self, text: str) -> None:
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}"
+        worker = f"[worker {self.shard[0]}/{self.shard[1]}] " if self.shard[1] > 1 else ""
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {worker}{text}"
         print(line, flush=True)
 
     def check_time(self) -> None:
@@ -234,14 +247,14 @@ def run_cells(ctx: Context, stage: str, cells: list[tuple[str, ExperimentConfig,
     public = decide_holdings(cells[0][1], dataset.train.labels).public
     public_x, public_y = to_normalized_tensor(dataset.train.images[public]), torch.as_tensor(dataset.train.labels[public])
     eval_x, eval_y = to_normalized_tensor(evaluation.images), torch.as_tensor(evaluation.labels)
-    for name, cfg, columns in cells:
+    for index, (name, cfg, columns) in enumerate(cells):
         cell_dir = stage_dir / "cells" / name
-        if not (cell_dir / "result.json").is_file():
+        if ctx.mine(index) and not (cell_dir / "result.json").is_file():
             ctx.check_time()
             if not np.array_equal(decide_holdings(cfg, dataset.train.labels).public, public):
                 raise RuntimeError(f"{name}: its public subset differs from the stage's (the split seed must be fixed)")
             start = time.perf_counter()
-            save_json(cell_dir / "cell.json", {"cell": name, **columns})
+            save_json(cell_dir / "cell.json", {"cell": name, **columns, "machine": machine(cfg)})
             result = run_distillation(cfg, model, public_x, public_y, eval_x, eval_y, cell_dir,
                                       num_classes=dataset.num_classes, progress=LineProgress(interval=120.0))
             ctx.log(f"{stage} {name}: {100 * result['mean']:.2f} ± {100 * result['std']:.2f} % "
@@ -289,6 +302,8 @@ def calibrate_stage(ctx: Context, extra: dict[str, Any], model: torch.nn.Module,
                           {"ipc": ipc, "method": "dm+dkkt", "ratio": ratio, "seed": seed}))
     validation = validation_split(cells[0][1], dataset)
     results = run_cells(ctx, "calibration", cells, model, without_test(dataset), validation)
+    if len(results) < len(cells):
+        raise Incomplete(f"calibration: {len(results)} of {len(cells)} cells finished")
     tuned = results[results["method"] == "dm+dkkt"]
     means = tuned.groupby("ratio")["accuracy_mean"].mean()
     best = float(means.idxmax())
@@ -355,6 +370,16 @@ def table_cells(protocol: Protocol, extra: dict[str, Any], ratio: float) -> list
 # ---------------------------------------------------------------- report
 
 
+def machine(cfg: ExperimentConfig) -> str:
+    """The machine the cells ran on, as this process sees it (the report runs where the cells ran)."""
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    return (f"CPU: {len(names) or 'unknown number of'} cores ({names[0] if names else 'unknown model'}), "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+
+
 def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge: dict[str, Any], ratio: float | None,
                     cell_results: list[Path]) -> str:
     scale = "; ".join(
@@ -364,9 +389,11 @@ def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge
         for ipc, o in protocol.per_ipc.items()
     )
     cells = sorted({json.loads(p.read_text()).get("commit") or "unrecorded" for p in cell_results})
+    machines = sorted({json.loads((p.parent / "cell.json").read_text()).get("machine") or "CPU: 2 cores (dev VM, model unrecorded)"
+                       for p in cell_results})
     return "\n".join([
         f"Preset `{preset}` of `python -m simulations.evidence`: cells made at commit {', '.join(cells)}; this report at "
-        f"{git_commit()}, {time.strftime('%Y-%m-%d')}; 2 CPU cores (AMD EPYC dev VM), torch {torch.__version__}.",
+        f"{git_commit()}, {time.strftime('%Y-%m-%d')}; cells ran on {'; '.join(machines) or 'no machine yet'}.",
         f"CIFAR-10 (JPEG copy), pipc {cfg.split.pipc} public images per class; the received model: a Flower federation of "
         f"{edge['num_clients']} IID edge clients on the whole private pool, {edge['rounds']} rounds, test accuracy "
         f"{100 * edge['test_accuracy']:.2f} %.",
@@ -395,10 +422,10 @@ def report_stage(ctx: Context, preset: str, cfg: ExperimentConfig) -> None:
         done = int(((results["ipc"] == row["ipc"]) & (results["method"] == row["method"])).sum())
         timing.append(f"| {row['ipc']} | {row['method']} | {done} | {row['distill_s']:.0f} | {row['evaluate_s']:.0f} |")
     text = "\n\n".join([
-        "# DM + DKKT against DM with 50 public images per class (CPU evidence)",
+        f"# DM + DKKT against DM with {cfg.split.pipc} public images per class (preset `{preset}`)",
         protocol_header(ctx.protocol, preset, cfg, edge, ratio, sorted(table_dir.glob("cells/*/result.json"))),
         "Test accuracy (%):", markdown_table(results),
-        "Time per cell (2 CPU cores, shared with development work):", "\n".join(timing),
+        "Time per cell (with --workers, several cells shared the machine at once):", "\n".join(timing),
     ]) + "\n"
     atomic_write(ctx.out / "table.md", lambda tmp: tmp.write_text(text))
     atomic_write(ctx.out / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
@@ -413,31 +440,70 @@ def report_stage(ctx: Context, preset: str, cfg: ExperimentConfig) -> None:
 # ---------------------------------------------------------------- driver
 
 
-def run(preset: str, out: Path, stages: Sequence[str], extra: dict[str, Any], max_minutes: float | None) -> int:
+def fan_out(ctx: Context, preset: str, stage: str, workers: int, threads: int, overrides: Sequence[str]) -> None:
+    """Runs `stage` in `workers` processes of this module (worker k takes every workers-th cell) and waits for them;
+    an interrupted wait stops them (each keeps what it finished and its checkpoints)."""
+    minutes = [] if ctx.deadline == float("inf") else ["--max-minutes", f"{max(0.0, (ctx.deadline - time.time()) / 60):.3f}"]
+    procs = [subprocess.Popen([sys.executable, "-m", "simulations.evidence", "--preset", preset, "--out", str(ctx.out),
+                               "--stages", stage, "--threads", str(threads), "--shard", f"{k}/{workers}", *minutes,
+                               *overrides])
+             for k in range(workers)]
+    try:
+        codes = [proc.wait() for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+    if any(codes):
+        raise ConfigError(f"{stage}: worker exit codes {codes}")
+
+
+def run(preset: str, out: Path, stages: Sequence[str], overrides: Sequence[str], max_minutes: float | None,
+        workers: int = 1, shard: tuple[int, int] = (0, 1), threads: int = 2) -> int:
     protocol = PRESETS[preset]
-    ctx = Context(protocol, out.resolve(), time.time() + 60 * max_minutes if max_minutes else float("inf"))
+    extra = parse_overrides(list(overrides))
+    ctx = Context(protocol, out.resolve(), time.time() + 60 * max_minutes if max_minutes else float("inf"), shard)
+    is_worker = shard[1] > 1
     cfg = base_config(protocol, extra)
     try:
-        model_path = edge_stage(ctx, cfg, train="edge" in stages)
-        dataset = load_experiment_data(cfg)
+        model_path = edge_stage(ctx, cfg, train="edge" in stages and not is_worker)
+        dataset = load_experiment_data(cfg)  # before any worker starts: they read the cache it fills
         model = load_model(cfg, dataset, model_path)
         ratio = None
         calibration = ctx.out / "calibration.json"
         if "calibrate" in stages and not calibration.is_file():
+            if workers > 1:
+                fan_out(ctx, preset, "calibrate", workers, threads, overrides)
             ratio = calibrate_stage(ctx, extra, model, dataset)
         if calibration.is_file():
             ratio = json.loads(calibration.read_text())["chosen_dkkt_ratio"]
-        if "balance" in stages and not (ctx.out / "balance.json").is_file():
+        if "balance" in stages and not is_worker and not (ctx.out / "balance.json").is_file():
             balance_stage(ctx, extra, ratio, model, dataset)
         if "table" in stages:
             if ratio is None:
                 raise ConfigError("the table needs the calibrated dkkt_ratio: run the calibrate stage first")
+            if workers > 1:
+                fan_out(ctx, preset, "table", workers, threads, overrides)
             run_cells(ctx, "table", table_cells(protocol, extra, ratio), model, dataset, dataset.test)
     except OutOfTime:
         ctx.log(f"stopped: --max-minutes {max_minutes} spent; run the same command again to continue")
-    if "report" in stages and (ctx.out / "edge_model.json").is_file():
+    except Incomplete as why:
+        ctx.log(f"{why}; the other workers finish the rest")
+    if "report" in stages and not is_worker and (ctx.out / "edge_model.json").is_file():
         report_stage(ctx, preset, cfg)
     return 0
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    try:
+        shard = (int(index), int(count))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected INDEX/COUNT, e.g. 0/4") from None
+    if not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: needs 0 <= INDEX < COUNT")
+    return shard
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -446,12 +512,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--max-minutes", type=float, help="start no new cell after this many minutes")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument("--workers", type=int, default=1, help="processes that run the cells of a stage at once")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help=argparse.SUPPRESS)  # set by --workers
     parser.add_argument("overrides", nargs="*", help="key=value applied to every config (e.g. data.path=...)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
     torch.set_num_threads(args.threads)
     try:
-        return run(args.preset, args.out, args.stages, parse_overrides(args.overrides), args.max_minutes)
+        return run(args.preset, args.out, args.stages, args.overrides, args.max_minutes, args.workers, args.shard,
+                   args.threads)
     except ConfigError as err:
         print(f"error: {err}")
         return 2
