@@ -14,13 +14,16 @@ distill`, the sweep, the evidence protocol) asks this function, and the one seed
 The private remainder is partitioned with flwr-datasets partitioners applied to a small index+label
 table (never the pixels): IID, Dirichlet(alpha) label skew, and k classes per client
 (`PathologicalPartitioner` in its deterministic mode: client p holds classes p..p+k-1, so every class,
-hence every private image, lands in some shard).
+hence every private image, lands in some shard). The shards are partitioned when first asked for: the
+distillation side needs only `public` and `validation` and so never imports flwr-datasets.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property, partial
 
 import numpy as np
 
@@ -38,8 +41,13 @@ class Holdings:
     seed: int
     public: np.ndarray
     validation: np.ndarray
-    shards: tuple[np.ndarray, ...]
     client_holdout: float
+    partition: Callable[[], tuple[np.ndarray, ...]] = field(repr=False, compare=False)
+
+    @cached_property
+    def shards(self) -> tuple[np.ndarray, ...]:
+        """Each edge client's private shard."""
+        return self.partition()
 
     @property
     def private(self) -> np.ndarray:
@@ -76,11 +84,13 @@ def decide_holdings(cfg: ExperimentConfig, labels: np.ndarray) -> Holdings:
             labels, private, split.validation_per_class, np.random.default_rng([seed, VALIDATION_STREAM]), "split.validation_per_class"
         )
         private = np.setdiff1d(private, validation)
-    shards = partition_private(
-        labels, private, split.num_clients, split.partition, split.alpha, split.classes_per_client,
+    if split.num_clients > len(private) > 0:
+        raise ValueError(f"split.num_clients={split.num_clients}: must be <= {len(private)} (private images)")
+    partition = partial(
+        partition_private, labels, private, split.num_clients, split.partition, split.alpha, split.classes_per_client,
         split.min_partition_size, seed,
     )
-    return Holdings(seed, public, validation, shards, split.client_holdout)
+    return Holdings(seed, public, validation, split.client_holdout, partition)
 
 
 def draw_per_class(labels: np.ndarray, pool: np.ndarray, per_class: int, rng: np.random.Generator, key: str) -> np.ndarray:

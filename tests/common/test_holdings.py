@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -100,3 +104,19 @@ def test_holdout_slice_is_disjoint_and_keeps_training_data():
     assert len(held) == 10 and len(train) == 40
     assert np.intersect1d(train, held).size == 0
     assert len(train_holdout(np.array([7]), 0.5, 0)[0]) == 1
+
+
+def test_public_and_validation_need_no_flower() -> None:
+    """The server's distillation asks only for public and validation: that must not import flwr-datasets (the GPU
+    machine has no Flower); the shards are partitioned when first asked for."""
+    code = (
+        "import sys, numpy as np\n"
+        "from common.config import load_config\n"
+        "from common.holdings import decide_holdings\n"
+        "cfg = load_config('quickstart', {'split.validation_per_class': 5})\n"
+        "h = decide_holdings(cfg, np.repeat(np.arange(10), 100))\n"
+        "assert len(h.public) == 10 * cfg.split.pipc and len(h.validation) == 50\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('flwr', 'flwr_datasets', 'datasets')]\n"
+        "assert len(h.shards) == cfg.split.num_clients and 'datasets' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
