@@ -254,13 +254,24 @@ def run_cells(ctx: Context, stage: str, cells: list[tuple[str, ExperimentConfig,
             if not np.array_equal(decide_holdings(cfg, dataset.train.labels).public, public):
                 raise RuntimeError(f"{name}: its public subset differs from the stage's (the split seed must be fixed)")
             start = time.perf_counter()
-            save_json(cell_dir / "cell.json", {"cell": name, **columns, "machine": machine(cfg)})
+            save_json(cell_dir / "cell.json", cell_info(cell_dir, name, columns, machine(cfg)))
             result = run_distillation(cfg, model, public_x, public_y, eval_x, eval_y, cell_dir,
                                       num_classes=dataset.num_classes, progress=LineProgress(interval=120.0))
             ctx.log(f"{stage} {name}: {100 * result['mean']:.2f} ± {100 * result['std']:.2f} % "
                     f"({time.perf_counter() - start:.0f} s)")
         write_results(stage_dir)
     return write_results(stage_dir)
+
+
+def cell_info(cell_dir: Path, name: str, columns: dict[str, Any], here: str) -> dict[str, Any]:
+    """cell.json: the cell's columns and the machine it started on; a cell continued elsewhere (from its checkpoint)
+    also names where it was finished."""
+    started = cell_dir / "cell.json"
+    info = {"cell": name, **columns, "machine": here}
+    if started.is_file():
+        first = json.loads(started.read_text()).get("machine", here)
+        info = {**info, "machine": first, **({"finished_on": here} if first != here else {})}
+    return info
 
 
 def write_results(stage_dir: Path) -> pd.DataFrame:
