@@ -89,8 +89,9 @@ class Protocol:
     balance_ipcs: tuple[int, ...]
     balance_iterations: int
 
-    def cell_overrides(self, ipc: int) -> dict[str, Any]:
-        return {**self.overrides, **self.per_ipc.get(ipc, {}), "distill.ipc": ipc}
+    def cell_overrides(self, ipc: int, extra: dict[str, Any]) -> dict[str, Any]:
+        """The preset's overrides, its scale at `ipc`, then the caller's key=value overrides (which win)."""
+        return {**self.overrides, **self.per_ipc.get(ipc, {}), **extra, "distill.ipc": ipc}
 
 
 PRESETS = {
@@ -293,7 +294,7 @@ def cell_config(protocol: Protocol, extra: dict[str, Any], variant: Variant, ipc
     """The config of one cell; the split seed stays the base config's, so every cell shares the edge model's split."""
     base = base_config(protocol, extra)
     return load_config(protocol.config, {
-        **protocol.overrides, **extra, **protocol.cell_overrides(ipc), **variant.overrides, **(more or {}),
+        **protocol.cell_overrides(ipc, extra), **variant.overrides, **(more or {}),
         "distill.method": variant.method, "distill.num_seeds": 1, "distill.enabled": False, "seed": seed,
         "split.seed": base.split.seed if base.split.seed is not None else base.seed,
     })

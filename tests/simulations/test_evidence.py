@@ -71,3 +71,12 @@ def test_every_cell_of_the_real_presets_is_a_valid_config_on_one_split(preset):
     assert {cfg.split.pipc for _, cfg, _ in cells} == {50}
     assert {cfg.distill.dkkt_ratio for _, cfg, _ in cells} == {0.3}
     assert len({name for name, _, _ in cells}) == len(cells)
+
+
+def test_command_line_overrides_win_over_the_preset() -> None:
+    """key=value on the command line (e.g. device=cpu to finish a GPU preset's cells elsewhere) beats the preset's
+    own overrides and its per-ipc scale in every cell."""
+    protocol = evidence.PRESETS["gpu"]
+    cfg = evidence.cell_config(protocol, {"device": "cpu", "distill.iterations": 7}, evidence.VARIANTS["dm"], 10, 0)
+    assert (cfg.device, cfg.distill.iterations, cfg.distill.ipc) == ("cpu", 7, 10)
+    assert evidence.cell_config(protocol, {}, evidence.VARIANTS["dm"], 10, 0).device == "cuda"
