@@ -167,7 +167,8 @@ def distill(
         theta_abs_mean = flat_parameters(frozen).abs().mean()
     start = 1
     if resume is not None:
-        _restore(resume, syn, opt_img, multipliers if uses_dkkt else None, balance if uses_dkkt else None, gen, device)
+        _restore(resume, syn, opt_img, multipliers if uses_dkkt else None, balance if uses_dkkt else None, gen, device,
+                 continues=resume.iteration < cfg.iterations)
         start = resume.iteration + 1
 
     for it in range(start, cfg.iterations + 1):
@@ -234,7 +235,7 @@ def _capture(
 
 def _restore(
     state: DistillState, syn: torch.Tensor, opt_img: torch.optim.Optimizer, multipliers: Multipliers | None,
-    balance: DkktWeight | None, gen: torch.Generator, device: torch.device,
+    balance: DkktWeight | None, gen: torch.Generator, device: torch.device, continues: bool,
 ) -> None:
     if tuple(state.images.shape) != tuple(syn.shape) or (multipliers is None) != (state.lambdas is None):
         raise ValueError(
@@ -251,8 +252,13 @@ def _restore(
     if balance is not None and state.balance is not None:
         balance.load(state.balance)
     torch.set_rng_state(state.rng["cpu"])
-    gen.set_state(state.rng["loop"])
-    if "cuda" in state.rng:
+    if continues:  # a finished checkpoint draws nothing more: it may be evaluated on any device
+        try:
+            gen.set_state(state.rng["loop"])
+        except RuntimeError:
+            raise ValueError(f"the checkpoint's random stream was drawn on another device type than {device.type}: "
+                             "continue it there, or remove it to start over") from None
+    if "cuda" in state.rng and device.type == "cuda":
         torch.cuda.set_rng_state(state.rng["cuda"], device)
 
 

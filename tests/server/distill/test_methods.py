@@ -121,3 +121,27 @@ def test_the_distillation_core_imports_nothing_from_flwr():
     root = Path(__file__).resolve().parents[3]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "False"
+
+
+def test_a_finished_checkpoint_from_another_device_is_evaluated_and_an_unfinished_one_refused(theta_star, tmp_path):
+    """A cell distilled on a GPU and finished elsewhere: its final checkpoint needs no random stream any more (so
+    any device may evaluate it); an unfinished one cannot continue a CUDA stream on the CPU and says so."""
+    from common.atomic import save_torch
+
+    public_x, public_y = data(PIPC, seed=1)
+    test_x, test_y = data(5, seed=2)
+    cfg = experiment("dm+dkkt", iterations=4)  # checkpoint_every 2: the last checkpoint is the final state
+    first = run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path)
+    path = tmp_path / "seed_0" / "checkpoint.pt"
+    saved = load_torch(path)
+    saved["rng"]["loop"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's state
+    save_torch(path, saved)
+    for result in tmp_path.rglob("result.json"):
+        result.unlink()
+    again = run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path)
+    assert again["accuracies"] == first["accuracies"]
+    longer = experiment("dm+dkkt", iterations=6)
+    for result in tmp_path.rglob("result.json"):
+        result.unlink()
+    with pytest.raises(ValueError, match="random stream was drawn on another device type"):
+        run_distillation(longer, theta_star, public_x, public_y, test_x, test_y, tmp_path)
