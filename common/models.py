@@ -6,6 +6,7 @@ GroupNorm(C, C), ReLU, 2x2 average pooling, linear head on the flattened trunk).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -112,3 +113,25 @@ def build_model(
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+CPU_CHUNK = 20  # images per pass on the CPU (docs/benchmarks.md, "CPU fast path"): cache-sized activations
+
+
+def cpu_chunk(model: nn.Module, x: torch.Tensor) -> int | None:
+    """How many images of `x` one pass of `model` should take: CPU_CHUNK on the CPU, where a ConvNet-3's
+    memory-bound layers (norm, ReLU, pooling) run ~1.4x faster on cache-sized activations; None (all at once) on
+    an accelerator, or where a pass over a chunk would differ from a pass over the whole batch (batch norm in
+    training mode)."""
+    if x.device.type != "cpu":
+        return None
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+        return None
+    return CPU_CHUNK
+
+
+def in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """fn(x) computed over consecutive chunks of `chunk` images and concatenated (fn(x) when chunk is None)."""
+    if chunk is None or x.shape[0] <= chunk:
+        return fn(x)
+    return torch.cat([fn(part) for part in x.split(chunk)])

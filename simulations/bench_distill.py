@@ -24,11 +24,12 @@ are timed too (--variants), each with its loss / accuracy difference to fp32; pe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ from rich.table import Table
 
 from common.atomic import save_json
 from common.config import DistillConfig, EvaluationConfig, ModelConfig
+import common.models as models
 from common.models import build_model
 from common.runtime import pick_device
 from server.distill.dkkt import freeze_model, naive_stationarity_loss, stationarity_loss
@@ -74,6 +76,17 @@ class Row:
     peak_mb: float | None = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def whole_batches() -> Iterator[None]:
+    """The plain path, every pass over the whole batch (the CPU fast path off): the "before" rows."""
+    saved = models.CPU_CHUNK
+    models.CPU_CHUNK = 10**9
+    try:
+        yield
+    finally:
+        models.CPU_CHUNK = saved
 
 
 def sync(device: torch.device) -> None:
@@ -192,7 +205,7 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
         rows.append(Row(section, "reference loop (fp32)", ref, "it/s", 1.0, peak_mb(device)))
 
         baseline_loss = None
-        for variant in ("ours", *variants):
+        for variant in ("whole batch", "ours", *variants):
             try:
                 syn = syn0.clone().requires_grad_(True)
                 if variant == "channels_last":
@@ -208,17 +221,21 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
                 autocast = variant == "bf16"
                 # The loss of one fixed draw, for the difference to fp32.
                 torch.manual_seed(1)
-                first = our_dm_step(embedder, module, pool, syn, syn_y, opt, sizes, torch.Generator(device=device).manual_seed(7), autocast)
+                with whole_batches() if variant == "whole batch" else contextlib.nullcontext():
+                    first = our_dm_step(embedder, module, pool, syn, syn_y, opt, sizes,
+                                        torch.Generator(device=device).manual_seed(7), autocast)
                 loss_value = float(first.detach())
-                baseline_loss = loss_value if variant == "ours" else baseline_loss
+                baseline_loss = loss_value if variant == "whole batch" else baseline_loss
                 gen = torch.Generator(device=device).manual_seed(0)
                 reset_peak(device)
-                r = rate_of(
-                    lambda: our_dm_step(embedder, module, pool, syn, syn_y, opt, sizes, gen, autocast),
-                    args.iters, args.warmup, device,
-                )
-                note = "" if variant == "ours" else f"loss rel. diff {abs(loss_value - baseline_loss) / max(abs(baseline_loss), 1e-12):.1e}"
-                name = "ours (dm_loss, fp32)" if variant == "ours" else f"ours + {variant}"
+                with whole_batches() if variant == "whole batch" else contextlib.nullcontext():
+                    r = rate_of(
+                        lambda: our_dm_step(embedder, module, pool, syn, syn_y, opt, sizes, gen, autocast),
+                        args.iters, args.warmup, device,
+                    )
+                note = "" if variant == "whole batch" else f"loss rel. diff {abs(loss_value - baseline_loss) / max(abs(baseline_loss), 1e-12):.1e}"
+                name = {"ours": "ours (dm_loss, fp32)", "whole batch": "ours, whole batch (no CPU chunks)"}.get(
+                    variant, f"ours + {variant}")
                 rows.append(Row(section, name, r, "it/s", r / ref, peak_mb(device), note))
             except Exception as err:  # noqa: BLE001 - an optional variant may not run on this stack; report it
                 rows.append(Row(section, f"ours + {variant}", None, "it/s", note=f"failed: {type(err).__name__}: {err}"[:120]))
@@ -229,24 +246,36 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
 
 
 def bench_dkkt(sizes: Sizes, args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """The stationarity term (value + backward to images and lambda) at ipc and big_ipc: the per-sample loop (ipc
+    only: it is slow), the batched term over the whole batch, and the batched term in CPU chunks (the default)."""
     model = freeze_model(build_model(sizes.classes, sizes.channels, sizes.size, sizes.width), device)
-    x0, y = class_data(sizes, sizes.ipc, device, seed=1)
-    x = x0.clone().requires_grad_(True)
-    lambdas = torch.full((x.shape[0],), 0.5, device=device, requires_grad=True)
-    section = f"DKKT stationarity, {x.shape[0]} images"
-
-    def step(fn: Callable[..., torch.Tensor]) -> None:
-        loss = fn(model, x, y, lambdas)
-        x.grad = lambdas.grad = None
-        loss.backward()
-
     rows = []
-    reset_peak(device)
-    naive = rate_of(lambda: step(naive_stationarity_loss), args.naive_iters, min(args.warmup, 1), device)
-    rows.append(Row(section, "per-sample loop (naive)", naive, "it/s", 1.0, peak_mb(device)))
-    reset_peak(device)
-    batched = rate_of(lambda: step(stationarity_loss), args.iters, args.warmup, device)
-    rows.append(Row(section, "batched (one double backward)", batched, "it/s", batched / naive, peak_mb(device)))
+    for ipc in dict.fromkeys((sizes.ipc, sizes.big_ipc)):
+        x0, y = class_data(sizes, ipc, device, seed=1)
+        x = x0.clone().requires_grad_(True)
+        lambdas = torch.full((x.shape[0],), 0.5, device=device, requires_grad=True)
+        section = f"DKKT stationarity, ipc {ipc} ({x.shape[0]} images)"
+
+        def step(fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+            loss = fn(model, x, y, lambdas)
+            x.grad = lambdas.grad = None
+            loss.backward()
+            return loss.detach()
+
+        with whole_batches():
+            plain_loss = step(stationarity_loss)
+            reset_peak(device)
+            whole = rate_of(lambda: step(stationarity_loss), args.iters, args.warmup, device)
+        rows.append(Row(section, "batched, whole batch (no CPU chunks)", whole, "it/s", 1.0, peak_mb(device)))
+        if ipc == sizes.ipc:
+            reset_peak(device)
+            naive = rate_of(lambda: step(naive_stationarity_loss), args.naive_iters, min(args.warmup, 1), device)
+            rows.append(Row(section, "per-sample loop (naive)", naive, "it/s", naive / whole, peak_mb(device)))
+        diff = float((step(stationarity_loss) - plain_loss).abs() / plain_loss.abs().clamp(min=1e-12))
+        reset_peak(device)
+        batched = rate_of(lambda: step(stationarity_loss), args.iters, args.warmup, device)
+        rows.append(Row(section, "batched (default path)", batched, "it/s", batched / whole, peak_mb(device),
+                        f"loss rel. diff {diff:.1e}"))
     return rows
 
 
@@ -268,16 +297,22 @@ def bench_eval(sizes: Sizes, args: argparse.Namespace, device: torch.device, var
     train_and_test(syn_x, syn_y, test_x, test_y, short, model_cfg, sizes.classes, 0, device)
     train_and_test_batched(syn_x, syn_y, test_x, test_y, short, model_cfg, sizes.classes, seeds, device)
 
-    reset_peak(device)
-    sync(device)
-    start = time.perf_counter()
-    seq_acc = [
-        train_and_test(syn_x, syn_y, test_x, test_y, cfg, model_cfg, sizes.classes, s, device)
-        for s in seeds[: args.seq_nets]
-    ]
-    sync(device)
-    seq = len(seq_acc) / (time.perf_counter() - start)
-    rows.append(Row(section, f"sequential train_and_test ({len(seq_acc)} net(s))", seq, "nets/s", 1.0, peak_mb(device)))
+    def sequential() -> tuple[list[float], float]:
+        reset_peak(device)
+        sync(device)
+        start = time.perf_counter()
+        accs = [train_and_test(syn_x, syn_y, test_x, test_y, cfg, model_cfg, sizes.classes, s, device)
+                for s in seeds[: args.seq_nets]]
+        sync(device)
+        return accs, len(accs) / (time.perf_counter() - start)
+
+    with whole_batches():
+        whole_acc, whole = sequential()
+    rows.append(Row(section, f"sequential, whole batches ({len(whole_acc)} net(s))", whole, "nets/s", 1.0, peak_mb(device)))
+    seq_acc, seq = sequential()
+    diff = max(abs(a - b) for a, b in zip(seq_acc, whole_acc))
+    rows.append(Row(section, f"sequential train_and_test ({len(seq_acc)} net(s))", seq, "nets/s", seq / whole,
+                    peak_mb(device), f"acc diff to whole batches (same seeds) {diff:.4f}", {"accuracies": seq_acc}))
 
     base_acc = None
     for variant in ("fp32", *variants):
@@ -300,7 +335,7 @@ def bench_eval(sizes: Sizes, args: argparse.Namespace, device: torch.device, var
             else:
                 note = f"mean acc diff to fp32 {sum(acc) / len(acc) - sum(base_acc) / len(base_acc):+.4f}"
             name = f"batched, {len(seeds)} nets at once" + ("" if variant == "fp32" else f" + {variant}")
-            rows.append(Row(section, name, r, "nets/s", r / seq, peak_mb(device), note, {"accuracies": acc}))
+            rows.append(Row(section, name, r, "nets/s", r / whole, peak_mb(device), note, {"accuracies": acc}))
         except Exception as err:  # noqa: BLE001
             rows.append(Row(section, f"batched + {variant}", None, "nets/s", note=f"failed: {type(err).__name__}: {err}"[:120]))
     return rows
@@ -351,10 +386,15 @@ def ratio_summary(rows: list[Row]) -> dict[str, float | None]:
     for r in rows:
         if r.section.startswith("DM step") and r.variant.startswith("ours (dm_loss"):
             out[f"{r.section}: ours / reference"] = r.ratio
-    dk = first(lambda r: r.section.startswith("DKKT") and r.variant.startswith("batched"))
-    out["DKKT: batched / loop"] = dk.ratio if dk else None
+            whole = first(lambda w, s=r.section: w.section == s and w.variant.startswith("ours, whole batch"))
+            if whole and whole.rate and r.rate:
+                out[f"{r.section}: ours / ours on whole batches (the CPU fast path)"] = r.rate / whole.rate
+        if r.section.startswith("DKKT") and r.variant == "batched (default path)":
+            out[f"{r.section}: default / whole batch"] = r.ratio
+    ev = first(lambda r: r.section.startswith("evaluation") and r.variant.startswith("sequential train_and_test"))
+    out["evaluation: one net, default / whole batches"] = ev.ratio if ev else None
     ev = first(lambda r: r.section.startswith("evaluation") and r.variant.startswith("batched") and "+" not in r.variant)
-    out["evaluation: batched / sequential nets/s"] = ev.ratio if ev else None
+    out["evaluation: K nets batched / one net on whole batches, nets/s"] = ev.ratio if ev else None
     return out
 
 

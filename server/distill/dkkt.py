@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from common.config import DistillConfig
+from common.models import cpu_chunk
 from server.distill.dsa import DSAParams, apply_dsa
 
 
@@ -50,11 +51,20 @@ def stationarity_and_logits(
     params = _flat_params(model)
     buffers = dict(model.named_buffers())
 
-    def weighted_ce(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = functional_call(model, (p, buffers), (x,))
-        return (lambdas * F.cross_entropy(logits, y, reduction="none")).sum(), logits
+    def weighted_ce(p: dict[str, torch.Tensor], xs: torch.Tensor, ys: torch.Tensor, ls: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = functional_call(model, (p, buffers), (xs,))
+        return (ls * F.cross_entropy(logits, ys, reduction="none")).sum(), logits
 
-    weighted_grads, logits = grad(weighted_ce, has_aux=True)(params)
+    # On the CPU, sum the chunks' weighted gradients (cache-sized activations; the same sum to float rounding).
+    chunk = cpu_chunk(model, x) or x.shape[0]
+    parts = [grad(weighted_ce, has_aux=True)(params, xs, ys, ls)
+             for xs, ys, ls in zip(x.split(chunk), y.split(chunk), lambdas.split(chunk))]
+    if len(parts) == 1:
+        weighted_grads, logits = parts[0]
+    else:
+        weighted_grads = {k: torch.stack([g[k] for g, _ in parts]).sum(0) for k in params}
+        logits = torch.cat([part_logits for _, part_logits in parts])
     return _stationarity_distance(params, weighted_grads), logits
 
 

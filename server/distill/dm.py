@@ -5,7 +5,8 @@ L_DM = sum_c || mean_{x in B_c} psi(A_c(x)) - mean_{s in S_c} psi(A_c(s)) ||^2  
 psi is a freshly initialised, frozen ConvNet trunk per iteration; A_c is one DSA draw per class shared by
 the real and the synthetic images of class c. All classes go through one forward for the real batch
 (no_grad: real embeddings are constants, as in the reference) and one for the synthetic batch, which is
-also what the reference does for its BatchNorm variant; the class means are segment means.
+also what the reference does for its BatchNorm variant; the class means are segment means. On the CPU each
+forward runs over cache-sized chunks of images (`common.models.cpu_chunk`; the same values to float rounding).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.models import ConvNet
+from common.models import ConvNet, cpu_chunk, in_chunks
 from server.distill.dsa import DSAParams, apply_dsa
 
 
@@ -68,9 +69,11 @@ def dm_loss(
     params: DSAParams | None,
 ) -> torch.Tensor:
     """Batched DM loss; `params` holds one DSA draw per class (None: no augmentation)."""
+    chunk = cpu_chunk(embedder, real_x)
     with torch.no_grad():
-        real_mean = segment_mean(embedder.embed(apply_dsa(real_x, params, real_groups)), real_groups, num_classes)
-    syn_mean = segment_mean(embedder.embed(apply_dsa(syn_x, params, syn_groups)), syn_groups, num_classes)
+        real = in_chunks(embedder.embed, apply_dsa(real_x, params, real_groups), chunk)
+    real_mean = segment_mean(real, real_groups, num_classes)
+    syn_mean = segment_mean(in_chunks(embedder.embed, apply_dsa(syn_x, params, syn_groups), chunk), syn_groups, num_classes)
     return ((real_mean - syn_mean) ** 2).sum()
 
 

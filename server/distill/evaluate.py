@@ -3,7 +3,8 @@
 A fresh ConvNet is trained on the synthetic set only: SGD(lr, momentum, weight_decay), `epochs` passes
 over the shuffled set in batches of `batch_size`, lr x 0.1 (fresh optimiser, as the reference) from
 epoch epochs//2 + 1 on, DSA on every batch when enabled, cross-entropy; then accuracy on the full test set.
-Accuracies are fractions in [0, 1].
+Accuracies are fractions in [0, 1]. On the CPU a batch goes through the net in cache-sized chunks
+(`common.models.cpu_chunk`): the same logits to float rounding, ~1.4x faster at width 128.
 
 `train_and_test` trains one net (the reference of the protocol); `train_and_test_batched` trains K nets at
 once as one vmapped functional model over stacked parameters (`torch.func.stack_module_state`): every net
@@ -26,7 +27,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from common.config import EvaluationConfig, ModelConfig
-from common.models import model_from_config
+from common.models import cpu_chunk, in_chunks, model_from_config
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
 
 TEST_BATCH = 1000
@@ -36,10 +37,11 @@ def _sgd(net: nn.Module, lr: float, cfg: EvaluationConfig) -> torch.optim.SGD:
     return torch.optim.SGD(net.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = TEST_BATCH) -> float:
-    """Top-1 accuracy of `net` (switched to eval mode) on (x, y), batched."""
+    """Top-1 accuracy of `net` (switched to eval mode) on (x, y), batched (cache-sized batches on the CPU)."""
     net.eval()
+    batch_size = cpu_chunk(net, x) or batch_size
     correct = torch.zeros((), dtype=torch.long, device=y.device)
     for start in range(0, x.shape[0], batch_size):
         correct += (net(x[start : start + batch_size]).argmax(1) == y[start : start + batch_size]).sum()
@@ -70,6 +72,7 @@ def train_net(
     families = parse_strategy(dsa_strategy) if eval_cfg.dsa else ()
     x, y = syn_x.to(device), syn_y.to(device)
     n = x.shape[0]
+    chunk = cpu_chunk(net, x)
     optimizer = _sgd(net, eval_cfg.lr, eval_cfg)
     for epoch in range(eval_cfg.epochs):
         if epoch == eval_cfg.epochs // 2 + 1:
@@ -81,7 +84,7 @@ def train_net(
             if families:
                 # Unseeded DiffAugment of the reference: one family per batch, parameters per image.
                 xb = apply_dsa(xb, sample_dsa(families, xb.shape[0], gen, device, one_family=True))
-            loss = F.cross_entropy(net(xb), y[idx])
+            loss = F.cross_entropy(in_chunks(net, xb, chunk), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

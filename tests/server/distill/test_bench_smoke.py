@@ -7,10 +7,13 @@ def test_bench_distill_small_runs_and_prints_the_ratios(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench_distill.main(["--small", "--device", "cpu", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    for ratio in ("ours / reference", "DKKT: batched / loop", "evaluation: batched / sequential nets/s", "estimate"):
+    for ratio in ("ours / reference", "ours / ours on whole batches", "DKKT stationarity, ipc 2 (6 images): default / whole batch",
+                  "evaluation: one net, default / whole batches", "estimate"):
         assert ratio in printed
     result = json.loads(out.read_text())
     assert result["ratios"] and all(v is not None and v > 0 for v in result["ratios"].values())
     assert result["estimate"]["total_s"] > 0
     sections = {r["section"].split(",")[0] for r in result["rows"]}
     assert {"DM step ipc 2", "DKKT stationarity", "evaluation ipc 2", "DM+DKKT iteration (methods.distill)"} <= sections
+    variants = {r["variant"] for r in result["rows"]}  # every "before" row beside its "after" row
+    assert {"ours, whole batch (no CPU chunks)", "batched, whole batch (no CPU chunks)", "batched (default path)"} <= variants
