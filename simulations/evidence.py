@@ -383,7 +383,7 @@ def table_cells(protocol: Protocol, extra: dict[str, Any], ratio: float) -> list
 
 
 def machine(cfg: ExperimentConfig) -> str:
-    """The machine the cells ran on, as this process sees it (the report runs where the cells ran)."""
+    """This process's machine, as each cell's cell.json records it when the cell starts."""
     if cfg.device != "cpu" and torch.cuda.is_available():
         return f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -37,6 +38,17 @@ def test_tiny_protocol_runs_every_stage_resumes_and_reports(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
     assert evidence.main(["--preset", "tiny", "--out", str(out), "--threads", "1"]) == 0  # resumes: nothing reruns
     assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == before
+
+    # --workers 2 on the same received model: the same cells with the same accuracies as the serial run.
+    parallel = tmp_path / "parallel"
+    shutil.copytree(out / "edge", parallel / "edge")
+    assert evidence.main(["--preset", "tiny", "--out", str(parallel), "--threads", "1", "--workers", "2",
+                          "--stages", "calibrate", "table", "report"]) == 0
+    assert json.loads((parallel / "calibration.json").read_text()) == calibration
+    serial_rows = results.set_index("cell")["accuracies"].to_dict()
+    assert pd.read_csv(parallel / "results.csv").set_index("cell")["accuracies"].to_dict() == serial_rows
+    cell = json.loads((parallel / "table/cells/pipc2-ipc1-dm-seed0/cell.json").read_text())
+    assert cell["machine"].startswith("CPU:") and "finished_on" not in cell
 
 
 def test_calibration_never_reads_the_test_set(monkeypatch):
