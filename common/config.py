@@ -20,8 +20,10 @@ from common.methods import METHODS, MethodName
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-# Training images per class of the datasets whose size is known before loading them.
+# Training images per class, and classes, of the datasets known before loading them (an ImageFolder is checked
+# once loaded: common.holdings.load_experiment_data).
 KNOWN_TRAIN_PER_CLASS = {"cifar10": 5000}
+KNOWN_NUM_CLASSES = {"cifar10": 10, "tiny": 10}
 SEED_LIMIT = 2**32  # numpy's seeds: 0 <= seed < 2**32
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # a run/sweep name: one safe folder-name component
 # A number as people write it; YAML 1.1 (PyYAML) reads e.g. 1e-3 or 1E5 as a string.
@@ -209,19 +211,28 @@ class ExperimentConfig(_Section):
                 f"model.arch={self.model.arch!r}: the edge model and the DM embedder are ConvNets; other architectures "
                 "are for evaluation (feddistill evaluate PACK --arch resnet18)"
             )
-        check_against_dataset(self, train_per_class_of(self))
+        num_classes = KNOWN_NUM_CLASSES.get(self.data.name)
+        check_against_dataset(self, train_per_class_of(self), num_classes)
+        if num_classes is not None:
+            check_classes(self, num_classes)
         if self.federation.min_clients is not None and self.federation.min_clients > self.split.num_clients:
             raise ValueError(
                 f"federation.min_clients={self.federation.min_clients}: must be <= split.num_clients={self.split.num_clients}"
             )
         _check_robust_and_dp(self)
-        if self.split.partition == "shards" and self.split.num_clients + self.split.classes_per_client - 1 < 10:
-            # Client p holds classes p .. p+k-1 (mod 10); fewer windows than classes would leave private images unassigned.
-            raise ValueError(
-                "split.classes_per_client: num_clients + classes_per_client - 1 must be >= the number of classes (10) "
-                f"so that every private image lands in a shard; got {self.split.num_clients} + {self.split.classes_per_client} - 1"
-            )
         return self
+
+
+def check_classes(cfg: ExperimentConfig, num_classes: int) -> None:
+    """Checks that need the number of classes; raises ValueError naming the key."""
+    split = cfg.split
+    if split.partition == "shards" and split.num_clients + split.classes_per_client - 1 < num_classes:
+        # Client p holds classes p .. p+k-1 (mod C); fewer windows than classes would leave private images unassigned.
+        raise ValueError(
+            f"split.classes_per_client: num_clients + classes_per_client - 1 must be >= the number of classes "
+            f"({num_classes}) so that every private image lands in a shard; got {split.num_clients} + "
+            f"{split.classes_per_client} - 1"
+        )
 
 
 def _check_robust_and_dp(cfg: ExperimentConfig) -> None:
@@ -279,8 +290,9 @@ def public_per_class(split: SplitConfig, train_per_class: int) -> int:
     return max(1, round(split.public_ratio * train_per_class))
 
 
-def check_against_dataset(cfg: ExperimentConfig, train_per_class: int | None) -> None:
-    """Checks that need the number of training images per class; raises ValueError naming the key."""
+def check_against_dataset(cfg: ExperimentConfig, train_per_class: int | None, num_classes: int | None) -> None:
+    """Checks that need the number of training images per class (and of classes, when known); raises ValueError
+    naming the key."""
     if train_per_class is None:
         return
     if cfg.data.train_per_class is not None and cfg.data.train_per_class > train_per_class:
@@ -293,8 +305,8 @@ def check_against_dataset(cfg: ExperimentConfig, train_per_class: int | None) ->
             f"split.validation_per_class={cfg.split.validation_per_class}: pipc + validation_per_class must be <= "
             f"{train_per_class} (training images per class)"
         )
-    private_total = (train_per_class - pipc - cfg.split.validation_per_class) * 10
-    if 0 < private_total < cfg.split.num_clients:  # private_total 0: all public, distillation only
+    private_total = (train_per_class - pipc - cfg.split.validation_per_class) * (num_classes or 0)  # 0: unknown
+    if 0 < private_total < cfg.split.num_clients:  # or 0 when all are public (distillation only)
         raise ValueError(
             f"split.num_clients={cfg.split.num_clients}: must be <= {private_total} (private images left after pipc={pipc})"
         )

@@ -1,4 +1,4 @@
-"""Datasets by name, decoded once to uint8 arrays and cached; normalisation as in the DM reference."""
+"""Datasets by name, decoded once to uint8 arrays and cached, each with the normalisation its images get."""
 
 from __future__ import annotations
 
@@ -18,23 +18,63 @@ from PIL import Image
 from common.atomic import atomic_write
 from common.config import DataConfig
 
-# CIFAR-10 statistics used by the DM reference (utils.get_dataset).
+# CIFAR-10 statistics used by the DM reference (utils.get_dataset); every other dataset uses its own.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 
-def to_normalized_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float32 (N, C, H, W), scaled to [0, 1] and normalised with the CIFAR-10 mean/std."""
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and std of [0, 1] pixels: normalised = (pixel - mean) / std."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    @classmethod
+    def of(cls, images: np.ndarray) -> Normalization:
+        """The statistics of uint8 images (N, H, W, C), accumulated in float64 one chunk at a time."""
+        total, squares, n = 0.0, 0.0, 0
+        for chunk in np.array_split(images, max(1, len(images) // 4096)):
+            pixels = chunk.reshape(-1, chunk.shape[-1]).astype(np.float64) / 255.0
+            total, squares, n = total + pixels.sum(0), squares + (pixels**2).sum(0), n + len(pixels)
+        mean = total / n
+        std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
+        if (std == 0).any():
+            raise DataError("the training images have a constant channel (std 0): they cannot be normalised")
+        return cls(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_json(cls, value: dict[str, list[float]]) -> Normalization:
+        return cls(tuple(float(m) for m in value["mean"]), tuple(float(s) for s in value["std"]))
+
+    def broadcast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std shaped (1, C, 1, 1) like `x` (N, C, H, W); ValueError when the channels differ."""
+        if x.shape[1] != self.channels:
+            raise ValueError(f"images have {x.shape[1]} channels but the normalisation has {self.channels}")
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return mean, torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+
+
+CIFAR10_NORMALIZATION = Normalization(CIFAR10_MEAN, CIFAR10_STD)
+
+
+def to_normalized_tensor(images: np.ndarray, norm: Normalization, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W), scaled to [0, 1] and normalised with `norm`."""
     x = torch.as_tensor(images, device=device).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=x.device).view(1, -1, 1, 1)
+    mean, std = norm.broadcast(x)
     return x.sub_(mean).div_(std).contiguous()
 
 
-def denormalize(x: torch.Tensor) -> torch.Tensor:
+def denormalize(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
     """Inverse of the normalisation: (N, C, H, W) -> [0, 1] values (clamped)."""
-    mean = torch.tensor(CIFAR10_MEAN, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    mean, std = norm.broadcast(x)
     return (x * std + mean).clamp(0.0, 1.0)
 
 
@@ -42,6 +82,7 @@ DATA_ENV = "FEDDISTILL_DATA"  # where the dataset is: a .tar.gz archive, an Imag
 CACHE_ENV = "FEDDISTILL_CACHE"  # where decoded arrays are cached (default ~/.cache/feddistill)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DECODER = 2  # in the cache key: 2 keeps grey images at one channel (1 converted everything to RGB)
 
 
 class DataError(RuntimeError):
@@ -64,10 +105,14 @@ class ImageArrays:
 
 @dataclass(frozen=True)
 class Dataset:
+    """A dataset and the normalisation every node applies to it: CIFAR-10's published statistics for cifar10 (as the
+    DM reference), else the per-channel statistics of the whole training split (`load_dataset` decides)."""
+
     name: str
     classes: tuple[str, ...]
     train: ImageArrays
     test: ImageArrays
+    normalization: Normalization
 
     @property
     def num_classes(self) -> int:
@@ -102,7 +147,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     else:
         path = resolve_data_path(cfg.path)
         if _is_imagefolder(path):
-            dataset = load_imagefolder(path)
+            dataset = load_imagefolder(path, CIFAR10_NORMALIZATION if cfg.name == "cifar10" else None)
         elif cfg.name == "cifar10":
             dataset = load_torchvision_cifar10(path, download=cfg.download)
         else:
@@ -117,6 +162,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         dataset.classes,
         _slice_per_class(dataset.train, cfg.train_per_class, dataset.num_classes, seed),
         _slice_per_class(dataset.test, cfg.test_per_class, dataset.num_classes, seed + 1),
+        dataset.normalization,  # of the whole training split, whatever the slice
     )
 
 
@@ -146,24 +192,22 @@ def _slice_per_class(arrays: ImageArrays, per_class: int | None, num_classes: in
 # ---------------------------------------------------------------- ImageFolder (directory or .tar.gz), cached
 
 
-def load_imagefolder(path: Path) -> Dataset:
-    """`train/<class>/*` and `test/<class>/*` images, decoded once and cached as uint8 arrays."""
+def load_imagefolder(path: Path, normalization: Normalization | None = None) -> Dataset:
+    """`train/<class>/*` and `test/<class>/*` images, decoded once and cached as uint8 arrays; normalised with
+    `normalization` when given (CIFAR-10's published one), else with the training split's own statistics."""
     path = Path(path)
     if not path.exists():
         raise DataError(_missing_message(path, "imagefolder"))
     cached = cache_dir() / f"imagefolder-{_source_key(path)}.npz"
     if cached.exists():
         try:
-            return _read_cache(cached, path)
+            classes, train, test = _read_cache(cached)
         except (OSError, ValueError, KeyError) as err:
             raise DataError(f"cache file {cached} is unreadable ({err}); delete it to decode {path} again") from None
-    files = _read_tar(path) if path.is_file() else _read_dir(path)
-    dataset = _decode(files, path)
-    atomic_write(
-        cached,
-        lambda tmp: _write_npz(tmp, dataset),
-    )
-    return dataset
+    else:
+        classes, train, test = _decode(_read_tar(path) if path.is_file() else _read_dir(path), path)
+        atomic_write(cached, lambda tmp: _write_npz(tmp, classes, train, test))
+    return Dataset(path.name, classes, train, test, normalization or Normalization.of(train.images))
 
 
 def _source_key(path: Path) -> str:
@@ -176,29 +220,22 @@ def _source_key(path: Path) -> str:
         stats = ((str(p.relative_to(path)), p.stat()) for p in path.rglob("*") if p.is_file())
         entries = sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats)
         ident = f"{path.resolve()}|{entries}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{DECODER}|{ident}".encode()).hexdigest()[:16]
 
 
-def _write_npz(tmp: Path, dataset: Dataset) -> None:
+Splits = tuple[tuple[str, ...], ImageArrays, ImageArrays]  # classes, train, test
+
+
+def _write_npz(tmp: Path, classes: tuple[str, ...], train: ImageArrays, test: ImageArrays) -> None:
     with open(tmp, "wb") as fh:
-        np.savez(
-            fh,
-            classes=np.array(dataset.classes),
-            train_images=dataset.train.images,
-            train_labels=dataset.train.labels,
-            test_images=dataset.test.images,
-            test_labels=dataset.test.labels,
-        )
+        np.savez(fh, classes=np.array(classes), train_images=train.images, train_labels=train.labels,
+                 test_images=test.images, test_labels=test.labels)
 
 
-def _read_cache(cached: Path, source: Path) -> Dataset:
+def _read_cache(cached: Path) -> Splits:
     with np.load(cached, allow_pickle=False) as z:
-        return Dataset(
-            source.name,
-            tuple(str(c) for c in z["classes"]),
-            ImageArrays(z["train_images"], z["train_labels"]),
-            ImageArrays(z["test_images"], z["test_labels"]),
-        )
+        return (tuple(str(c) for c in z["classes"]), ImageArrays(z["train_images"], z["train_labels"]),
+                ImageArrays(z["test_images"], z["test_labels"]))
 
 
 _MEMBER = re.compile(r"(?:^|/)(train|test)/([^/]+)/([^/]+)$")
@@ -252,7 +289,28 @@ def _read_dir(path: Path) -> list[tuple[str, str, str, bytes]]:
     ]
 
 
-def _decode(files: list[tuple[str, str, str, bytes]], source: Path) -> Dataset:
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes with one grey level per pixel
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    """uint8 (H, W) for a grey image (a grey mode, or a palette of greys only), else (H, W, 3) RGB."""
+    if img.mode in GREY_MODES:
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    if img.mode == "P" and (rgb == rgb[..., :1]).all():
+        return np.ascontiguousarray(rgb[..., 0])
+    return rgb
+
+
+def _channels_last(images: list[np.ndarray]) -> list[np.ndarray]:
+    """All grey: (H, W, 1) each. Any colour: (H, W, 3) each, a grey image repeated into three equal channels (what
+    RGB conversion does; nothing is lost)."""
+    if all(a.ndim == 2 for a in images):
+        return [a[..., None] for a in images]
+    return [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in images]
+
+
+def _decode(files: list[tuple[str, str, str, bytes]], source: Path) -> Splits:
     classes = tuple(sorted({cls for split, cls, _, _ in files if split == "train"}))
     if not classes:
         raise DataError(f"{source}: no images under train/<class>/ (expected an ImageFolder layout)")
@@ -262,20 +320,28 @@ def _decode(files: list[tuple[str, str, str, bytes]], source: Path) -> Dataset:
     if not test_classes <= set(classes):
         raise DataError(f"{source}: test classes {sorted(test_classes - set(classes))} have no training folder")
     index = {c: i for i, c in enumerate(classes)}
-    splits: dict[str, tuple[list[np.ndarray], list[int]]] = {"train": ([], []), "test": ([], [])}
+    decoded: list[tuple[str, np.ndarray, int]] = []
     for split, cls, name, blob in sorted(files, key=lambda f: f[:3]):
         try:
             with Image.open(io.BytesIO(blob)) as img:
-                array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                decoded.append((split, _pixels(img), index[cls]))
         except (OSError, SyntaxError) as err:
             raise DataError(f"{source}: {split}/{cls}/{name} is not a readable image ({type(err).__name__})") from None
-        splits[split][0].append(array)
-        splits[split][1].append(index[cls])
-    shapes = {a.shape for images, _ in splits.values() for a in images}
-    if len(shapes) != 1:
-        raise DataError(f"{source}: images have different sizes {sorted(shapes)}; all must share one size")
-    arrays = {k: ImageArrays(np.stack(v[0]), np.asarray(v[1], dtype=np.int64)) for k, v in splits.items()}
-    return Dataset(source.name, classes, arrays["train"], arrays["test"])
+    if len(classes) < 2:
+        raise DataError(f"{source}: train/ has one class folder {list(classes)}; a classification dataset needs >= 2")
+    sizes = {a.shape[:2] for _, a, _ in decoded}
+    if len(sizes) != 1:
+        raise DataError(f"{source}: images have different sizes {sorted(sizes)}; all must share one size")
+    (height, width), = sizes
+    if height != width:
+        raise DataError(f"{source}: images are {height}x{width} px; the ConvNet takes square images only")
+    images = _channels_last([a for _, a, _ in decoded])
+
+    def split_arrays(split: str) -> ImageArrays:
+        rows = [i for i, (s, _, _) in enumerate(decoded) if s == split]
+        return ImageArrays(np.stack([images[i] for i in rows]), np.asarray([decoded[i][2] for i in rows], dtype=np.int64))
+
+    return classes, split_arrays("train"), split_arrays("test")
 
 
 # ---------------------------------------------------------------- torchvision CIFAR-10
@@ -295,6 +361,7 @@ def load_torchvision_cifar10(root: Path, download: bool = False) -> Dataset:
         tuple(train.classes),
         ImageArrays(np.asarray(train.data, dtype=np.uint8), np.asarray(train.targets, dtype=np.int64)),
         ImageArrays(np.asarray(test.data, dtype=np.uint8), np.asarray(test.targets, dtype=np.int64)),
+        CIFAR10_NORMALIZATION,
     )
 
 
@@ -316,4 +383,4 @@ def make_tiny_dataset(per_class: int = 20, num_classes: int = 10, image_size: in
         return ImageArrays(np.clip(noisy, 0, 255).astype(np.uint8), labels.astype(np.int64))
 
     train, test = split(per_class), split(max(1, per_class // 2))
-    return Dataset("tiny", tuple(f"class{c}" for c in range(num_classes)), train, test)
+    return Dataset("tiny", tuple(f"class{c}" for c in range(num_classes)), train, test, Normalization.of(train.images))

@@ -27,7 +27,7 @@ from functools import cached_property, partial
 
 import numpy as np
 
-from common.config import ExperimentConfig, public_per_class
+from common.config import ConfigError, ExperimentConfig, check_classes, public_per_class
 from common.data import Dataset, load_dataset
 
 HOLDOUT_SEED_STRIDE = 7919  # client k's held-out slice is drawn with split_seed + 7919 * (k + 1)
@@ -69,8 +69,14 @@ def split_seed(cfg: ExperimentConfig) -> int:
 
 
 def load_experiment_data(cfg: ExperimentConfig) -> Dataset:
-    """The config's dataset, sliced (data.train_per_class / test_per_class) with the split seed."""
-    return load_dataset(cfg.data, split_seed(cfg))
+    """The config's dataset, sliced (data.train_per_class / test_per_class) with the split seed; ConfigError when
+    the split cannot work with its number of classes."""
+    dataset = load_dataset(cfg.data, split_seed(cfg))
+    try:
+        check_classes(cfg, dataset.num_classes)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return dataset
 
 
 def decide_holdings(cfg: ExperimentConfig, labels: np.ndarray) -> Holdings:

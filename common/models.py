@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from common.config import ModelConfig
+from common.config import ConfigError, ModelConfig
 
 Norm = Literal["instancenorm", "batchnorm", "none"]
 
@@ -30,7 +30,8 @@ def _norm_layer(norm: Norm, channels: int) -> nn.Module:
 class ConvNet(nn.Module):
     """Conv(3x3) -> norm -> ReLU -> AvgPool(2) blocks, then a linear classifier.
 
-    Input (N, C, H, W); `embed` returns (N, width * (H / 2**depth) * (W / 2**depth)).
+    Input (N, C, S, S); each pooling floors the size as in the DM reference (28 -> 14 -> 7 -> 3), so `embed`
+    returns (N, width * (S // 2**depth)**2).
     """
 
     def __init__(
@@ -43,8 +44,9 @@ class ConvNet(nn.Module):
         norm: Norm = "instancenorm",
     ) -> None:
         super().__init__()
-        if image_size % (2**depth):
-            raise ValueError(f"model.depth={depth} halves the image {depth} times; {image_size} px is not divisible by {2**depth}")
+        if image_size >> depth < 1:
+            raise ConfigError(f"model.depth={depth} halves the image {depth} times; {image_size} px images need "
+                              f"model.depth <= {image_size.bit_length() - 1}")
         layers: list[nn.Module] = []
         in_channels = channels
         for _ in range(depth):
@@ -56,7 +58,7 @@ class ConvNet(nn.Module):
             ]
             in_channels = width
         self.features = nn.Sequential(*layers)
-        self.feature_dim = width * (image_size // 2**depth) ** 2
+        self.feature_dim = width * (image_size >> depth) ** 2
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,15 @@
 An archive is a gzip tar in ImageFolder layout plus `holding.json` at its root:
 
     holding.json                  {"format", "role", "partition_id", "classes", "train": [names], "test": [names],
-                                   "holdings_sha256", "split_seed"}
+                                   "holdings_sha256", "split_seed", "normalization": {"mean", "std"}}
     train/<class>/<index>.png     client: its training slice; public: the server's public subset
     test/<class>/<index>.png      client: its held-out slice;  test: the server's evaluation set
 
 Images are PNG (lossless), named by their index in the full dataset, and read back in the order `holding.json`
 lists them, so a node loads exactly the arrays the in-memory split gives (same images, labels and order).
 `holdings_sha256` identifies the data/split config that cut it: a node checks it against the server's config.
+`normalization` is the full dataset's (its whole training split's statistics, or CIFAR-10's published ones), written
+by `feddistill partition` into every archive, so each node normalises exactly as the others do, whatever its slice.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from PIL import Image
 
 from common.atomic import atomic_write
 from common.config import ExperimentConfig, config_to_dict
-from common.data import DataError, ImageArrays, read_archive_files
+from common.data import DataError, ImageArrays, Normalization, read_archive_files
 
 FORMAT = "feddistill-holding/1"
 HOLDING_FILE = "holding.json"
@@ -42,6 +44,7 @@ class NodeData:
     classes: tuple[str, ...]
     train: ImageArrays
     test: ImageArrays
+    normalization: Normalization
     meta: dict[str, Any]
 
 
@@ -60,10 +63,11 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def write_node_archive(
-    path: Path, role: str, classes: tuple[str, ...], train: tuple[ImageArrays, np.ndarray],
+    path: Path, role: str, classes: tuple[str, ...], normalization: Normalization, train: tuple[ImageArrays, np.ndarray],
     test: tuple[ImageArrays, np.ndarray], meta: dict[str, Any],
 ) -> str:
-    """Writes one party's archive atomically; `train`/`test` are (arrays, their indices in the full split).
+    """Writes one party's archive atomically; `train`/`test` are (arrays, their indices in the full split),
+    `normalization` the full dataset's.
 
     Returns the archive's sha256."""
     if role not in ROLES:
@@ -74,7 +78,8 @@ def write_node_archive(
         names = [f"{split}/{classes[label]}/{index:06d}.png" for label, index in zip(arrays.labels, indices)]
         entries[split] = names
         blobs += [(name, _png(image)) for name, image in zip(names, arrays.images)]
-    holding = {"format": FORMAT, "role": role, "classes": list(classes), **entries, **meta}
+    holding = {"format": FORMAT, "role": role, "classes": list(classes), **entries,
+               "normalization": normalization.to_json(), **meta}
 
     def write(tmp: Path) -> None:
         with tarfile.open(tmp, "w:gz") as tar:
@@ -129,5 +134,10 @@ def load_node_archive(path: Path) -> NodeData:
             return ImageArrays(np.zeros((0, 0, 0, 0), dtype=np.uint8), np.zeros(0, dtype=np.int64))
         return ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64))
 
-    meta = {k: v for k, v in holding.items() if k not in ("train", "test", "classes")}
-    return NodeData(holding["role"], holding.get("partition_id"), classes, read("train"), read("test"), meta)
+    if "normalization" not in holding:
+        raise DataError(f"{path}: {HOLDING_FILE} records no normalization (an older feddistill partition); "
+                        "run feddistill partition again")
+    normalization = Normalization.from_json(holding["normalization"])
+    meta = {k: v for k, v in holding.items() if k not in ("train", "test", "classes", "normalization")}
+    return NodeData(holding["role"], holding.get("partition_id"), classes, read("train"), read("test"), normalization,
+                    meta)

@@ -79,7 +79,7 @@ def train_reply(content: RecordDict, node_config: Mapping[str, Any]) -> RecordDi
     settings = settings_from_config(config)
     device = pick_device(cfg.device)
     model.to(device)
-    x = to_normalized_tensor(shard.train_images, device)
+    x = to_normalized_tensor(shard.train_images, shard.normalization, device)
     y = torch.as_tensor(shard.train_labels, device=device)
     result = train_local(model, x, y, settings, seed=_round_seed(cfg, config, shard.partition_id))
     metrics = MetricRecord(
@@ -98,7 +98,7 @@ def evaluate_reply(content: RecordDict, node_config: Mapping[str, Any]) -> Recor
     cfg, config, shard, model = _unpack(content, node_config)
     device = pick_device(cfg.device)
     model.to(device)
-    x = to_normalized_tensor(shard.holdout_images, device)
+    x = to_normalized_tensor(shard.holdout_images, shard.normalization, device)
     y = torch.as_tensor(shard.holdout_labels, device=device)
     batch_size = int(config.get("eval-batch-size", cfg.federation.eval_batch_size))
     loss, accuracy = evaluate(model, x, y, batch_size) if len(y) else (0.0, 0.0)  # the server skips 0-example replies

@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from common.config import ExperimentConfig
-from common.data import CIFAR10_CLASSES, DataError, load_dataset, resolve_data_path
+from common.data import CIFAR10_CLASSES, DataError, Normalization, load_dataset, resolve_data_path
 from common.holdings import decide_holdings, split_seed
 from common.node_data import holdings_sha256, is_node_archive, load_node_archive
 
 
 @dataclass(frozen=True)
 class Shard:
-    """uint8 images (N, H, W, C) and int64 labels of one client's train and held-out slices."""
+    """uint8 images (N, H, W, C) and int64 labels of one client's train and held-out slices, and the dataset's
+    normalisation (of the whole training split, the same on every node)."""
 
     partition_id: int
     train_images: np.ndarray
@@ -30,6 +31,7 @@ class Shard:
     holdout_images: np.ndarray
     holdout_labels: np.ndarray
     num_classes: int
+    normalization: Normalization
 
     @property
     def channels(self) -> int:
@@ -68,7 +70,8 @@ def shard_from_archive(cfg: ExperimentConfig, partition_id: int, path: Path) -> 
     expected = CIFAR10_CLASSES if cfg.data.name == "cifar10" else None
     if expected is not None and node.classes != expected:
         raise DataError(f"{path}: classes {list(node.classes)} differ from the server's dataset {list(expected)}")
-    return Shard(partition_id, node.train.images, node.train.labels, node.test.images, node.test.labels, len(node.classes))
+    return Shard(partition_id, node.train.images, node.train.labels, node.test.images, node.test.labels,
+                 len(node.classes), node.normalization)
 
 
 def load_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | Path | None = None) -> Shard:
@@ -96,6 +99,7 @@ def load_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | Path |
             holdout_images=images[holdout_idx],
             holdout_labels=labels[holdout_idx],
             num_classes=dataset.num_classes,
+            normalization=dataset.normalization,
         )
     return _SHARDS[key]
 

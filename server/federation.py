@@ -194,7 +194,7 @@ def central_evaluation(
     cfg: ExperimentConfig, data: ServerData, device: torch.device, recorder: RoundRecorder, first_round: int, resumed: bool
 ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
     """The strategy's evaluate_fn: the global model on the server's test set after every round, recorded."""
-    test_x = to_normalized_tensor(data.test.images, device)
+    test_x = to_normalized_tensor(data.test.images, data.normalization, device)
     test_y = torch.as_tensor(data.test.labels, device=device)
     evaluator = model_from_config(cfg.model, data.num_classes, data.channels, data.image_size).to(device)
 

@@ -51,9 +51,9 @@ def after_federation(
     from server.distill.run import run_distillation  # lazy: the federation must not depend on distillation
 
     device = pick_device(cfg.device)
-    public_x = to_normalized_tensor(data.public.images, device)
+    public_x = to_normalized_tensor(data.public.images, data.normalization, device)
     public_y = torch.as_tensor(data.public.labels, device=device)
-    test_x = to_normalized_tensor(data.test.images, device)
+    test_x = to_normalized_tensor(data.test.images, data.normalization, device)
     test_y = torch.as_tensor(data.test.labels, device=device)
     model = model.to(device)
     results = {}
@@ -62,5 +62,6 @@ def after_federation(
         out_dir = Path(run_dir) / "distill" / method.replace("+", "_")
         log.info("distilling (%s) from the received model and %d public images into %s", method, len(public_y), out_dir)
         results[method] = run_distillation(method_cfg, model, public_x, public_y, test_x, test_y, out_dir,
-                                           num_classes=data.num_classes, progress=LineProgress(log.info))
+                                           data.normalization, num_classes=data.num_classes,
+                                           progress=LineProgress(log.info))
     return results

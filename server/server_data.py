@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import ConfigError, ExperimentConfig
-from common.data import CIFAR10_CLASSES, DataError, ImageArrays
+from common.data import CIFAR10_CLASSES, DataError, ImageArrays, Normalization
 from common.holdings import decide_holdings, load_experiment_data
 from common.node_data import holdings_sha256, load_node_archive
 
@@ -29,6 +29,7 @@ class ServerData:
     public: ImageArrays
     test: ImageArrays
     slice_sizes: list[tuple[int, int]]  # (train, held-out) images of each client, the update guard's bounds
+    normalization: Normalization  # the dataset's, as every client applies it
 
     @property
     def num_classes(self) -> int:
@@ -49,7 +50,7 @@ def from_dataset(cfg: ExperimentConfig) -> ServerData:
     holdings = decide_holdings(cfg, dataset.train.labels)
     public = ImageArrays(dataset.train.images[holdings.public], dataset.train.labels[holdings.public])
     sizes = [(len(train), len(held)) for train, held in (holdings.client(k) for k in range(cfg.split.num_clients))]
-    return ServerData(dataset.classes, public, dataset.test, sizes)
+    return ServerData(dataset.classes, public, dataset.test, sizes, dataset.normalization)
 
 
 def from_node_data(cfg: ExperimentConfig, folder: Path) -> ServerData:
@@ -76,10 +77,13 @@ def from_node_data(cfg: ExperimentConfig, folder: Path) -> ServerData:
     if nodes["test"].classes != classes or (cfg.data.name == "cifar10" and classes != CIFAR10_CLASSES):
         raise DataError(f"{folder}: the archives' classes {list(nodes['test'].classes)} / {list(classes)} are not the "
                         f"configured dataset's")
+    if nodes["test"].normalization != nodes["public"].normalization:
+        raise DataError(f"{folder}: public.tar.gz and test.tar.gz record different normalisations; run feddistill "
+                        "partition again")
     sizes = []
     for k in range(cfg.split.num_clients):
         entry = archives.get(f"client-{k}")
         if entry is None:
             raise DataError(f"{folder / MANIFEST}: no client-{k} (split.num_clients={cfg.split.num_clients})")
         sizes.append((sum(entry["train_per_class"]), sum(entry["test_per_class"])))
-    return ServerData(nodes["public"].classes, nodes["public"].train, nodes["test"].test, sizes)
+    return ServerData(classes, nodes["public"].train, nodes["test"].test, sizes, nodes["public"].normalization)

@@ -125,14 +125,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
             "pass --model received_model.pt"
         )
     save_json(out_dir / INVOCATION, {"config": config_to_dict(cfg), "model": model_path})
+    norm = dataset.normalization
     with progress_for(console, args.progress_every) as progress:
         result = run_distillation(
             cfg, model,
-            to_normalized_tensor(dataset.train.images[public], device),
+            to_normalized_tensor(dataset.train.images[public], norm, device),
             torch.as_tensor(labels[public], device=device),
-            to_normalized_tensor(dataset.test.images, device),
+            to_normalized_tensor(dataset.test.images, norm, device),
             torch.as_tensor(dataset.test.labels, device=device),
-            out_dir, num_classes=dataset.num_classes, progress=progress,
+            out_dir, norm, num_classes=dataset.num_classes, progress=progress,
         )
     console.print(
         f"{cfg.distill.method}, ipc {cfg.distill.ipc}: test accuracy [bold]{100 * result['mean']:.2f} ± "
@@ -200,7 +201,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cfg = build_config(cfg.model_dump(mode="json"), {"data.path": args.data})
     device = pick_device(args.device or cfg.device)
     test = load_experiment_data(cfg).test
-    test_x, test_y = to_normalized_tensor(test.images, device), torch.as_tensor(test.labels, device=device)
+    test_x = to_normalized_tensor(test.images, pack.normalization, device)  # as the pack's images were
+    test_y = torch.as_tensor(test.labels, device=device)
     recorded = pack.meta["evaluation"]
     if recorded["accuracies"]:
         console.print(f"recorded: {100 * recorded['mean']:.2f} % over seeds {recorded['seeds']} "

@@ -103,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     public = decide_holdings(cfg, dataset.train.labels).public
     model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
     model.load_state_dict(load_torch(args.model))
-    public_x, public_y = to_normalized_tensor(dataset.train.images[public]), torch.as_tensor(dataset.train.labels[public])
+    public_x = to_normalized_tensor(dataset.train.images[public], dataset.normalization)
+    public_y = torch.as_tensor(dataset.train.labels[public])
     results = []
     for ipc in args.ipc:
         results.append(measure(cfg, model, public_x, public_y, dataset.num_classes, ipc, args.iterations, args.skip, args.seed))

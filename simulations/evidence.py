@@ -246,8 +246,10 @@ def run_cells(ctx: Context, stage: str, cells: list[tuple[str, ExperimentConfig,
 
     stage_dir = ctx.out / stage
     public = decide_holdings(cells[0][1], dataset.train.labels).public
-    public_x, public_y = to_normalized_tensor(dataset.train.images[public]), torch.as_tensor(dataset.train.labels[public])
-    eval_x, eval_y = to_normalized_tensor(evaluation.images), torch.as_tensor(evaluation.labels)
+    norm = dataset.normalization
+    public_x = to_normalized_tensor(dataset.train.images[public], norm)
+    public_y = torch.as_tensor(dataset.train.labels[public])
+    eval_x, eval_y = to_normalized_tensor(evaluation.images, norm), torch.as_tensor(evaluation.labels)
     for index, (name, cfg, columns) in enumerate(cells):
         cell_dir = stage_dir / "cells" / name
         if ctx.mine(index) and not (cell_dir / "result.json").is_file():
@@ -256,7 +258,7 @@ def run_cells(ctx: Context, stage: str, cells: list[tuple[str, ExperimentConfig,
                 raise RuntimeError(f"{name}: its public subset differs from the stage's (the split seed must be fixed)")
             start = time.perf_counter()
             save_json(cell_dir / "cell.json", cell_info(cell_dir, name, columns, machine(cfg)))
-            result = run_distillation(cfg, model, public_x, public_y, eval_x, eval_y, cell_dir,
+            result = run_distillation(cfg, model, public_x, public_y, eval_x, eval_y, cell_dir, norm,
                                       num_classes=dataset.num_classes, progress=LineProgress(interval=120.0))
             ctx.log(f"{stage} {name}: {100 * result['mean']:.2f} ± {100 * result['std']:.2f} % "
                     f"({time.perf_counter() - start:.0f} s)")
@@ -340,7 +342,7 @@ def balance_stage(ctx: Context, extra: dict[str, Any], ratio: float | None, mode
         cfg = cell_config(protocol, extra, VARIANTS["dm+dkkt"], ipc, protocol.seeds[0],
                           {"distill.dkkt_ratio": ratio} if ratio is not None else {})
         public = decide_holdings(cfg, dataset.train.labels).public
-        rows.append(measure(cfg, model, to_normalized_tensor(dataset.train.images[public]),
+        rows.append(measure(cfg, model, to_normalized_tensor(dataset.train.images[public], dataset.normalization),
                             torch.as_tensor(dataset.train.labels[public]), dataset.num_classes, ipc,
                             protocol.balance_iterations, protocol.balance_iterations // 3, protocol.seeds[0]))
         ctx.log(f"balance ipc {ipc}: DKKT/DM gradient {rows[-1]['ratio_weighted']:.3g}, weight {rows[-1]['dkkt_weight']:.3g}")
@@ -352,7 +354,7 @@ def balance_stage(ctx: Context, extra: dict[str, Any], ratio: float | None, mode
 def without_test(dataset: Dataset) -> Dataset:
     """The dataset with its test split removed: what the calibration stage is given, so it cannot read it."""
     empty = ImageArrays(dataset.test.images[:0], dataset.test.labels[:0])
-    return Dataset(dataset.name, dataset.classes, dataset.train, empty)
+    return Dataset(dataset.name, dataset.classes, dataset.train, empty, dataset.normalization)
 
 
 FIRST_VARIANTS = ("random", "dm", "dm+dkkt", "dm@step")  # the paper's comparison and its control, every seed first

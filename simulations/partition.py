@@ -47,11 +47,12 @@ def partition(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     parties["test"] = ("test", None, empty, _take(dataset.test, np.arange(len(dataset.test))))
     archives = {}
     for name, (role, partition_id, train, test) in parties.items():
-        sha = write_node_archive(out / f"{name}.tar.gz", role, dataset.classes, train, test,
+        sha = write_node_archive(out / f"{name}.tar.gz", role, dataset.classes, dataset.normalization, train, test,
                                  {**meta, "partition_id": partition_id})
         archives[name] = {"file": f"{name}.tar.gz", "sha256": sha, "role": role, "partition_id": partition_id,
                           "train_per_class": _counts(train[0].labels, dataset.num_classes),
                           "test_per_class": _counts(test[0].labels, dataset.num_classes)}
-    manifest = {"config": config_to_dict(cfg), **meta, "classes": list(dataset.classes), "archives": archives}
+    manifest = {"config": config_to_dict(cfg), **meta, "classes": list(dataset.classes),
+                "normalization": dataset.normalization.to_json(), "archives": archives}
     save_json(out / MANIFEST, manifest)
     return manifest

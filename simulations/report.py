@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from common.atomic import atomic_write  # noqa: E402
 from common.data import denormalize  # noqa: E402
 from common.methods import METHODS  # noqa: E402
-from server.distill.artifacts import load_synthetic  # noqa: E402
+from server.distill.artifacts import load_synthetic, synthetic_normalization  # noqa: E402
 
 METHOD_ORDER = list(METHODS)
 
@@ -112,8 +112,17 @@ def _cell_dir(sweep_dir: Path, results: pd.DataFrame, method: str, ipc: int, pip
 
 
 def _images(cell_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The cell's synthetic images in [0, 1], (N, H, W, C) with the dataset's channels, and their labels."""
     syn = load_synthetic(cell_dir)
-    return denormalize(syn.images).permute(0, 2, 3, 1).numpy(), syn.labels.numpy()
+    return denormalize(syn.images, synthetic_normalization(cell_dir)).permute(0, 2, 3, 1).numpy(), syn.labels.numpy()
+
+
+def _show(ax: plt.Axes, image: np.ndarray, cmap: str | None = None) -> None:
+    """An (H, W, 3) colour or (H, W, 1) grey image in [0, 1] (grey drawn with a grey colormap), or an (H, W) map."""
+    if image.ndim == 3 and image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+    else:
+        ax.imshow(image, cmap=cmap)
 
 
 def figure2(sweep_dir: Path, results: pd.DataFrame, path: Path, method: str = "dm+dkkt", pipc: int | None = 50,
@@ -123,7 +132,7 @@ def figure2(sweep_dir: Path, results: pd.DataFrame, path: Path, method: str = "d
     classes = sorted(set(labels.tolist()))
     fig, axes = plt.subplots(1, len(classes), figsize=(1.3 * len(classes), 1.6), squeeze=False)
     for ax, c in zip(axes[0], classes):
-        ax.imshow(images[labels == c][0])
+        _show(ax, images[labels == c][0])
         ax.set_title(class_names[c] if class_names else str(c), fontsize=8)
         ax.axis("off")
     fig.suptitle(f"Distilled images ({method}, ipc 1, pipc {pipc})", fontsize=9)
@@ -131,7 +140,7 @@ def figure2(sweep_dir: Path, results: pd.DataFrame, path: Path, method: str = "d
 
 
 def class_means(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(C, H, W, 3) average image per class."""
+    """(classes, H, W, C) average image per class."""
     return np.stack([images[labels == c].mean(axis=0) for c in sorted(set(labels.tolist()))])
 
 
@@ -157,7 +166,7 @@ def figure3(sweep_dir: Path, results: pd.DataFrame, path: Path, dsv_method: str 
     fig, axes = plt.subplots(len(rows), num_classes, figsize=(1.3 * num_classes, 1.4 * len(rows)), squeeze=False)
     for r, (title, images, cmap) in enumerate(rows):
         for c in range(num_classes):
-            axes[r][c].imshow(images[c], cmap=cmap)
+            _show(axes[r][c], images[c], cmap)
             axes[r][c].axis("off")
             if r == 0:
                 axes[r][c].set_title(class_names[c] if class_names else str(c), fontsize=8)

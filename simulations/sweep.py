@@ -176,15 +176,17 @@ def run_cell(
     public = decide_holdings(cfg, dataset.train.labels).public
     model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
     model.load_state_dict(load_torch(model_path))
-    test_x, test_y = to_normalized_tensor(dataset.test.images), torch.as_tensor(dataset.test.labels)
+    norm = dataset.normalization
+    test_x, test_y = to_normalized_tensor(dataset.test.images, norm), torch.as_tensor(dataset.test.labels)
     summary = run_distillation(
         cfg,
         model,
-        to_normalized_tensor(dataset.train.images[public]),
+        to_normalized_tensor(dataset.train.images[public], norm),
         torch.as_tensor(dataset.train.labels[public]),
         test_x,
         test_y,
         out_dir,
+        norm,
         num_classes=dataset.num_classes,
         progress=progress,
     )

@@ -4,7 +4,8 @@
     feddistill evaluate dm_dkkt-ipc10.pt [--epochs N] [--nets K] [--arch convnet resnet18 convnet:norm=batchnorm]
 
 The pack is a `torch.save` dict that `torch.load(weights_only=True)` reads: `images` (N, C, H, W) float32 in the
-normalised space, `labels` (N,), `mean`/`std` (the normalisation: pixels = images * std + mean, in [0, 1]), and
+normalised space, `labels` (N,), `mean`/`std` (C,) (the dataset's normalisation: pixels = images * std + mean, in
+[0, 1]; `evaluate` normalises the test split with it too), and
 `meta`, a JSON string: format, method, seed, ipc, the full experiment config and its sha256, the commit that made
 it, the measured accuracies with their evaluation seeds and protocol. `evaluate` re-runs that protocol from the
 pack and the dataset's test split alone: on the CPU with the same seeds it reproduces the recorded accuracies.
@@ -22,9 +23,10 @@ import torch
 
 from common.atomic import load_torch, save_torch
 from common.config import ConfigError, ExperimentConfig, build_config
-from common.data import CIFAR10_MEAN, CIFAR10_STD, DataError
+from common.data import DataError, Normalization
 from common.models import parse_architecture
 from common.runtime import git_commit
+from server.distill.artifacts import synthetic_normalization
 from server.distill.evaluate import evaluate_synthetic
 from server.distill.run import eval_seeds
 
@@ -35,6 +37,7 @@ FORMAT = "feddistill-synthetic/1"
 class Pack:
     images: torch.Tensor
     labels: torch.Tensor
+    normalization: Normalization
     meta: dict[str, Any]
 
     @property
@@ -83,15 +86,17 @@ def export_pack(run_dir: Path, out: Path, seed_index: int = 0) -> Path:
             "mean": result["mean"] if result else None,
         },
     }
+    norm = synthetic_normalization(seed_dir)
     pack = {"images": tensors["images"].float(), "labels": tensors["labels"].long(),
-            "mean": torch.tensor(CIFAR10_MEAN), "std": torch.tensor(CIFAR10_STD), "meta": json.dumps(meta)}
+            "mean": torch.tensor(norm.mean, dtype=torch.float64), "std": torch.tensor(norm.std, dtype=torch.float64),
+            "meta": json.dumps(meta)}  # float64: the recorded statistics exactly
     return save_torch(out, pack)
 
 
 def load_pack(path: Path) -> Pack:
     """The pack at `path`; DataError naming the file when it is not one."""
     saved = load_torch(path)
-    if not isinstance(saved, dict) or not {"images", "labels", "meta"} <= set(saved):
+    if not isinstance(saved, dict) or not {"images", "labels", "mean", "std", "meta"} <= set(saved):
         raise DataError(f"{path}: not a synthetic-set pack (feddistill export writes them)")
     try:
         meta = json.loads(saved["meta"])
@@ -102,9 +107,12 @@ def load_pack(path: Path) -> Pack:
     images, labels = saved["images"], saved["labels"]
     if images.dim() != 4 or labels.shape != (images.shape[0],):
         raise DataError(f"{path}: images {tuple(images.shape)} and labels {tuple(labels.shape)} do not pair up")
+    norm = Normalization(tuple(saved["mean"].tolist()), tuple(saved["std"].tolist()))
+    if norm.channels != images.shape[1] or len(norm.std) != norm.channels:
+        raise DataError(f"{path}: mean/std have {norm.channels} values for images of {images.shape[1]} channels")
     if config_hash(meta["config"]) != meta["config_sha256"]:
         raise DataError(f"{path}: the config does not match its sha256 (edited?)")
-    return Pack(images, labels, meta)
+    return Pack(images, labels, norm, meta)
 
 
 def evaluate_pack(

@@ -1,8 +1,8 @@
 """Files of a distillation run, all written atomically.
 
 <dir>/<name>.pt    images, labels, lambdas (loadable with torch.load(weights_only=True))
-<dir>/<name>.json  method, seed, ipc, iteration, full config
-<dir>/<name>.png   a grid, one row per class
+<dir>/<name>.json  method, seed, ipc, iteration, the normalisation of the images (mean, std), full config
+<dir>/<name>.png   a grid, one row per class (greyscale for one-channel images)
 <dir>/result.json  accuracies, mean, std, method, ipc, seed, timings
 <dir>/checkpoint.pt   the synthetic set so far plus what resuming needs (iteration, optimizer and RNG states)
 <dir>/checkpoint.json method, seed, ipc, iteration, full config
@@ -14,25 +14,31 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
+from PIL import Image
+from torchvision.utils import make_grid
 
 from common.atomic import atomic_write, load_torch, save_json, save_torch
-from common.data import denormalize
+from common.data import CIFAR10_NORMALIZATION, Normalization, denormalize
 from server.distill.methods import DistillState, SyntheticSet
 
 CHECKPOINT = "checkpoint"
 
 
-def save_synthetic(syn: SyntheticSet, out_dir: Path, name: str = "synthetic", iteration: int | None = None) -> Path:
-    """Writes <name>.pt and <name>.json under out_dir; returns the .pt path."""
+def save_synthetic(
+    syn: SyntheticSet, out_dir: Path, normalization: Normalization, name: str = "synthetic", iteration: int | None = None
+) -> Path:
+    """Writes <name>.pt and <name>.json (with the `normalization` the images live in) under out_dir; returns the .pt
+    path."""
     out_dir = Path(out_dir)
     tensors = {"images": syn.images.detach().cpu(), "labels": syn.labels.cpu()}
     if syn.lambdas is not None:
         tensors["lambdas"] = syn.lambdas.detach().cpu()
     path = save_torch(out_dir / f"{name}.pt", tensors)
     ipc = int(torch.bincount(syn.labels).max()) if syn.labels.numel() else 0
-    meta = {"method": syn.method, "seed": syn.seed, "ipc": ipc, "iteration": iteration, "config": syn.config}
+    meta = {"method": syn.method, "seed": syn.seed, "ipc": ipc, "iteration": iteration,
+            "normalization": normalization.to_json(), "config": syn.config}
     save_json(out_dir / f"{name}.json", meta)
     return path
 
@@ -44,6 +50,13 @@ def load_synthetic(out_dir: Path, name: str = "synthetic") -> SyntheticSet:
     meta = json.loads((out_dir / f"{name}.json").read_text())
     lambdas = tensors.get("lambdas")
     return SyntheticSet(tensors["images"], tensors["labels"], lambdas, meta["method"], meta["seed"], meta["config"])
+
+
+def synthetic_normalization(out_dir: Path, name: str = "synthetic") -> Normalization:
+    """The normalisation of the images save_synthetic wrote; CIFAR-10's for a set written before it was recorded
+    (every dataset was normalised with CIFAR-10's statistics then)."""
+    meta = json.loads((Path(out_dir) / f"{name}.json").read_text())
+    return Normalization.from_json(meta["normalization"]) if "normalization" in meta else CIFAR10_NORMALIZATION
 
 
 def save_checkpoint(state: DistillState, labels: torch.Tensor, out_dir: Path, meta: dict[str, Any]) -> Path:
@@ -87,17 +100,22 @@ def load_checkpoint(out_dir: Path, method: str, seed: int) -> DistillState | Non
     )
 
 
-def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, num_classes: int | None = None) -> Path:
-    """PNG of the de-normalised images, one row per class (shorter rows padded with black)."""
+def save_grid(
+    images: torch.Tensor, labels: torch.Tensor, path: Path, normalization: Normalization, num_classes: int | None = None
+) -> Path:
+    """PNG of the de-normalised images, one row per class (shorter rows padded with black); an RGB PNG for colour
+    images, a greyscale one for one-channel images."""
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     per_class = [images[labels == c] for c in range(num_classes)]
     width = max(max(len(p) for p in per_class), 1)
     rows = []
     for p in per_class:
         pad = images.new_zeros((width - len(p), *images.shape[1:]))
-        rows.append(torch.cat([denormalize(p.detach().cpu().float()), pad.cpu().float()]))
-    grid = make_grid(torch.cat(rows), nrow=width, padding=2, pad_value=1.0)
-    return atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
+        rows.append(torch.cat([denormalize(p.detach().cpu().float(), normalization), pad.cpu().float()]))
+    grid = make_grid(torch.cat(rows), nrow=width, padding=2, pad_value=1.0)[: images.shape[1]]  # make_grid makes 3
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    picture = Image.fromarray(np.ascontiguousarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels))
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="png"))
 
 
 def save_result(path: Path, result: dict[str, Any]) -> Path:

@@ -12,6 +12,7 @@ from torch import nn
 
 from common.atomic import atomic_write
 from common.config import ExperimentConfig, config_to_dict
+from common.data import Normalization
 from common.methods import method
 from common.progress import NoProgress, Progress, format_metrics
 from common.runtime import git_commit, pick_device
@@ -54,12 +55,14 @@ def run_distillation(
     test_x: torch.Tensor,
     test_y: torch.Tensor,
     out_dir: Path,
+    normalization: Normalization,
     num_classes: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """For seeds cfg.seed + k (k < cfg.distill.num_seeds): distil, checkpoint every checkpoint_every
     iterations, save out_dir/seed_<k>/{synthetic.pt,.json,.png,history.jsonl,result.json}, evaluate with
     cfg.evaluation.num_nets nets; writes and returns out_dir/result.json (mean +- std over seeds x nets).
+    `normalization` is the dataset's, that the images were normalised with (recorded, and undone for the grid).
     num_classes defaults to max test label + 1; `progress` receives the iterations and evaluations (silent if None).
 
     Resumes what an interrupted call with the same arguments left: a seed with its result.json is kept, a seed
@@ -75,7 +78,8 @@ def run_distillation(
         seed_dir = out_dir / f"seed_{k}"
         finished = _finished_seed(seed_dir, cfg.distill.method, cfg.seed + k)
         if finished is None:
-            syn, distill_s = _distil_seed(cfg, model, public_x, public_y, cfg.seed + k, seed_dir, num_classes, device, progress)
+            syn, distill_s = _distil_seed(cfg, model, public_x, public_y, cfg.seed + k, seed_dir, normalization,
+                                          num_classes, device, progress)
             finished = _evaluate_seed(cfg, syn, test_x, test_y, seed_dir, num_classes, device, distill_s, progress)
         per_seed.append(finished)
     return _summarise(cfg, per_seed, out_dir, device)
@@ -83,7 +87,7 @@ def run_distillation(
 
 def _distil_seed(
     cfg: ExperimentConfig, model: nn.Module | None, public_x: torch.Tensor, public_y: torch.Tensor, seed: int,
-    seed_dir: Path, num_classes: int, device: torch.device, progress: Progress,
+    seed_dir: Path, normalization: Normalization, num_classes: int, device: torch.device, progress: Progress,
 ) -> tuple[SyntheticSet, float]:
     """Distils one seed (continuing from its checkpoint), saves the set, its grid and history; returns it and seconds."""
     dcfg = cfg.distill
@@ -111,8 +115,8 @@ def _distil_seed(
     distill_s = time.perf_counter() - start
     progress.finish(task, format_metrics(history[-1], SHOWN) if history else "")
     syn.config = full_config
-    save_synthetic(syn, seed_dir, iteration=dcfg.iterations if optimises else 0)
-    save_grid(syn.images, syn.labels, seed_dir / "synthetic.png", num_classes)
+    save_synthetic(syn, seed_dir, normalization, iteration=dcfg.iterations if optimises else 0)
+    save_grid(syn.images, syn.labels, seed_dir / "synthetic.png", normalization, num_classes)
     return syn, distill_s
 
 

@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from common.config import DataConfig
+from common.config import ConfigError, DataConfig, build_config
 from common.data import (
     CIFAR10_CLASSES,
+    CIFAR10_NORMALIZATION,
     DATA_ENV,
     DataError,
+    Normalization,
     denormalize,
     load_dataset,
     load_imagefolder,
@@ -31,12 +33,17 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDDISTILL_CACHE", str(tmp_path / "cache"))
 
 
-def _write_archive(path, per_class=3, classes=("a", "b"), size=8):
+def _rgb(ci: int, i: int, size: int) -> Image.Image:
+    return Image.fromarray(np.full((size, size, 3), (40 * ci + i) % 256, dtype=np.uint8))
+
+
+def _write_archive(path, per_class=3, classes=("a", "b"), size=8, image=_rgb):
+    """An ImageFolder archive under root/; image(class index, image index, size) draws each PNG."""
     with tarfile.open(path, "w:gz") as tar:
         for split in ("train", "test"):
             for ci, cls in enumerate(classes):
                 for i in range(per_class):
-                    img = Image.fromarray(np.full((size, size, 3), 40 * ci + i, dtype=np.uint8))
+                    img = image(ci, i, size)
                     buf = io.BytesIO()
                     img.save(buf, format="PNG")
                     info = tarfile.TarInfo(f"root/{split}/{cls}/{i:04d}.png")
@@ -141,12 +148,81 @@ def test_data_root_resolution_order(tmp_path, monkeypatch):
 
 def test_normalisation_matches_the_dm_reference_and_inverts():
     images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
-    x = to_normalized_tensor(images)
+    x = to_normalized_tensor(images, CIFAR10_NORMALIZATION)
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
     expected = (images[0, 5, 7, 1] / 255.0 - 0.4822) / 0.1994
     assert x[0, 1, 5, 7].item() == pytest.approx(expected, abs=1e-5)
-    back = (denormalize(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    back = (denormalize(x, CIFAR10_NORMALIZATION) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(back, images)
+    with pytest.raises(ValueError, match="images have 1 channels but the normalisation has 3"):
+        to_normalized_tensor(images[..., :1], CIFAR10_NORMALIZATION)
+
+
+def _grey(ci: int, i: int, size: int) -> Image.Image:
+    return Image.fromarray(np.full((size, size), 50 * ci + 7 * i + 10, dtype=np.uint8))  # mode L
+
+
+def _grey_palette(ci: int, i: int, size: int) -> Image.Image:
+    return _grey(ci, i, size).convert("P")  # a palette of greys only
+
+
+def _colour_palette(ci: int, i: int, size: int) -> Image.Image:
+    return _rgb(ci, i, size).convert("P") if ci else _grey(ci, i, size)  # colour PNGs and grey ones mixed
+
+
+@pytest.mark.parametrize(("image", "channels"), [(_grey, 1), (_grey_palette, 1), (_rgb, 3), (_colour_palette, 3)],
+                         ids=["grey", "grey palette", "colour", "grey and colour mixed"])
+def test_images_keep_their_channels(image, channels, tmp_path):
+    ds = load_imagefolder(_write_archive(tmp_path / "x.tar.gz", image=image))
+    assert ds.channels == channels and ds.train.images.shape == (6, 8, 8, channels)
+    expected = np.asarray(image(0, 1, 8).convert("L" if channels == 1 else "RGB"))  # grey repeated into RGB: lossless
+    np.testing.assert_array_equal(ds.train.images[1], expected.reshape(8, 8, channels))
+
+
+def test_an_imagefolder_is_normalised_with_its_whole_training_splits_statistics(tmp_path):
+    archive = _write_archive(tmp_path / "grey.tar.gz", per_class=6, image=_grey)
+    full = load_imagefolder(archive)
+    pixels = full.train.images.astype(np.float64) / 255
+    assert full.normalization.mean == pytest.approx([pixels.mean()])
+    assert full.normalization.std == pytest.approx([pixels.std()])
+    sliced = load_dataset(DataConfig(name="imagefolder", path=str(archive), train_per_class=2), seed=3)
+    assert sliced.normalization == full.normalization != Normalization.of(sliced.train.images)
+    x = to_normalized_tensor(full.train.images, full.normalization)
+    assert x.shape == (12, 1, 8, 8) and x.mean().item() == pytest.approx(0, abs=1e-5)
+    assert x.std().item() == pytest.approx(1, abs=0.05)
+
+
+def test_cifar10_keeps_the_published_statistics(tmp_path):
+    archive = _write_archive(tmp_path / "cifar.tar.gz", per_class=1, classes=CIFAR10_CLASSES)
+    assert load_dataset(DataConfig(name="cifar10", path=str(archive))).normalization == CIFAR10_NORMALIZATION
+    assert load_dataset(DataConfig(name="imagefolder", path=str(archive))).normalization != CIFAR10_NORMALIZATION
+
+
+@pytest.mark.parametrize(("classes", "size", "message"), [
+    (("only",), 8, r"one class folder \['only'\]; a classification dataset needs >= 2"),
+])
+def test_a_dataset_with_one_class_is_an_error(classes, size, message, tmp_path):
+    with pytest.raises(DataError, match=message):
+        load_imagefolder(_write_archive(tmp_path / "one.tar.gz", classes=classes, size=size))
+
+
+def test_non_square_images_are_an_error(tmp_path):
+    def wide(ci: int, i: int, size: int) -> Image.Image:
+        return Image.fromarray(np.full((size, 2 * size, 3), 40 * ci + i, dtype=np.uint8))
+
+    with pytest.raises(DataError, match="images are 8x16 px; the ConvNet takes square images only"):
+        load_imagefolder(_write_archive(tmp_path / "wide.tar.gz", image=wide))
+
+
+def test_the_shard_windows_are_checked_against_the_datasets_own_classes(tmp_path):
+    from common.holdings import load_experiment_data
+
+    archive = _write_archive(tmp_path / "four.tar.gz", per_class=4, classes=("a", "b", "c", "d"))
+    split = {"split.partition": "shards", "split.num_clients": 2, "split.classes_per_client": 2, "split.pipc": 1,
+             "distill.ipc": 1, "data.name": "imagefolder", "data.path": str(archive)}
+    with pytest.raises(ConfigError, match=r"number of classes \(4\) .* got 2 \+ 2 - 1"):
+        load_experiment_data(build_config({}, split))
+    assert load_experiment_data(build_config({}, {**split, "split.classes_per_client": 3})).num_classes == 4
 
 
 def test_tiny_dataset_is_generated_only_by_name():

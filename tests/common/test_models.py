@@ -28,9 +28,16 @@ def test_width_depth_norm_are_configurable(width, depth, norm, feat):
     assert model.embed(torch.randn(2, 3, 32, 32)).shape == (2, feat)
 
 
-def test_depth_that_does_not_divide_the_image_is_rejected():
-    with pytest.raises(ValueError, match="model.depth=3"):
-        build_model(image_size=20, depth=3)
+@pytest.mark.parametrize(("size", "side"), [(28, 3), (20, 2)])
+def test_pooling_floors_odd_sizes_as_the_dm_reference(size, side):
+    model = build_model(num_classes=3, channels=1, image_size=size, width=8, depth=3)  # 28 -> 14 -> 7 -> 3
+    assert model.feature_dim == 8 * side * side
+    assert model(torch.randn(2, 1, size, size)).shape == (2, 3)
+
+
+def test_an_image_too_small_for_the_depth_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"model.depth=3 .* 4 px images need model.depth <= 2"):
+        build_model(image_size=4, depth=3)
 
 
 def test_arrayrecord_round_trip_is_exact():

@@ -13,7 +13,7 @@ from common.training import TrainSettings, augment_flip_crop, evaluate, settings
 
 def tiny_tensors(per_class: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     data = make_tiny_dataset(per_class, seed=0)
-    return to_normalized_tensor(data.train.images), torch.as_tensor(data.train.labels)
+    return to_normalized_tensor(data.train.images, data.normalization), torch.as_tensor(data.train.labels)
 
 
 def test_local_training_reduces_the_loss_on_tiny_data():

@@ -32,7 +32,8 @@ def test_nothing_happens_when_distillation_is_disabled(tmp_path, monkeypatch):
 def test_distillation_gets_the_public_subset_and_the_test_set(tmp_path, monkeypatch):
     calls = {}
 
-    def fake_run_distillation(cfg, model, public_x, public_y, test_x, test_y, out_dir, num_classes=None, progress=None):
+    def fake_run_distillation(cfg, model, public_x, public_y, test_x, test_y, out_dir, normalization, num_classes=None,
+                              progress=None):
         calls.update(cfg=cfg, model=model, px=public_x, py=public_y, tx=test_x, ty=test_y, out=out_dir)
         return {"ok": True}
 
@@ -49,7 +50,8 @@ def test_distillation_gets_the_public_subset_and_the_test_set(tmp_path, monkeypa
 def test_baselines_run_first_each_in_its_own_folder(tmp_path, monkeypatch):
     seen = []
 
-    def fake_run_distillation(cfg, model, public_x, public_y, test_x, test_y, out_dir, num_classes=None, progress=None):
+    def fake_run_distillation(cfg, model, public_x, public_y, test_x, test_y, out_dir, normalization, num_classes=None,
+                              progress=None):
         seen.append((cfg.distill.method, out_dir))
         return {"mean": 0.5}
 

@@ -14,7 +14,7 @@ import yaml
 import server.distill.run
 from common.atomic import save_torch
 from common.config import config_to_dict, load_config
-from common.data import denormalize
+from common.data import Normalization, denormalize
 from common.holdings import load_experiment_data
 from common.models import model_from_config
 from edge_client.shard import clear_cache, load_shard
@@ -26,9 +26,9 @@ def image_keys(images: np.ndarray) -> set[bytes]:
     return {img.tobytes() for img in images}
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
+def to_uint8(x: torch.Tensor, norm: Normalization) -> np.ndarray:
     """Normalised (N, C, H, W) back to the uint8 (N, H, W, C) the dataset holds."""
-    return (denormalize(x).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return (denormalize(x, norm).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 @pytest.fixture
@@ -36,8 +36,8 @@ def captured(monkeypatch):
     """Replaces run_distillation by a recorder of the public images it is given."""
     calls: list[np.ndarray] = []
 
-    def record(cfg, model, public_x, public_y, *args, **kwargs):
-        calls.append(to_uint8(public_x.cpu()))
+    def record(cfg, model, public_x, public_y, test_x, test_y, out_dir, normalization, **kwargs):
+        calls.append(to_uint8(public_x.cpu(), normalization))
         return {"mean": 0.0, "std": 0.0, "accuracies": [0.0]}
 
     monkeypatch.setattr(server.distill.run, "run_distillation", record)

@@ -4,6 +4,7 @@ shard (images, labels, order) as the in-memory split; wrong archives are one-lin
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
 
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 
 from common.config import load_config
-from common.data import DataError, ImageArrays
+from common.data import CIFAR10_NORMALIZATION, DataError, ImageArrays, Normalization
 from common.holdings import decide_holdings, load_experiment_data
 from common.node_data import holdings_sha256, load_node_archive, write_node_archive
 from edge_client.shard import clear_cache, load_shard, shard_from_archive
+from server.server_data import from_node_data
 from simulations.cli import main as cli_main
 
 TINY = {"data.name": "tiny", "data.tiny_per_class": 12, "data.train_per_class": None, "data.test_per_class": None,
@@ -61,6 +63,32 @@ def test_a_node_with_its_archive_loads_the_same_shard_as_the_in_memory_split(nod
             np.testing.assert_array_equal(getattr(own, field), getattr(memory, field))
 
 
+def test_every_node_normalises_with_the_full_training_splits_statistics(nodes, tmp_path):
+    out, cfg = nodes
+    full = load_experiment_data(cfg).normalization
+    assert full == Normalization.of(load_experiment_data(cfg).train.images) != CIFAR10_NORMALIZATION
+    assert Normalization.from_json(json.loads((out / "manifest.json").read_text())["normalization"]) == full
+    clear_cache()
+    shard = load_shard(cfg, 1, out / "client-1.tar.gz")
+    assert shard.normalization == full != Normalization.of(shard.train_images)  # not its own slice's statistics
+    assert from_node_data(cfg, out).normalization == full
+    images = ImageArrays(np.zeros((1, 4, 4, 3), np.uint8), np.array([0]))
+    write_node_archive(tmp_path / "old.tar.gz", "client", ("a", "b"), full, (images, np.array([0])),
+                       (images, np.array([1])), {})
+    with tarfile.open(tmp_path / "old.tar.gz") as tar:  # as an older partition wrote it: no normalization
+        files = {m.name: tar.extractfile(m).read() for m in tar}
+    holding = json.loads(files["holding.json"])
+    del holding["normalization"]
+    files["holding.json"] = json.dumps(holding).encode()
+    with tarfile.open(tmp_path / "old.tar.gz", "w:gz") as tar:
+        for name, blob in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    with pytest.raises(DataError, match="records no normalization .* run feddistill partition again"):
+        load_node_archive(tmp_path / "old.tar.gz")
+
+
 def test_wrong_archives_are_one_line_errors(nodes, tmp_path):
     out, cfg = nodes
     with pytest.raises(DataError, match="not of client 2"):
@@ -70,8 +98,9 @@ def test_wrong_archives_are_one_line_errors(nodes, tmp_path):
         shard_from_archive(other, 0, out / "client-0.tar.gz")
     cifar = load_config("quickstart", {"split.num_clients": 3})
     images = ImageArrays(np.zeros((2, 4, 4, 3), np.uint8), np.array([0, 1]))
-    write_node_archive(tmp_path / "odd.tar.gz", "client", ("cat", "dog"), (images, np.array([0, 1])),
-                       (images, np.array([2, 3])), {"holdings_sha256": holdings_sha256(cifar), "partition_id": 0})
+    write_node_archive(tmp_path / "odd.tar.gz", "client", ("cat", "dog"), CIFAR10_NORMALIZATION,
+                       (images, np.array([0, 1])), (images, np.array([2, 3])),
+                       {"holdings_sha256": holdings_sha256(cifar), "partition_id": 0})
     with pytest.raises(DataError, match="differ from the server's dataset"):
         shard_from_archive(cifar, 0, tmp_path / "odd.tar.gz")
     (tmp_path / "broken.tar.gz").write_bytes((out / "client-0.tar.gz").read_bytes()[:200])

@@ -8,11 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.axes import Axes
 from PIL import Image
 
 from common.atomic import save_json
 from common.config import config_to_dict, load_config
-from server.distill.artifacts import save_synthetic
+from common.data import CIFAR10_NORMALIZATION, Normalization
+from server.distill.artifacts import load_synthetic, save_synthetic
 from server.distill.methods import SyntheticSet
 from simulations.report import fft_magnitude, markdown_table, render
 from simulations.sweep import write_results
@@ -21,14 +23,16 @@ from simulations.sweep import write_results
 CONFIG = config_to_dict(load_config("quickstart"))
 
 
-def _fake_sweep(root, grid):
+def _fake_sweep(root, grid, normalization=CIFAR10_NORMALIZATION):
     """Finished cells with saved synthetic sets and result.json, as run_sweep leaves them."""
+    channels = normalization.channels
     for pipc, ipc, method, seed, accs in grid:
         name = f"pipc{pipc}-ipc{ipc}-{method.replace('+', '_')}-seed{seed}"
         cell = root / "cells" / name
         g = torch.Generator().manual_seed(seed)
-        syn = SyntheticSet(torch.randn(3 * ipc, 3, 8, 8, generator=g), torch.arange(3).repeat_interleave(ipc), None, method, seed)
-        save_synthetic(syn, cell / "seed_0")
+        images = torch.randn(3 * ipc, channels, 8, 8, generator=g)
+        syn = SyntheticSet(images, torch.arange(3).repeat_interleave(ipc), None, method, seed)
+        save_synthetic(syn, cell / "seed_0", normalization)
         save_json(cell / "cell.json", {"cell": name, "pipc": pipc, "ipc": ipc, "method": method, "seed": seed})
         save_json(cell / "result.json", {"accuracies": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
                                          "config": CONFIG, "commit": "abc1234"})
@@ -56,6 +60,19 @@ def test_render_writes_every_figure(tmp_path):
     for key in ("plot", "figure2", "figure3"):
         with Image.open(written[key]) as img:
             assert img.size[0] > 100 and img.size[1] > 50
+
+
+def test_figures_show_grey_sets_in_grey_with_their_own_normalisation(tmp_path, monkeypatch):
+    grey = Normalization((0.3,), (0.2,))
+    _fake_sweep(tmp_path, [(50, 1, "dm", 0, [0.2]), (50, 1, "dm+dkkt", 0, [0.3])], grey)
+    shown = []
+    monkeypatch.setattr(Axes, "imshow", lambda ax, image, **kw: shown.append((np.asarray(image), kw)))
+    render(tmp_path)
+    pictures = [(image, kw) for image, kw in shown if kw.get("cmap") != "magma"]  # figure 2, figure 3's means
+    assert pictures and all(image.ndim == 2 and kw["cmap"] == "gray" for image, kw in pictures)
+    syn = load_synthetic(tmp_path / "cells" / "pipc50-ipc1-dm_dkkt-seed0" / "seed_0")
+    expected = (syn.images[0, 0] * 0.2 + 0.3).clamp(0, 1).numpy()  # denormalised with the set's own statistics
+    np.testing.assert_allclose(pictures[0][0], expected, atol=1e-6)
 
 
 def test_fft_magnitude_finds_a_stripe_frequency():

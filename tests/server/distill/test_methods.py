@@ -8,6 +8,7 @@ import torch
 
 from common.atomic import load_torch
 from common.config import DistillConfig, ExperimentConfig, ModelConfig
+from common.data import CIFAR10_NORMALIZATION
 from common.models import build_model
 from server.distill.artifacts import load_synthetic
 from server.distill.methods import SyntheticSet, distill
@@ -48,7 +49,7 @@ def test_each_method_runs_end_to_end_and_writes_its_artifacts(method, theta_star
     public_x, public_y = data(PIPC, seed=1)
     test_x, test_y = data(5, seed=2)
     cfg = experiment(method, num_seeds=2)
-    result = run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path)
+    result = run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path, CIFAR10_NORMALIZATION)
 
     assert result["seeds"] == [3, 4] and len(result["accuracies"]) == 4
     on_disk = json.loads((tmp_path / "result.json").read_text())
@@ -131,17 +132,17 @@ def test_a_finished_checkpoint_from_another_device_is_evaluated_and_an_unfinishe
     public_x, public_y = data(PIPC, seed=1)
     test_x, test_y = data(5, seed=2)
     cfg = experiment("dm+dkkt", iterations=4)  # checkpoint_every 2: the last checkpoint is the final state
-    first = run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path)
+    first = run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path, CIFAR10_NORMALIZATION)
     path = tmp_path / "seed_0" / "checkpoint.pt"
     saved = load_torch(path)
     saved["rng"]["loop"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's state
     save_torch(path, saved)
     for result in tmp_path.rglob("result.json"):
         result.unlink()
-    again = run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path)
+    again = run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path, CIFAR10_NORMALIZATION)
     assert again["accuracies"] == first["accuracies"]
     longer = experiment("dm+dkkt", iterations=6)
     for result in tmp_path.rglob("result.json"):
         result.unlink()
     with pytest.raises(ValueError, match="random stream was drawn on another device type"):
-        run_distillation(longer, theta_star, public_x, public_y, test_x, test_y, tmp_path)
+        run_distillation(longer, theta_star, public_x, public_y, test_x, test_y, tmp_path, CIFAR10_NORMALIZATION)
