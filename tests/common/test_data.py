@@ -172,11 +172,15 @@ def _colour_palette(ci: int, i: int, size: int) -> Image.Image:
 
 @pytest.mark.parametrize(("image", "channels"), [(_grey, 1), (_grey_palette, 1), (_rgb, 3), (_colour_palette, 3)],
                          ids=["grey", "grey palette", "colour", "grey and colour mixed"])
-def test_images_keep_their_channels(image, channels, tmp_path):
+@pytest.mark.reliability
+def test_images_keep_their_channels(image, channels, tmp_path, request, reliability):
     ds = load_imagefolder(_write_archive(tmp_path / "x.tar.gz", image=image))
     assert ds.channels == channels and ds.train.images.shape == (6, 8, 8, channels)
     expected = np.asarray(image(0, 1, 8).convert("L" if channels == 1 else "RGB"))  # grey repeated into RGB: lossless
     np.testing.assert_array_equal(ds.train.images[1], expected.reshape(8, 8, channels))
+    kind = request.node.callspec.id
+    reliability("Data", f"an ImageFolder of {kind} images (not CIFAR)",
+                f"loaded with {channels} channel(s), pixels unchanged, normalised with its own mean/std {ds.normalization.mean}")
 
 
 def test_an_imagefolder_is_normalised_with_its_whole_training_splits_statistics(tmp_path):
@@ -201,17 +205,21 @@ def test_cifar10_keeps_the_published_statistics(tmp_path):
 @pytest.mark.parametrize(("classes", "size", "message"), [
     (("only",), 8, r"one class folder \['only'\]; a classification dataset needs >= 2"),
 ])
-def test_a_dataset_with_one_class_is_an_error(classes, size, message, tmp_path):
-    with pytest.raises(DataError, match=message):
+@pytest.mark.reliability
+def test_a_dataset_with_one_class_is_an_error(classes, size, message, tmp_path, reliability):
+    with pytest.raises(DataError, match=message) as err:
         load_imagefolder(_write_archive(tmp_path / "one.tar.gz", classes=classes, size=size))
+    reliability("Data", "an ImageFolder with one class folder", f"one-line error: {err.value}")
 
 
-def test_non_square_images_are_an_error(tmp_path):
+@pytest.mark.reliability
+def test_non_square_images_are_an_error(tmp_path, reliability):
     def wide(ci: int, i: int, size: int) -> Image.Image:
         return Image.fromarray(np.full((size, 2 * size, 3), 40 * ci + i, dtype=np.uint8))
 
-    with pytest.raises(DataError, match="images are 8x16 px; the ConvNet takes square images only"):
+    with pytest.raises(DataError, match="images are 8x16 px; the ConvNet takes square images only") as err:
         load_imagefolder(_write_archive(tmp_path / "wide.tar.gz", image=wide))
+    reliability("Data", "an ImageFolder of 8x16 images", f"one-line error: {err.value}")
 
 
 def test_the_shard_windows_are_checked_against_the_datasets_own_classes(tmp_path):

@@ -35,9 +35,11 @@ def test_pooling_floors_odd_sizes_as_the_dm_reference(size, side):
     assert model(torch.randn(2, 1, size, size)).shape == (2, 3)
 
 
-def test_an_image_too_small_for_the_depth_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"model.depth=3 .* 4 px images need model.depth <= 2"):
+@pytest.mark.reliability
+def test_an_image_too_small_for_the_depth_is_a_config_error(reliability):
+    with pytest.raises(ConfigError, match=r"model.depth=3 .* 4 px images need model.depth <= 2") as err:
         build_model(image_size=4, depth=3)
+    reliability("Config", "model.depth=3 for 4x4 images", f"one-line error: {err.value}")
 
 
 def test_arrayrecord_round_trip_is_exact():
