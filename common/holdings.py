@@ -90,8 +90,8 @@ def decide_holdings(cfg: ExperimentConfig, labels: np.ndarray) -> Holdings:
             labels, private, split.validation_per_class, np.random.default_rng([seed, VALIDATION_STREAM]), "split.validation_per_class"
         )
         private = np.setdiff1d(private, validation)
-    if split.num_clients > len(private) > 0:
-        raise ValueError(f"split.num_clients={split.num_clients}: must be <= {len(private)} (private images)")
+    if len(private):
+        _check_num_clients(split.num_clients, private)  # now, not when the shards are first asked for
     partition = partial(
         partition_private, labels, private, split.num_clients, split.partition, split.alpha, split.classes_per_client,
         split.min_partition_size, seed,
@@ -117,6 +117,11 @@ def split_public(labels: np.ndarray, pipc: int, seed: int) -> tuple[np.ndarray, 
     return public, np.setdiff1d(np.arange(len(labels)), public)
 
 
+def _check_num_clients(num_clients: int, private: np.ndarray) -> None:
+    if num_clients > len(private):
+        raise ValueError(f"split.num_clients={num_clients}: must be <= {len(private)} (private images)")
+
+
 def partition_private(
     labels: np.ndarray,
     private: np.ndarray,
@@ -130,8 +135,7 @@ def partition_private(
     """Partitions the private indices over `num_clients` shards (each sorted); their union is `private`."""
     if len(private) == 0:  # every image is public: a distillation-only config
         return tuple(np.empty(0, dtype=np.int64) for _ in range(num_clients))
-    if num_clients > len(private):
-        raise ValueError(f"split.num_clients={num_clients}: must be <= {len(private)} (private images)")
+    _check_num_clients(num_clients, private)
     from datasets import Dataset as TableDataset  # heavy import, only where partitioning happens
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
