@@ -156,6 +156,9 @@ class DistillConfig(_Section):
     # 0: the DKKT term on every synthetic image each iteration; m > 0: on m random ones (lambda scaled by n/m), a
     # CPU saving whose accuracy effect docs/results/cpu-pipc50 states.
     dkkt_candidates: int = Field(0, ge=0)
+    # A DM-then-DKKT schedule (dm+dkkt only): the first dkkt_from x iterations run DM alone, then the DKKT term joins
+    # (lambda fitted to the images of that moment when lambda_fit_steps >= 1). 0: DKKT from the first iteration.
+    dkkt_from: float = Field(0.0, ge=0.0, lt=1.0)
     primal_weight: float = Field(2e-3, ge=0.0)  # beta1 (DSV CIFAR setting)
     aug_weight: float = Field(5.0, ge=0.0)  # eta: weight of the KKT terms on an augmented view
     tv_weight: float = Field(0.0, ge=0.0)  # beta2, off for CIFAR as in DSV

@@ -68,6 +68,12 @@ VARIANTS = {
         # The control for the step size: DM alone with its image step scaled by (1 + dkkt_ratio), the largest
         # step dm+dkkt can take (set per table in `table_cells`). If it matches dm+dkkt, DKKT adds only step.
         Variant("dm@step", "dm"),
+        # Ablations of dm+dkkt: the DM-then-DKKT schedule (DM alone for the first half), and the CPU savings undone
+        # (DM's batch_real 256, i.e. every public image in each step at pipc <= 256; the DKKT term on every synthetic
+        # image): what the savings cost.
+        Variant("dm+dkkt@late", "dm+dkkt", {"distill.dkkt_from": 0.5}),
+        Variant("dm@full", "dm", {"distill.batch_real": 256}),
+        Variant("dm+dkkt@full", "dm+dkkt", {"distill.batch_real": 256, "distill.dkkt_candidates": 0}),
     )
 }
 
@@ -108,7 +114,8 @@ PRESETS = {
         },
         table_ipcs=(1, 10, 50),
         seeds=(0, 1, 2),
-        variants=("random", "dm", "dm+dkkt", "dm@step", "dsv", "random@lambda", "dm@lambda", "dm+dkkt@lambda"),
+        variants=("random", "dm", "dm+dkkt", "dm@step", "dsv", "random@lambda", "dm@lambda", "dm+dkkt@lambda",
+                  "dm+dkkt@late", "dm@full", "dm+dkkt@full"),
         single_seed_ipcs=(50,),
         single_seed_variants=("random", "dm+dkkt", "random@lambda"),
         calibration_ipcs=(1, 10),
@@ -147,7 +154,7 @@ PRESETS = {
         per_ipc={},
         table_ipcs=(1, 2),
         seeds=(0, 1),
-        variants=("random", "dm", "dm+dkkt", "dm@lambda"),
+        variants=("random", "dm", "dm+dkkt", "dm@lambda", "dm+dkkt@late"),
         single_seed_ipcs=(2,),
         single_seed_variants=("random", "dm+dkkt"),
         calibration_ipcs=(1,),
@@ -419,6 +426,14 @@ def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge
     ])
 
 
+def variant_legend(protocol: Protocol) -> str:
+    """What each column that is not a plain method changes."""
+    changed = {"dm@step": "dm with the image learning rate x (1 + dkkt_ratio)",
+               **{v.name: f"{v.method} with " + ", ".join(f"{k.split('.')[-1]}={val}" for k, val in v.overrides.items())
+                  for v in VARIANTS.values() if v.overrides}}
+    return "Columns: " + "; ".join(f"`{name}` = {changed[name]}" for name in protocol.variants if name in changed) + "."
+
+
 def report_stage(ctx: Context, preset: str, cfg: ExperimentConfig) -> None:
     from simulations.report import markdown_table, plot_method_bars, plot_history, render
 
@@ -438,7 +453,7 @@ def report_stage(ctx: Context, preset: str, cfg: ExperimentConfig) -> None:
     text = "\n\n".join([
         f"# DM + DKKT against DM with {cfg.split.pipc} public images per class (preset `{preset}`)",
         protocol_header(ctx.protocol, preset, cfg, edge, ratio, sorted(table_dir.glob("cells/*/result.json"))),
-        "Test accuracy (%):", markdown_table(results),
+        "Test accuracy (%):", markdown_table(results), variant_legend(ctx.protocol),
         "Time per cell (with --workers, several cells shared the machine at once):", "\n".join(timing),
     ]) + "\n"
     atomic_write(ctx.out / "table.md", lambda tmp: tmp.write_text(text))

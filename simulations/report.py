@@ -196,19 +196,23 @@ def plot_method_bars(results: pd.DataFrame, path: Path) -> Path:
 def plot_history(history_file: Path, path: Path) -> Path:
     """Loss terms (log scale) and the DKKT share of the image gradient over the iterations of one run."""
     lines = [json.loads(x) for x in Path(history_file).read_text().splitlines() if x.strip()]
-    its = [x["iteration"] for x in lines]
     fig, (losses, shares) = plt.subplots(1, 2, figsize=(9, 3.2))
+    def series(key: str) -> tuple[list[int], list[float]]:  # a DM-then-DKKT run logs the DKKT keys from its switch on
+        kept = [x for x in lines if key in x]
+        return [x["iteration"] for x in kept], [x[key] for x in kept]
+
     for key in ("dm", "dkkt", "stat", "primal", "stat_aug"):
-        if key in lines[0]:
-            losses.semilogy(its, [max(x[key], 1e-12) for x in lines], label=key)
+        if any(key in x for x in lines):
+            its, values = series(key)
+            losses.semilogy(its, [max(v, 1e-12) for v in values], label=key)
     losses.set_xlabel("iteration")
     losses.set_title("loss terms", fontsize=9)
     losses.legend(fontsize=7)
     drawn = False
     for key, label in (("share_dkkt", "DKKT share of the image gradient"), ("stat_rel", "L_stat / mean|θ*|"),
                        ("lambda_mean", "λ mean")):
-        if key in lines[0]:
-            shares.plot(its, [x[key] for x in lines], label=label)
+        if any(key in x for x in lines):
+            shares.plot(*series(key), label=label)
             drawn = True
     if drawn:
         shares.set_xlabel("iteration")

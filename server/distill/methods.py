@@ -155,12 +155,14 @@ def distill(
         pool = PublicPool(public_x, public_y, num_classes, cfg.batch_real)
         embedder = model_from_config(model_cfg, num_classes, public_x.shape[1], public_x.shape[2])
         embedder = embedder.to(device).train().requires_grad_(False)
+    # DM-then-DKKT: the DKKT term joins at iteration `dkkt_start` (1 unless cfg.dkkt_from schedules DM alone first).
+    dkkt_start = int(cfg.dkkt_from * cfg.iterations) + 1 if uses_dm else 1
     if uses_dkkt:
         if resume is not None:
             start_lambdas = resume.lambdas.to(device)
-        elif cfg.lambda_fit_steps:
+        elif cfg.lambda_fit_steps and dkkt_start == 1:
             start_lambdas, _ = fitted_multipliers(frozen, syn.detach(), syn_y, cfg.lambda_fit_steps, cfg.lambda_lr)
-        else:
+        else:  # the constant start (refitted when the DKKT term joins later, below)
             start_lambdas = torch.full((syn.shape[0],), cfg.lambda_init, device=device)
         multipliers = Multipliers(start_lambdas, cfg.lambda_lr)
         balance = DkktWeight(cfg, syn.numel(), device)
@@ -172,6 +174,10 @@ def distill(
         start = resume.iteration + 1
 
     for it in range(start, cfg.iterations + 1):
+        dkkt_on = uses_dkkt and it >= dkkt_start
+        if dkkt_on and it == dkkt_start > 1 and cfg.lambda_fit_steps:  # lambda for the images DM has made so far
+            fitted, _ = fitted_multipliers(frozen, syn.detach(), syn_y, cfg.lambda_fit_steps, cfg.lambda_lr)
+            multipliers = Multipliers(fitted, cfg.lambda_lr)
         # One backward per term (each graph is traversed once, as a single backward of the sum would), so that
         # every term's gradient on the images is known: the DKKT weight is balanced on it and its share logged.
         terms: dict[str, torch.Tensor] = {}
@@ -183,7 +189,7 @@ def distill(
             terms["dm"] = dm_loss(embedder, real_x, real_groups, syn, syn_y, num_classes, per_class)
             (grad_img,) = torch.autograd.grad(terms["dm"], syn)
             terms["grad_dm"] = grad_img.norm()
-        if uses_dkkt:
+        if dkkt_on:
             x, y, lam = dkkt_candidates(syn, syn_y, multipliers.values, cfg.dkkt_candidates, gen)
             aug = sample_dsa(families, x.shape[0], gen, device)  # one independent draw per candidate
             terms["dkkt"], dkkt_terms = dkkt_loss(frozen, x, y, lam, cfg, aug)
@@ -196,11 +202,11 @@ def distill(
             terms["stat_rel"] = terms["stat"] / theta_abs_mean
         syn.grad = grad_img
         opt_img.step()
-        if uses_dkkt:
+        if dkkt_on:
             multipliers.step()
         if callback is not None and (it % cfg.log_every == 0 or it % cfg.checkpoint_every == 0 or it == cfg.iterations):
-            terms["loss"] = terms.get("dm", 0.0) + (terms["dkkt_weight"] * terms["dkkt"] if uses_dkkt else 0.0)
-            if uses_dm and uses_dkkt:
+            terms["loss"] = terms.get("dm", 0.0) + (terms["dkkt_weight"] * terms["dkkt"] if dkkt_on else 0.0)
+            if uses_dm and dkkt_on:
                 terms["share_dkkt"] = terms["grad_dkkt"] / (terms["grad_dm"] + terms["grad_dkkt"])
             if uses_dkkt:
                 terms.update(multipliers.stats())

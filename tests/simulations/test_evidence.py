@@ -25,11 +25,15 @@ def test_tiny_protocol_runs_every_stage_resumes_and_reports(tmp_path):
     balance = json.loads((out / "balance.json").read_text())
     assert [r["ipc"] for r in balance["results"]] == [1, 2]
     results = pd.read_csv(out / "results.csv")
-    # ipc 1: 4 variants x 2 seeds; ipc 2 (single seed): 2 variants
-    assert len(results) == 4 * 2 + 2
-    assert set(results["method"]) == {"random", "dm", "dm+dkkt", "dm@lambda"}
+    # ipc 1: 5 variants x 2 seeds; ipc 2 (single seed): 2 variants
+    assert len(results) == 5 * 2 + 2
+    assert set(results["method"]) == {"random", "dm", "dm+dkkt", "dm@lambda", "dm+dkkt@late"}
     table = (out / "table.md").read_text()
     assert "Preset `tiny`" in table and "dkkt_ratio" in table and "evaluation epochs" not in table.split("\n")[0]
+    assert "`dm+dkkt@late` = dm+dkkt with dkkt_from=0.5" in table
+    late = out / "table/cells/pipc2-ipc1-dm_dkkt-at-late-seed0/seed_0/history.jsonl"
+    late_lines = [json.loads(x) for x in late.read_text().splitlines()]  # 4 iterations: DKKT joins at the 3rd
+    assert "share_dkkt" not in late_lines[0] and 0 < late_lines[1]["share_dkkt"] < 1
     for name in ("accuracy.png", "loss_terms.png", "figures/figure2.png"):
         assert (out / name).stat().st_size > 0
     history = out / "table/cells/pipc2-ipc1-dm_dkkt-seed0/seed_0/history.jsonl"

@@ -146,3 +146,32 @@ def test_a_finished_checkpoint_from_another_device_is_evaluated_and_an_unfinishe
         result.unlink()
     with pytest.raises(ValueError, match="random stream was drawn on another device type"):
         run_distillation(longer, theta_star, public_x, public_y, test_x, test_y, tmp_path, CIFAR10_NORMALIZATION)
+
+
+def test_dm_then_dkkt_runs_dm_alone_first_then_refits_lambda_and_resumes_exactly(theta_star):
+    """dkkt_from=0.5: the first half is exactly `dm` (same images, no DKKT metrics), then the DKKT term joins with
+    lambda fitted to the images of that moment and takes its share of the gradient; a checkpoint taken before the
+    switch continues to the uninterrupted result."""
+    public_x, public_y = data(PIPC, seed=1)
+    model_cfg = ModelConfig(width=8)
+    scheduled = DistillConfig(method="dm+dkkt", ipc=IPC, iterations=4, batch_real=4, log_every=1, checkpoint_every=2, dkkt_from=0.5,
+                              lambda_fit_steps=20, lambda_lr=0.1)
+    seen: dict[int, tuple[dict[str, float], SyntheticSet]] = {}
+    states = []
+    syn = distill(theta_star, public_x, public_y, scheduled, model_cfg, C, 5, "cpu",
+                  lambda it, metrics, current: seen.__setitem__(it, (metrics, current)), checkpoint=states.append)
+    dm_seen = {}
+    distill(None, public_x, public_y, DistillConfig(method="dm", ipc=IPC, iterations=2, batch_real=4, log_every=1),
+            model_cfg, C, 5, "cpu", lambda it, metrics, current: dm_seen.__setitem__(it, current))
+    for it in (1, 2):
+        assert "dkkt" not in seen[it][0] and "share_dkkt" not in seen[it][0]
+        assert torch.equal(seen[it][1].images, dm_seen[it].images)
+        assert torch.equal(seen[it][1].lambdas, torch.full((C * IPC,), scheduled.lambda_init))
+    for it in (3, 4):
+        assert seen[it][0]["share_dkkt"] > 0.1 and seen[it][0]["dkkt"] > 0
+    # Without the refit every lambda would be lambda_init +- lambda_lr (Adam's first step has the size of its lr).
+    one_step = (seen[3][1].lambdas - scheduled.lambda_init).abs()
+    assert not torch.allclose(one_step, torch.full_like(one_step, scheduled.lambda_lr)) and syn.lambdas.min() >= 0
+    resumed = distill(theta_star, public_x, public_y, scheduled, model_cfg, C, 5, "cpu",
+                      resume=next(s for s in states if s.iteration == 2))
+    assert torch.equal(resumed.images, syn.images) and torch.equal(resumed.lambdas, syn.lambdas)
