@@ -6,7 +6,10 @@
 For each ipc it runs `dm+dkkt` from the config's public subset (init=real) for a few iterations and reports, over
 the iterations after the first `--skip`: medians of L_DM, ||grad_S L_DM||, L_DKKT, ||grad_S L_DKKT|| (unweighted) and
 the weight; the DKKT/DM ratio of the gradient norms summed over those iterations, the RMS pixel step of the DKKT part, and lambda and L_stat /
-mean|theta*| at the first and the last iteration. Writes JSON and prints a markdown table.
+mean|theta*| at the first and the last iteration. Then, on the images and lambda of the first and the last iteration and
+over every candidate (L_stat exact, whatever distill.dkkt_candidates samples per iteration): which part of L_DKKT moves
+the images (each weighted part's image gradient, its norm relative to the whole and its cosine with it).
+Writes JSON and prints two markdown tables.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ from typing import Any
 import torch
 
 from common.atomic import load_torch, save_json
-from common.config import load_config, parse_overrides
+from common.config import DistillConfig, load_config, parse_overrides
 from common.data import to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data
 from common.models import model_from_config
-from server.distill.methods import distill
+from server.distill.dkkt import freeze_model, kkt_loss, norm_loss, tv_loss
+from server.distill.dsa import apply_dsa, parse_strategy, sample_dsa
+from server.distill.lambdas import flat_parameters
+from server.distill.methods import SyntheticSet, distill
 
 
 def measure(cfg, model, public_x, public_y, num_classes: int, ipc: int, iterations: int, skip: int, seed: int) -> dict[str, Any]:
@@ -34,10 +40,16 @@ def measure(cfg, model, public_x, public_y, num_classes: int, ipc: int, iteratio
     dcfg = cfg.distill.model_copy(update={"method": "dm+dkkt", "ipc": ipc, "init": "real", "iterations": iterations,
                                           "log_every": 1, "checkpoint_every": 10**9})
     rows: list[dict[str, float]] = []
+    sets: list[SyntheticSet] = []
+
+    def record(it: int, metrics: dict[str, float], current: SyntheticSet) -> None:
+        rows.append(metrics)
+        sets[1:] = [current]  # the first and the latest
+
     start = time.perf_counter()
-    syn = distill(model, public_x, public_y, dcfg, cfg.model, num_classes, seed, "cpu",
-                  lambda it, metrics, current: rows.append(metrics))
+    syn = distill(model, public_x, public_y, dcfg, cfg.model, num_classes, seed, "cpu", record)
     seconds = (time.perf_counter() - start) / iterations
+    parts_first, parts_last = (gradient_parts(model, s.images, s.labels, s.lambdas, dcfg, seed) for s in (sets[0], sets[-1]))
     kept = rows[skip:]
     pixels = syn.images.numel()
 
@@ -65,10 +77,40 @@ def measure(cfg, model, public_x, public_y, num_classes: int, ipc: int, iteratio
         "stat_rel_first": rows[0]["stat_rel"],
         "stat_rel_last": rows[-1]["stat_rel"],
         "stat_rel_min": min(r["stat_rel"] for r in rows),
+        "parts_first": parts_first,
+        "parts_last": parts_last,
     }
 
 
-def markdown(results: list[dict[str, Any]], ratio: float) -> str:
+def gradient_parts(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, lambdas: torch.Tensor,
+                   cfg: DistillConfig, seed: int) -> dict[str, Any]:
+    """Each weighted part of L_DKKT on every candidate (one DSA draw from `seed` for the augmented view): its value,
+    its image gradient's norm relative to the whole L_DKKT's and its cosine with it; and L_stat / mean|theta*|."""
+    model = freeze_model(model, images.device)
+    x = images.detach().clone().requires_grad_(True)
+    plain = kkt_loss(model, x, labels, lambdas, cfg.primal_weight)
+    parts = {"stat": plain["stat"], "primal": cfg.primal_weight * plain["primal"]}
+    if cfg.aug_weight > 0:
+        gen = torch.Generator().manual_seed(seed)
+        aug = sample_dsa(parse_strategy(cfg.dsa_strategy), x.shape[0], gen, x.device)
+        augmented = kkt_loss(model, apply_dsa(x, aug), labels, lambdas, cfg.primal_weight)
+        parts |= {"stat_aug": cfg.aug_weight * augmented["stat"],
+                  "primal_aug": cfg.aug_weight * cfg.primal_weight * augmented["primal"]}
+    if cfg.tv_weight > 0:
+        parts["tv"] = cfg.tv_weight * tv_loss(x)
+    if cfg.norm_weight > 0:
+        parts["norm"] = cfg.norm_weight * norm_loss(x)
+    grads = {name: torch.autograd.grad(value, x, retain_graph=True)[0].flatten() for name, value in parts.items()}
+    total = torch.stack(list(grads.values())).sum(0)
+    scale = total.norm().clamp(min=torch.finfo(total.dtype).tiny)
+    return {
+        "stat_rel": float(plain["stat"] / flat_parameters(model).abs().mean()),
+        "parts": {name: {"value": float(parts[name]), "norm_rel": float(g.norm() / scale),
+                         "cos": float(g @ total / (g.norm().clamp(min=1e-30) * scale))} for name, g in grads.items()},
+    }
+
+
+def gradient_table(results: list[dict[str, Any]], ratio: float) -> str:
     lines = [
         f"| ipc | L_DM | ‖∇L_DM‖ | L_DKKT | ‖∇L_DKKT‖ (w=1) | w (auto) | ‖w∇L_DKKT‖ / ‖∇L_DM‖ (target {ratio}) | DKKT step RMS / it "
         "| λ mean first → last | L_stat / mean|θ*| first → last | s / it |",
@@ -82,6 +124,25 @@ def markdown(results: list[dict[str, Any]], ratio: float) -> str:
             f"{r['lambda_mean_first']:.3g} → {r['lambda_mean_last']:.3g} | {r['stat_rel_first']:.3f} → {r['stat_rel_last']:.3f} "
             f"| {r['seconds_per_iteration']:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def markdown(results: list[dict[str, Any]], ratio: float) -> str:
+    """Both tables: DM against DKKT, then the parts of L_DKKT."""
+    return gradient_table(results, ratio) + "\n\n" + parts_table(results)
+
+
+def parts_table(results: list[dict[str, Any]]) -> str:
+    """Which part of L_DKKT moves the images, at the first and the last logged iteration (every candidate)."""
+    names = list(results[0]["parts_first"]["parts"])
+    lines = ["| ipc | iteration | L_stat / mean|θ*| (all candidates) | " + " | ".join(
+                 f"{n}: ‖∇‖ / ‖∇L_DKKT‖, cos" for n in names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for r in results:
+        for when, key in (("first", "parts_first"), ("last", "parts_last")):
+            p = r[key]
+            cells = [f"{p['parts'][n]['norm_rel']:.2f}, {p['parts'][n]['cos']:+.2f}" for n in names]
+            lines.append(f"| {r['ipc']} | {when} | {p['stat_rel']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -108,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for ipc in args.ipc:
         results.append(measure(cfg, model, public_x, public_y, dataset.num_classes, ipc, args.iterations, args.skip, args.seed))
-        print(markdown(results[-1:], cfg.distill.dkkt_ratio).splitlines()[-1], flush=True)
+        print(gradient_table(results[-1:], cfg.distill.dkkt_ratio).splitlines()[-1], flush=True)
     table = markdown(results, cfg.distill.dkkt_ratio)
     print(table)
     if args.out:
