@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import random
 import subprocess
 from pathlib import Path
@@ -32,6 +33,17 @@ def pick_device(preference: str = "auto") -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda: this machine has no CUDA device (torch.cuda.is_available() is False); use device=auto or cpu")
     return torch.device(preference)
+
+
+def describe_machine(device: torch.device) -> str:
+    """The machine a figure was measured on: the GPU's name, or the CPU's model, core count and torch threads."""
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    return (f"CPU: {len(names) or 'unknown number of'} cores ({names[0] if names else platform.machine()}), "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 
 def git_commit() -> str:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 
+import torch
+
 from common.config import DataConfig
 from common.data import load_dataset
+from common.runtime import describe_machine
 
 
 def main() -> None:
@@ -33,7 +35,7 @@ def main() -> None:
             start = time.perf_counter()
             load_dataset(cfg)
             cached.append(time.perf_counter() - start)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(f"machine: {describe_machine(torch.device('cpu'))}")
     print(f"train {len(dataset.train)} ({dataset.train.per_class(10).tolist()} per class)")
     print(f"test  {len(dataset.test)} ({dataset.test.per_class(10).tolist()} per class)")
     print(f"first load (decode + cache write): {first:.2f} s")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +40,7 @@ from common.atomic import save_json
 from common.config import DistillConfig, EvaluationConfig, ModelConfig
 import common.models as models
 from common.models import build_model
-from common.runtime import pick_device
+from common.runtime import describe_machine, pick_device
 from server.distill.dkkt import freeze_model, naive_stationarity_loss, stationarity_loss
 from server.distill.dm import PublicPool, dm_loss, randomize_
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
@@ -410,7 +409,7 @@ def estimate(rows: list[Row], sizes: Sizes, epochs: int) -> dict[str, float] | N
 
 
 def print_table(rows: list[Row], device: torch.device) -> None:
-    table = Table(title=f"Distillation speed on {describe(device)}")
+    table = Table(title=f"Distillation speed on {describe_machine(device)}")
     for col in ("section", "variant", "rate", "ratio", "peak MB", "note"):
         table.add_column(col, justify="right" if col in ("rate", "ratio", "peak MB") else "left")
     for r in rows:
@@ -419,12 +418,6 @@ def print_table(rows: list[Row], device: torch.device) -> None:
         peak = "" if r.peak_mb is None else f"{r.peak_mb:.0f}"
         table.add_row(r.section, r.variant, rate, ratio, peak, r.note)
     console.print(table)
-
-
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         variants = [v for v in args.variants.split(",") if v and v != "none"]
     sections = set(args.sections.split(","))
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    console.print(f"device: {describe(device)}; {os.cpu_count()} CPU cores; sizes {sizes}")
+    console.print(f"device: {describe_machine(device)}; sizes {sizes}")
 
     rows: list[Row] = []
     if "dm" in sections:
@@ -501,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"= {full['total_s'] / 60:.1f} min")
     if args.json:
         save_json(args.json, {
-            "device": describe(device), "cpu_cores": os.cpu_count(), "sizes": vars(sizes),
+            "device": describe_machine(device), "cpu_cores": os.cpu_count(), "sizes": vars(sizes),
             "args": {k: v for k, v in vars(args).items()}, "rows": [vars(r) for r in rows],
             "ratios": summary, "estimate": est, "full": full,
         })

@@ -39,7 +39,7 @@ from common.config import ConfigError, ExperimentConfig, load_config, parse_over
 from common.data import Dataset, ImageArrays, to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data
 from common.progress import LineProgress
-from common.runtime import git_commit
+from common.runtime import describe_machine, git_commit, pick_device
 from common.models import model_from_config
 from simulations.sweep import edge_model_key
 
@@ -264,7 +264,7 @@ def run_cells(ctx: Context, stage: str, cells: list[tuple[str, ExperimentConfig,
             if not np.array_equal(decide_holdings(cfg, dataset.train.labels).public, public):
                 raise RuntimeError(f"{name}: its public subset differs from the stage's (the split seed must be fixed)")
             start = time.perf_counter()
-            save_json(cell_dir / "cell.json", cell_info(cell_dir, name, columns, machine(cfg)))
+            save_json(cell_dir / "cell.json", cell_info(cell_dir, name, columns, describe_machine(pick_device(cfg.device))))
             result = run_distillation(cfg, model, public_x, public_y, eval_x, eval_y, cell_dir, norm,
                                       num_classes=dataset.num_classes, progress=LineProgress(interval=120.0))
             ctx.log(f"{stage} {name}: {100 * result['mean']:.2f} ± {100 * result['std']:.2f} % "
@@ -389,16 +389,6 @@ def table_cells(protocol: Protocol, extra: dict[str, Any], ratio: float) -> list
 
 
 # ---------------------------------------------------------------- report
-
-
-def machine(cfg: ExperimentConfig) -> str:
-    """This process's machine, as each cell's cell.json records it when the cell starts."""
-    if cfg.device != "cpu" and torch.cuda.is_available():
-        return f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-    return (f"CPU: {len(names) or 'unknown number of'} cores ({names[0] if names else 'unknown model'}), "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 
 def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge: dict[str, Any], ratio: float | None,
