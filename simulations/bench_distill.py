@@ -45,7 +45,7 @@ from server.distill.dkkt import freeze_model, naive_stationarity_loss, stationar
 from server.distill.dm import PublicPool, dm_loss, randomize_
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
 from server.distill.evaluate import train_and_test, train_and_test_batched
-from server.distill.methods import distill
+from server.distill.methods import dkkt_candidates, distill
 
 console = Console(width=max(Console().width, 150))
 FULL_ITERATIONS = 20_000
@@ -63,6 +63,10 @@ class Sizes:
     batch_real: int = 256
     big_ipc: int = 50
     test_images: int = 10_000
+    # The CPU evidence protocol's estimator savings (simulations/evidence.py preset `cpu`), timed as their own rows:
+    # real images per class per DM step, and DKKT candidates per iteration.
+    cpu_batch_real: int = 16
+    cpu_candidates: int = 20
 
 
 @dataclass
@@ -204,14 +208,15 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
         rows.append(Row(section, "reference loop (fp32)", ref, "it/s", 1.0, peak_mb(device)))
 
         baseline_loss = None
-        for variant in ("whole batch", "ours", *variants):
+        for variant in ("whole batch", "ours", "cpu estimator", *variants):
             try:
                 syn = syn0.clone().requires_grad_(True)
                 if variant == "channels_last":
                     syn = syn0.clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)
                 opt = torch.optim.SGD([syn], lr=1.0, momentum=0.5)
                 px = public_x.contiguous(memory_format=torch.channels_last) if variant == "channels_last" else public_x
-                pool = PublicPool(px, public_y, sizes.classes, sizes.batch_real)
+                batch_real = sizes.cpu_batch_real if variant == "cpu estimator" else sizes.batch_real
+                pool = PublicPool(px, public_y, sizes.classes, batch_real)
                 module = build_model(sizes.classes, sizes.channels, sizes.size, sizes.width)
                 module = module.to(device).train().requires_grad_(False)
                 if variant == "channels_last":
@@ -233,7 +238,10 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
                         args.iters, args.warmup, device,
                     )
                 note = "" if variant == "whole batch" else f"loss rel. diff {abs(loss_value - baseline_loss) / max(abs(baseline_loss), 1e-12):.1e}"
-                name = {"ours": "ours (dm_loss, fp32)", "whole batch": "ours, whole batch (no CPU chunks)"}.get(
+                if variant == "cpu estimator":
+                    note = "another estimator: its accuracy cost is docs/results/cpu-pipc50's dm vs dm@full"
+                name = {"ours": "ours (dm_loss, fp32)", "whole batch": "ours, whole batch (no CPU chunks)",
+                        "cpu estimator": f"ours, batch_real {sizes.cpu_batch_real} (CPU protocol)"}.get(
                     variant, f"ours + {variant}")
                 rows.append(Row(section, name, r, "it/s", r / ref, peak_mb(device), note))
             except Exception as err:  # noqa: BLE001 - an optional variant may not run on this stack; report it
@@ -275,6 +283,18 @@ def bench_dkkt(sizes: Sizes, args: argparse.Namespace, device: torch.device) -> 
         batched = rate_of(lambda: step(stationarity_loss), args.iters, args.warmup, device)
         rows.append(Row(section, "batched (default path)", batched, "it/s", batched / whole, peak_mb(device),
                         f"loss rel. diff {diff:.1e}"))
+        m = sizes.cpu_candidates
+        if m < x.shape[0]:
+            gen = torch.Generator(device=device).manual_seed(0)
+
+            def subset(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
+                return stationarity_loss(model, *dkkt_candidates(x, y, lambdas, m, gen))
+
+            reset_peak(device)
+            sampled = rate_of(lambda: step(subset), args.iters, args.warmup, device)
+            rows.append(Row(section, f"batched, {m} random candidates (CPU protocol)", sampled, "it/s", sampled / whole,
+                            peak_mb(device), "another estimator: its accuracy cost is docs/results/cpu-pipc50's "
+                            "dm+dkkt vs dm+dkkt@full"))
     return rows
 
 
@@ -388,8 +408,12 @@ def ratio_summary(rows: list[Row]) -> dict[str, float | None]:
             whole = first(lambda w, s=r.section: w.section == s and w.variant.startswith("ours, whole batch"))
             if whole and whole.rate and r.rate:
                 out[f"{r.section}: ours / ours on whole batches (the CPU fast path)"] = r.rate / whole.rate
+        if r.section.startswith("DM step") and "(CPU protocol)" in r.variant:
+            out[f"{r.section}: {r.variant} / reference"] = r.ratio
         if r.section.startswith("DKKT") and r.variant == "batched (default path)":
             out[f"{r.section}: default / whole batch"] = r.ratio
+        if r.section.startswith("DKKT") and "(CPU protocol)" in r.variant:
+            out[f"{r.section}: {r.variant} / whole batch"] = r.ratio
     ev = first(lambda r: r.section.startswith("evaluation") and r.variant.startswith("sequential train_and_test"))
     out["evaluation: one net, default / whole batches"] = ev.ratio if ev else None
     ev = first(lambda r: r.section.startswith("evaluation") and r.variant.startswith("batched") and "+" not in r.variant)
@@ -447,7 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     if args.small:
-        sizes = Sizes(classes=3, size=8, width=8, ipc=2, pipc=4, batch_real=8, big_ipc=4, test_images=30)
+        sizes = Sizes(classes=3, size=8, width=8, ipc=2, pipc=4, batch_real=8, big_ipc=4, test_images=30,
+                      cpu_batch_real=2, cpu_candidates=3)
         defaults = {"iters": 2, "warmup": 1, "naive_iters": 1, "epochs": 3}
     else:
         sizes = Sizes()
