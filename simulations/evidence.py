@@ -369,12 +369,13 @@ FIRST_VARIANTS = ("random", "dm", "dm+dkkt", "dm@step")  # the paper's compariso
 
 def table_cells(protocol: Protocol, extra: dict[str, Any], ratio: float) -> list[tuple[str, ExperimentConfig, dict[str, Any]]]:
     """Every (variant, ipc, seed) of the table with the calibrated ratio, in the order that answers the paper's
-    question first: random, dm and dm+dkkt at every multi-seed ipc and seed; then the other variants; then the
-    single-seed ipcs (the most expensive). A partial run is a complete comparison for the rows it has."""
+    question first: random, dm and dm+dkkt at every multi-seed ipc and seed; then each other variant at every ipc and
+    seed, one variant after another; then the single-seed ipcs (the most expensive). A partial run is a complete
+    comparison for the columns it has."""
     multi = [ipc for ipc in protocol.table_ipcs if ipc not in protocol.single_seed_ipcs]
     first = [n for n in protocol.variants if n in FIRST_VARIANTS]
-    rest = [n for n in protocol.variants if n not in FIRST_VARIANTS]
-    order = [(ipc, seed, name) for tier in (first, rest) for ipc in multi for seed in protocol.seeds for name in tier]
+    tiers = [first] + [[n] for n in protocol.variants if n not in FIRST_VARIANTS]
+    order = [(ipc, seed, name) for tier in tiers for ipc in multi for seed in protocol.seeds for name in tier]
     order += [(ipc, protocol.seeds[0], name) for ipc in protocol.single_seed_ipcs for name in protocol.single_seed_variants]
     cells = []
     for ipc, seed, name in order:
