@@ -261,8 +261,10 @@ def evaluate_synthetic(
     num_classes: int | None = None,
     dsa_strategy: str = DEFAULT_STRATEGY,
     max_parallel: int | None = None,
+    on_done: Callable[[list[float]], None] | None = None,
 ) -> list[float]:
     """Test accuracy of one fresh net per seed trained on (syn_x, syn_y); num_classes defaults to max label + 1.
+    `on_done` receives the accuracies so far after each net (or each group of nets trained at once).
 
     Several seeds are trained at once (`train_and_test_batched`, at most `max_parallel` nets per group);
     one seed, or max_parallel=1, runs `train_and_test`. Default: all seeds at once on CUDA (launch-bound),
@@ -287,6 +289,8 @@ def evaluate_synthetic(
             accuracies += train_and_test_batched(
                 syn_x, syn_y, test_x, test_y, eval_cfg, model_cfg, num_classes, group, device, dsa_strategy
             )
+        if on_done is not None:
+            on_done(list(accuracies))
     return accuracies
 
 

@@ -132,6 +132,7 @@ def _evaluate_seed(
     accuracies = evaluate_synthetic(
         syn.images, syn.labels, test_x, test_y, cfg.evaluation, cfg.model,
         eval_seeds(syn.seed, cfg.evaluation.num_nets), device, num_classes, cfg.distill.dsa_strategy,
+        on_done=lambda done: progress.advance(task, len(done), {"accuracy": 100 * done[-1]}),
     )
     mean, std = mean_std(accuracies)
     progress.finish(task, f"accuracy {100 * mean:.2f} ± {100 * std:.2f} %")

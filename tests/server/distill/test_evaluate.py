@@ -31,8 +31,11 @@ def test_evaluation_is_deterministic_per_seed_and_runs_with_dsa():
     syn_x, syn_y = separable(2, seed=1)
     test_x, test_y = separable(5, seed=2)
     cfg = EvaluationConfig(epochs=3, batch_size=4, dsa=True)
-    a = evaluate_synthetic(syn_x, syn_y, test_x, test_y, cfg, MODEL, seeds=[7, 7, 8], device="cpu", num_classes=C)
+    reported = []
+    a = evaluate_synthetic(syn_x, syn_y, test_x, test_y, cfg, MODEL, seeds=[7, 7, 8], device="cpu", num_classes=C,
+                           on_done=reported.append)
     assert a[0] == a[1] and all(0.0 <= v <= 1.0 for v in a)
+    assert reported == [a[:1], a[:2], a]  # one progress report per net, with the accuracies so far
 
 
 def test_mean_std_is_population_std():
