@@ -29,8 +29,8 @@ from common.config import DistillConfig, load_config, parse_overrides
 from common.data import to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data
 from common.models import model_from_config
-from server.distill.dkkt import freeze_model, kkt_loss, norm_loss, tv_loss
-from server.distill.dsa import apply_dsa, parse_strategy, sample_dsa
+from server.distill.dkkt import dkkt_parts, freeze_model
+from server.distill.dsa import parse_strategy, sample_dsa
 from server.distill.lambdas import flat_parameters
 from server.distill.methods import SyntheticSet, distill
 
@@ -88,23 +88,13 @@ def gradient_parts(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     its image gradient's norm relative to the whole L_DKKT's and its cosine with it; and L_stat / mean|theta*|."""
     model = freeze_model(model, images.device)
     x = images.detach().clone().requires_grad_(True)
-    plain = kkt_loss(model, x, labels, lambdas, cfg.primal_weight)
-    parts = {"stat": plain["stat"], "primal": cfg.primal_weight * plain["primal"]}
-    if cfg.aug_weight > 0:
-        gen = torch.Generator().manual_seed(seed)
-        aug = sample_dsa(parse_strategy(cfg.dsa_strategy), x.shape[0], gen, x.device)
-        augmented = kkt_loss(model, apply_dsa(x, aug), labels, lambdas, cfg.primal_weight)
-        parts |= {"stat_aug": cfg.aug_weight * augmented["stat"],
-                  "primal_aug": cfg.aug_weight * cfg.primal_weight * augmented["primal"]}
-    if cfg.tv_weight > 0:
-        parts["tv"] = cfg.tv_weight * tv_loss(x)
-    if cfg.norm_weight > 0:
-        parts["norm"] = cfg.norm_weight * norm_loss(x)
+    aug = sample_dsa(parse_strategy(cfg.dsa_strategy), x.shape[0], torch.Generator().manual_seed(seed), x.device)
+    parts, terms = dkkt_parts(model, x, labels, lambdas, cfg, aug)
     grads = {name: torch.autograd.grad(value, x, retain_graph=True)[0].flatten() for name, value in parts.items()}
     total = torch.stack(list(grads.values())).sum(0)
     scale = total.norm().clamp(min=torch.finfo(total.dtype).tiny)
     return {
-        "stat_rel": float(plain["stat"] / flat_parameters(model).abs().mean()),
+        "stat_rel": float(terms["stat"] / flat_parameters(model).abs().mean()),
         "parts": {name: {"value": float(parts[name]), "norm_rel": float(g.norm() / scale),
                          "cos": float(g @ total / (g.norm().clamp(min=1e-30) * scale))} for name, g in grads.items()},
     }

@@ -110,6 +110,33 @@ def norm_loss(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).mean()
 
 
+def dkkt_parts(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lambdas: torch.Tensor,
+    cfg: DistillConfig,
+    aug: DSAParams | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The weighted parts of L_DKKT (they sum to it) and its unweighted terms (logged); `aug` is the DSA draw for
+    the augmented view (one group per image)."""
+    plain = kkt_loss(model, x, y, lambdas, cfg.primal_weight)
+    terms = {"stat": plain["stat"], "primal": plain["primal"]}
+    parts = {"stat": plain["stat"], "primal": cfg.primal_weight * plain["primal"]}
+    if cfg.aug_weight > 0:
+        augmented = kkt_loss(model, apply_dsa(x, aug), y, lambdas, cfg.primal_weight)
+        terms.update(stat_aug=augmented["stat"], primal_aug=augmented["primal"])
+        parts.update(stat_aug=cfg.aug_weight * augmented["stat"],
+                     primal_aug=cfg.aug_weight * cfg.primal_weight * augmented["primal"])
+    if cfg.tv_weight > 0:
+        terms["tv"] = tv_loss(x)
+        parts["tv"] = cfg.tv_weight * terms["tv"]
+    if cfg.norm_weight > 0:
+        terms["norm"] = norm_loss(x)
+        parts["norm"] = cfg.norm_weight * terms["norm"]
+    return parts, terms
+
+
 def dkkt_loss(
     model: nn.Module,
     x: torch.Tensor,
@@ -118,18 +145,6 @@ def dkkt_loss(
     cfg: DistillConfig,
     aug: DSAParams | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L_DKKT and its terms; `aug` is the DSA draw for the augmented view (one group per image)."""
-    plain = kkt_loss(model, x, y, lambdas, cfg.primal_weight)
-    total = plain["kkt"]
-    terms = {"stat": plain["stat"], "primal": plain["primal"]}
-    if cfg.aug_weight > 0:
-        augmented = kkt_loss(model, apply_dsa(x, aug), y, lambdas, cfg.primal_weight)
-        total = total + cfg.aug_weight * augmented["kkt"]
-        terms.update(stat_aug=augmented["stat"], primal_aug=augmented["primal"])
-    if cfg.tv_weight > 0:
-        terms["tv"] = tv_loss(x)
-        total = total + cfg.tv_weight * terms["tv"]
-    if cfg.norm_weight > 0:
-        terms["norm"] = norm_loss(x)
-        total = total + cfg.norm_weight * terms["norm"]
-    return total, terms
+    """L_DKKT and its unweighted terms; `aug` is the DSA draw for the augmented view (one group per image)."""
+    parts, terms = dkkt_parts(model, x, y, lambdas, cfg, aug)
+    return sum(parts.values()), terms
