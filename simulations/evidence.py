@@ -68,10 +68,12 @@ VARIANTS = {
         # The control for the step size: DM alone with its image step scaled by (1 + dkkt_ratio), the largest
         # step dm+dkkt can take (set per table in `table_cells`). If it matches dm+dkkt, DKKT adds only step.
         Variant("dm@step", "dm"),
-        # Ablations of dm+dkkt: the DM-then-DKKT schedule (DM alone for the first half), and the CPU savings undone
+        # Ablations of dm+dkkt: the DM-then-DKKT schedule (DM alone for the first half), without the augmented view
+        # (the KKT terms on the synthetic images only), and the CPU savings undone
         # (DM's batch_real 256, i.e. every public image in each step at pipc <= 256; the DKKT term on every synthetic
         # image): what the savings cost.
         Variant("dm+dkkt@late", "dm+dkkt", {"distill.dkkt_from": 0.5}),
+        Variant("dm+dkkt@noaug", "dm+dkkt", {"distill.aug_weight": 0.0}),
         Variant("dm@full", "dm", {"distill.batch_real": 256}),
         Variant("dm+dkkt@full", "dm+dkkt", {"distill.batch_real": 256, "distill.dkkt_candidates": 0}),
     )
@@ -115,7 +117,7 @@ PRESETS = {
         table_ipcs=(1, 10, 50),
         seeds=(0, 1, 2),
         variants=("random", "dm", "dm+dkkt", "dm@step", "dsv", "random@lambda", "dm@lambda", "dm+dkkt@lambda",
-                  "dm+dkkt@late", "dm@full", "dm+dkkt@full"),
+                  "dm+dkkt@late", "dm+dkkt@noaug", "dm@full", "dm+dkkt@full"),
         single_seed_ipcs=(50,),
         single_seed_variants=("random", "dm+dkkt", "random@lambda"),
         calibration_ipcs=(1, 10),
