@@ -119,6 +119,69 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+@dataclass(frozen=True)
+class FlowerCli:
+    """The `flwr` CLI of this interpreter against one connection, in its own FLWR_HOME: submit runs, poll them."""
+
+    flwr_home: Path
+    connection: str
+    app_dir: Path = PROJECT_DIR
+    env: dict[str, str] = field(default_factory=dict)
+    logs_hint: str = ""  # where to look when something times out
+
+    def environment(self) -> dict[str, str]:
+        # SuperExecs start flwr-serverapp / flwr-clientapp by name: put this interpreter's scripts first on PATH.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.flwr_home), "PATH": path, **self.env}
+
+    def configure(self, t: Topology) -> None:
+        """Writes $FLWR_HOME/config.toml with this connection to `t`'s SuperLink."""
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(connection_toml(self.connection, t))
+
+    def __call__(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "flwr"), *args], env=self.environment(), cwd=PROJECT_DIR,
+            capture_output=True, text=True, timeout=timeout, check=True,
+        )
+
+    def online_nodes(self) -> int:
+        listing = json.loads(self("supernode", "list", self.connection, "--format", "json").stdout)
+        if "nodes" not in listing:  # flwr exits 0 and says why in JSON, e.g. while the SuperLink is not up yet
+            raise ConnectionError(f"flwr supernode list: {listing.get('error-message', listing)}")
+        return sum(node["status"] == "online" for node in listing["nodes"])
+
+    def wait_for_nodes(self, count: int, timeout: float) -> None:
+        """Blocks until `count` SuperNodes are online, so that round 1 samples the whole fleet."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.online_nodes() >= count:
+                    return
+            except (subprocess.CalledProcessError, ConnectionError):  # the SuperLink is not answering yet
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {count} SuperNodes online after {timeout:.0f} s{self.logs_hint}")
+            time.sleep(0.5)
+
+    def submit(self, run_config: dict[str, str]) -> int:
+        """`flwr run <app_dir> <connection>` with TOML run-config values; returns the run id."""
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        out = self("run", str(self.app_dir), self.connection, "--run-config", overrides, "--format", "json")
+        return int(json.loads(out.stdout)["run-id"])
+
+    def wait(self, run_id: int, timeout: float = 600.0) -> dict:
+        """Polls `flwr list` until the run finishes; returns its row (status "finished:completed" on success)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = json.loads(self("list", self.connection, "--run-id", str(run_id), "--format", "json").stdout)
+            row = next(r for r in rows["runs"] if int(r["run-id"]) == run_id)
+            if str(row["status"]).startswith("finished"):
+                return row
+            time.sleep(1.0)
+        raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f} s{self.logs_hint}")
+
+
 @dataclass
 class LocalDeployment:
     """Starts and stops the topology as local processes; use as a context manager."""
@@ -134,24 +197,22 @@ class LocalDeployment:
     def flwr_home(self) -> Path:
         return self.workdir / "flwr-home"
 
-    def _environment(self) -> dict[str, str]:
-        # SuperExecs start flwr-serverapp / flwr-clientapp by name: put this interpreter's scripts first on PATH.
-        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.flwr_home), "PATH": path, **self.env}
+    @property
+    def cli(self) -> FlowerCli:
+        return FlowerCli(self.flwr_home, self.connection, self.app_dir, self.env, f"; see {self.workdir / 'logs'}")
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.workdir / "logs" / f"{name}.log", "wb")  # noqa: SIM115 (kept open for the child)
         self.processes[name] = subprocess.Popen(
             [str(Path(sys.executable).parent / args[0]), *args[1:]],
-            stdout=log, stderr=subprocess.STDOUT, env=self._environment(), cwd=self.workdir, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, env=self.cli.environment(), cwd=self.workdir, start_new_session=True,
         )
         log.close()
 
     def start(self, timeout: float = 60.0) -> LocalDeployment:
         t = self.topology
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(connection_toml(self.connection, t))
+        self.cli.configure(t)
         self._spawn("superlink", superlink_args(t))
         self._spawn("superexec-serverapp", serverapp_superexec_args(t))
         self._wait_for_port(t.superlink_port, timeout)
@@ -166,16 +227,10 @@ class LocalDeployment:
         return self
 
     def online_nodes(self) -> int:
-        listing = json.loads(self.flwr("supernode", "list", self.connection, "--format", "json").stdout)
-        return sum(node["status"] == "online" for node in listing["nodes"])
+        return self.cli.online_nodes()
 
     def wait_for_nodes(self, count: int, timeout: float) -> None:
-        """Blocks until `count` SuperNodes are online, so that round 1 samples the whole fleet."""
-        deadline = time.monotonic() + timeout
-        while self.online_nodes() < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"fewer than {count} SuperNodes online after {timeout:.0f} s; see {self.workdir / 'logs'}")
-            time.sleep(0.5)
+        self.cli.wait_for_nodes(count, timeout)
 
     def _wait_for_port(self, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -191,27 +246,15 @@ class LocalDeployment:
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Runs the `flwr` CLI against this deployment (its own FLWR_HOME)."""
-        return subprocess.run(
-            [str(Path(sys.executable).parent / "flwr"), *args], env=self._environment(), cwd=PROJECT_DIR,
-            capture_output=True, text=True, timeout=timeout, check=True,
-        )
+        return self.cli(*args, timeout=timeout)
 
     def submit(self, run_config: dict[str, str]) -> int:
         """`flwr run . <connection>` with TOML run-config values; returns the run id."""
-        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        out = self.flwr("run", str(self.app_dir), self.connection, "--run-config", overrides, "--format", "json")
-        return int(json.loads(out.stdout)["run-id"])
+        return self.cli.submit(run_config)
 
     def wait(self, run_id: int, timeout: float = 600.0) -> dict:
         """Polls `flwr list` until the run finishes; returns its row (status "finished:completed" on success)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            rows = json.loads(self.flwr("list", self.connection, "--run-id", str(run_id), "--format", "json").stdout)
-            row = next(r for r in rows["runs"] if int(r["run-id"]) == run_id)
-            if str(row["status"]).startswith("finished"):
-                return row
-            time.sleep(1.0)
-        raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f} s; see {self.workdir / 'logs'}")
+        return self.cli.wait(run_id, timeout)
 
     def kill(self, name: str) -> None:
         """SIGKILL one process (and its children), e.g. a SuperNode, to simulate a dead edge device."""

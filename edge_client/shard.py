@@ -18,6 +18,7 @@ from common.config import ExperimentConfig
 from common.data import CIFAR10_CLASSES, DataError, Normalization, load_dataset, resolve_data_path
 from common.holdings import decide_holdings, split_seed
 from common.node_data import holdings_sha256, is_node_archive, load_node_archive
+from common.protocol import DATA_PATH_KEY
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,13 @@ def load_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | Path |
         _SHARDS[key] = shard_from_archive(cfg, partition_id, Path(path))
     if key not in _SHARDS:
         data_cfg = cfg.data.model_copy(update={"path": path}) if path else cfg.data
+        fallback = resolve_data_path(cfg.data.path)
+        if path is None and cfg.data.name != "tiny" and not cfg.data.download and not fallback.exists():
+            raise DataError(
+                f"no {DATA_PATH_KEY!r} in this node's node_config and no dataset at {fallback}: give the SuperNode its "
+                f'own archive of feddistill partition (--node-config "... {DATA_PATH_KEY}=\\"/data/client-{partition_id}'
+                '.tar.gz\\"") or the full dataset ($FEDDISTILL_DATA)'
+            )
         dataset = load_dataset(data_cfg, split_seed(cfg))
         train_idx, holdout_idx = decide_holdings(cfg, dataset.train.labels).client(partition_id)
         images, labels = dataset.train.images, dataset.train.labels

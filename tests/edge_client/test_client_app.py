@@ -9,7 +9,7 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from common.config import build_config
-from common.data import load_dataset
+from common.data import DataError, load_dataset
 from common.models import build_model
 from common.holdings import decide_holdings
 from common.records import model_to_record
@@ -119,3 +119,11 @@ def test_round_config_decays_the_lr_and_round_trips_the_experiment():
     assert config["lr"] == pytest.approx(0.0125)
     assert read_experiment(config) == cfg
     assert json.loads(config[EXPERIMENT_KEY])["model"]["width"] == 8
+
+
+def test_a_node_with_neither_a_data_path_nor_a_dataset_is_told_to_get_its_archive(monkeypatch, tmp_path):
+    monkeypatch.delenv("FEDDISTILL_DATA", raising=False)
+    monkeypatch.setenv("FEDDISTILL_CACHE", str(tmp_path))  # nothing at the default data location either
+    cfg = build_config({**TINY, "data": {"name": "cifar10", "path": None}})
+    with pytest.raises(DataError, match=r"^no 'data-path' in this node's node_config .*client-1\.tar\.gz"):
+        train_reply(message_content(cfg), NODE)
