@@ -91,6 +91,7 @@ def gradient_parts(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     aug = sample_dsa(parse_strategy(cfg.dsa_strategy), x.shape[0], torch.Generator().manual_seed(seed), x.device)
     parts, terms = dkkt_parts(model, x, labels, lambdas, cfg, aug)
     grads = {name: torch.autograd.grad(value, x, retain_graph=True)[0].flatten() for name, value in parts.items()}
+    parts, terms = ({k: v.detach() for k, v in d.items()} for d in (parts, terms))
     total = torch.stack(list(grads.values())).sum(0)
     scale = total.norm().clamp(min=torch.finfo(total.dtype).tiny)
     return {
