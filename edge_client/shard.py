@@ -90,8 +90,8 @@ def load_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | Path |
         _SHARDS[key] = shard_from_archive(cfg, partition_id, Path(path))
     if key not in _SHARDS:
         data_cfg = cfg.data.model_copy(update={"path": path}) if path else cfg.data
-        fallback = resolve_data_path(cfg.data.path)
-        if path is None and cfg.data.name != "tiny" and not cfg.data.download and not fallback.exists():
+        fallback = None if path or cfg.data.name == "tiny" or cfg.data.download else resolve_data_path(cfg.data.path)
+        if fallback is not None and not fallback.exists():
             raise DataError(
                 f"no {DATA_PATH_KEY!r} in this node's node_config and no dataset at {fallback}: give the SuperNode its "
                 f'own archive of feddistill partition (--node-config "... {DATA_PATH_KEY}=\\"/data/client-{partition_id}'
