@@ -183,6 +183,12 @@ class EvaluationConfig(_Section):
     batch_size: int = Field(256, ge=1)
     num_nets: int = Field(5, ge=1)
     dsa: bool = True
+    # torch.compile the evaluation net's passes (training and test): the same protocol to float rounding, faster per
+    # net after a one-off compile per process and batch shape (docs/benchmarks.md, "Evaluation modes").
+    compile: bool = False
+    # bf16: the net's passes under bfloat16 autocast (weights, optimiser and loss stay fp32): another protocol, with
+    # its accuracy difference to fp32 measured in docs/benchmarks.md; fp32 is the reference protocol.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 class ExperimentConfig(_Section):

@@ -13,7 +13,9 @@ On CIFAR-shaped random tensors (10 classes, 3x32x32, ConvNet-3 width 128), same 
   estimate  20,000 DM+DKKT iterations at --ipc plus a 5-net evaluation, from the measured rates
             (--full runs it for real).
 On CUDA, bf16 autocast, channels_last and torch.compile variants of our DM step and of the batched evaluation
-are timed too (--variants), each with its loss / accuracy difference to fp32; peak memory per row.
+are timed too (--variants), each with its loss / accuracy difference to fp32; peak memory per row. The compile
+and bf16 variants also time `train_and_test` with `evaluation.compile` and `evaluation.precision=bf16` (the one-off
+compile reported, not timed); on the CPU: --variants compile,bf16.
 
   python -m simulations.bench_distill                         # everything, default sizes, auto device
   python -m simulations.bench_distill --device cuda --json bench_distill.json
@@ -301,6 +303,29 @@ def bench_dkkt(sizes: Sizes, args: argparse.Namespace, device: torch.device) -> 
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
+def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
+    """Measured dense matmul throughput (GFLOP/s) at `dtype`: the arithmetic ceiling of this device and thread count."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 * rate_of(lambda: a @ b, 10, 3, device) / 1e9
+
+
+def eval_net_flops(syn_x: torch.Tensor, syn_y: torch.Tensor, test_images: int, cfg: EvaluationConfig,
+                   model_cfg: ModelConfig, classes: int) -> float:
+    """FLOPs of one evaluation net (every training step's forward + backward, then the test pass), counted by
+    torch.utils.flop_counter on one step and one test image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = models.model_from_config(model_cfg, classes, syn_x.shape[1], syn_x.shape[2]).to(syn_x.device)
+    batch = min(cfg.batch_size, syn_x.shape[0])
+    with FlopCounterMode(display=False) as train:
+        torch.nn.functional.cross_entropy(net(syn_x[:batch]), syn_y[:batch]).backward()
+    with FlopCounterMode(display=False) as test, torch.no_grad():
+        net(syn_x[:1])
+    per_image = train.get_total_flops() / batch  # every epoch passes each synthetic image once
+    return cfg.epochs * syn_x.shape[0] * per_image + test_images * test.get_total_flops()
+
+
+
 def bench_eval(sizes: Sizes, args: argparse.Namespace, device: torch.device, variants: Sequence[str]) -> list[Row]:
     syn_x, syn_y = class_data(sizes, sizes.ipc, device, seed=2)
     per_class_test = max(sizes.test_images // sizes.classes, 1)
@@ -316,34 +341,55 @@ def bench_eval(sizes: Sizes, args: argparse.Namespace, device: torch.device, var
     train_and_test(syn_x, syn_y, test_x, test_y, short, model_cfg, sizes.classes, 0, device)
     train_and_test_batched(syn_x, syn_y, test_x, test_y, short, model_cfg, sizes.classes, seeds, device)
 
-    def sequential() -> tuple[list[float], float]:
+    def sequential(eval_cfg: EvaluationConfig) -> tuple[list[float], float]:
         reset_peak(device)
         sync(device)
         start = time.perf_counter()
-        accs = [train_and_test(syn_x, syn_y, test_x, test_y, cfg, model_cfg, sizes.classes, s, device)
+        accs = [train_and_test(syn_x, syn_y, test_x, test_y, eval_cfg, model_cfg, sizes.classes, s, device)
                 for s in seeds[: args.seq_nets]]
         sync(device)
         return accs, len(accs) / (time.perf_counter() - start)
 
     with whole_batches():
-        whole_acc, whole = sequential()
-    rows.append(Row(section, f"sequential, whole batches ({len(whole_acc)} net(s))", whole, "nets/s", 1.0, peak_mb(device)))
-    seq_acc, seq = sequential()
+        whole_acc, whole = sequential(cfg)
+    rows.append(Row(section, f"sequential, whole batches ({len(whole_acc)} net(s))", whole, "nets/s", 1.0, peak_mb(device),
+                    extra={"accuracies": whole_acc}))
+    flops, peak = eval_net_flops(syn_x, syn_y, test_x.shape[0], cfg, model_cfg, sizes.classes), matmul_gflops(device)
+    floor = peak * 1e9 / flops
+    rows.append(Row(section, "fp32 ceiling: one net's FLOPs at the measured fp32 matmul rate", floor, "nets/s",
+                    floor / whole, None, f"{flops / 1e12:.2f} TFLOP per net at {peak:.0f} GFLOP/s",
+                    {"tflop_per_net": flops / 1e12, "matmul_gflops_fp32": peak}))
+    seq_acc, seq = sequential(cfg)
     diff = max(abs(a - b) for a, b in zip(seq_acc, whole_acc))
     rows.append(Row(section, f"sequential train_and_test ({len(seq_acc)} net(s))", seq, "nets/s", seq / whole,
                     peak_mb(device), f"acc diff to whole batches (same seeds) {diff:.4f}", {"accuracies": seq_acc}))
+    modes = [("evaluation.compile", {"compile": True})] if "compile" in variants else []
+    if "bf16" in variants:
+        modes.append(("evaluation.compile + precision bf16" if modes else "evaluation.precision bf16",
+                      {"compile": bool(modes), "precision": "bf16"}))
+    for name, update in modes:
+        start = time.perf_counter()  # the one-off compile (train and test graphs) and warm-up, outside the timing
+        train_and_test(syn_x, syn_y, test_x, test_y, short.model_copy(update=update), model_cfg, sizes.classes, 0, device)
+        warmup_s = time.perf_counter() - start
+        mode_acc, rate = sequential(cfg.model_copy(update=update))
+        diff = max(abs(a - b) for a, b in zip(mode_acc, whole_acc))
+        rows.append(Row(section, f"sequential train_and_test + {name} ({len(mode_acc)} net(s))", rate, "nets/s",
+                        rate / whole, peak_mb(device), f"acc diff to whole batches (same seeds) {diff:.4f}; "
+                        f"compile/warm-up {warmup_s:.0f} s once per process", {"accuracies": mode_acc, "warmup_s": warmup_s}))
 
     base_acc = None
     for variant in ("fp32", *variants):
-        options = {"precision": "bf16" if variant == "bf16" else "fp32", "channels_last": variant == "channels_last",
-                   "compile": variant == "compile"}
+        mode = {"compile": variant == "compile", "precision": "bf16" if variant == "bf16" else "fp32"}
+        channels_last = variant == "channels_last"
         try:
             if variant == "compile":  # compile once outside the timing
-                train_and_test_batched(syn_x, syn_y, test_x, test_y, short, model_cfg, sizes.classes, seeds, device, **options)
+                train_and_test_batched(syn_x, syn_y, test_x, test_y, short.model_copy(update=mode), model_cfg,
+                                       sizes.classes, seeds, device, channels_last=channels_last)
             reset_peak(device)
             sync(device)
             start = time.perf_counter()
-            acc = train_and_test_batched(syn_x, syn_y, test_x, test_y, cfg, model_cfg, sizes.classes, seeds, device, **options)
+            acc = train_and_test_batched(syn_x, syn_y, test_x, test_y, cfg.model_copy(update=mode), model_cfg,
+                                         sizes.classes, seeds, device, channels_last=channels_last)
             sync(device)
             r = len(seeds) / (time.perf_counter() - start)
             if variant == "fp32":

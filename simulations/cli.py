@@ -187,35 +187,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Re-evaluates a pack on its dataset's test split, with its own protocol or other epochs, nets and architectures."""
-    import torch
-
-    from common.data import to_normalized_tensor
-    from common.holdings import load_experiment_data
     from common.runtime import pick_device
     from server.distill.evaluate import mean_std
-    from simulations.synthetic_pack import evaluate_pack, load_pack
+    from simulations.synthetic_pack import EvaluationMode, evaluate_pack, load_pack, pack_test_set
 
     pack = load_pack(Path(args.pack))
-    cfg = pack.config
-    if args.data:
-        cfg = build_config(cfg.model_dump(mode="json"), {"data.path": args.data})
-    device = pick_device(args.device or cfg.device)
-    test = load_experiment_data(cfg).test
-    test_x = to_normalized_tensor(test.images, pack.normalization, device)  # as the pack's images were
-    test_y = torch.as_tensor(test.labels, device=device)
+    device = pick_device(args.device or pack.config.device)
+    test_x, test_y = pack_test_set(pack, args.data, device)
+    mode = EvaluationMode.parse(args.mode) if args.mode else None
     recorded = pack.meta["evaluation"]
     if recorded["accuracies"]:
         console.print(f"recorded: {100 * recorded['mean']:.2f} % over seeds {recorded['seeds']} "
                       f"({recorded['protocol']['epochs']} epochs, {pack.meta['config']['model']})", highlight=False)
     rows = []
     for arch in args.arch:
-        accuracies = evaluate_pack(pack, test_x, test_y, device, args.epochs, args.nets, arch)
+        accuracies = evaluate_pack(pack, test_x, test_y, device, args.epochs, args.nets, arch, mode)
         mean, std = mean_std(accuracies)
         rows.append({"arch": arch, "accuracies": accuracies, "mean": mean, "std": std})
         console.print(f"{arch}: {100 * mean:.2f} ± {100 * std:.2f} % ({' '.join(f'{a:.4f}' for a in accuracies)})",
                       highlight=False)
     if args.json:
-        save_json(Path(args.json), {"pack": str(args.pack), "epochs": args.epochs, "nets": args.nets, "results": rows})
+        save_json(Path(args.json), {"pack": str(args.pack), "epochs": args.epochs, "nets": args.nets,
+                                    "mode": args.mode, "results": rows})
     return 0
 
 
@@ -277,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convnet (the pack's model), convnet:width=N,depth=N,norm=instancenorm|batchnorm|none, resnet18")
     p.add_argument("--data", default=None, help="the dataset (default: the pack config's data.path, else $FEDDISTILL_DATA)")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--mode", default=None, choices=["fp32", "compile", "bf16", "compile+bf16"],
+                   help="how the nets run (default: the recorded evaluation.compile / precision); compile: the same "
+                        "protocol, faster per net after a one-off compile; bf16: bfloat16 autocast, another protocol")
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("report", help="tables and figures of a sweep folder, or the curves of a run folder",

@@ -23,7 +23,8 @@ import torch
 
 from common.atomic import load_torch, save_torch
 from common.config import ConfigError, ExperimentConfig, build_config
-from common.data import DataError, Normalization
+from common.data import DataError, Normalization, to_normalized_tensor
+from common.holdings import load_experiment_data
 from common.models import parse_architecture
 from common.runtime import git_commit
 from server.distill.artifacts import synthetic_normalization
@@ -31,6 +32,29 @@ from server.distill.evaluate import evaluate_synthetic
 from server.distill.run import eval_seeds
 
 FORMAT = "feddistill-synthetic/1"
+
+
+@dataclass(frozen=True)
+class EvaluationMode:
+    """How the evaluation nets run: `fp32` (the reference), `compile`, `bf16` or `compile+bf16`."""
+
+    compile: bool = False
+    precision: str = "fp32"
+
+    @classmethod
+    def parse(cls, spec: str) -> EvaluationMode:
+        parts = set(spec.split("+"))
+        if not parts <= {"fp32", "compile", "bf16"} or {"fp32", "bf16"} <= parts:
+            raise ConfigError(f"evaluation mode {spec!r}: one of fp32, compile, bf16, compile+bf16")
+        return cls("compile" in parts, "bf16" if "bf16" in parts else "fp32")
+
+    @property
+    def name(self) -> str:
+        return "+".join(["compile"] * self.compile + [self.precision] * (self.precision != "fp32" or not self.compile))
+
+    @property
+    def updates(self) -> dict[str, Any]:
+        return {"compile": self.compile, "precision": self.precision}
 
 
 @dataclass(frozen=True)
@@ -115,13 +139,26 @@ def load_pack(path: Path) -> Pack:
     return Pack(images, labels, norm, meta)
 
 
+def pack_test_set(pack: Pack, data: str | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split of the pack's dataset (from `data`, else its config's data.path / $FEDDISTILL_DATA), normalised
+    as the pack's images were, on `device`."""
+    cfg = pack.config
+    if data:
+        cfg = build_config(cfg.model_dump(mode="json"), {"data.path": data})
+    test = load_experiment_data(cfg).test
+    return to_normalized_tensor(test.images, pack.normalization, device), torch.as_tensor(test.labels, device=device)
+
+
 def evaluate_pack(
     pack: Pack, test_x: torch.Tensor, test_y: torch.Tensor, device: torch.device | str, epochs: int | None = None,
-    nets: int | None = None, arch: str = "convnet",
+    nets: int | None = None, arch: str = "convnet", mode: EvaluationMode | None = None,
 ) -> list[float]:
-    """Accuracies of fresh nets trained on the pack: its recorded protocol and seeds unless epochs/nets are given."""
+    """Accuracies of fresh nets trained on the pack: its recorded protocol and seeds unless epochs/nets are given;
+    `mode` (evaluation.compile / precision) replaces the recorded one."""
     cfg = pack.config
     eval_cfg = cfg.evaluation.model_copy(update={k: v for k, v in (("epochs", epochs), ("num_nets", nets)) if v})
+    if mode is not None:
+        eval_cfg = eval_cfg.model_copy(update=mode.updates)
     recorded = pack.meta["evaluation"]["seeds"]
     seeds = recorded if nets is None and recorded else eval_seeds(pack.meta["seed"], eval_cfg.num_nets)
     try:

@@ -4,7 +4,11 @@ A fresh ConvNet is trained on the synthetic set only: SGD(lr, momentum, weight_d
 over the shuffled set in batches of `batch_size`, lr x 0.1 (fresh optimiser, as the reference) from
 epoch epochs//2 + 1 on, DSA on every batch when enabled, cross-entropy; then accuracy on the full test set.
 Accuracies are fractions in [0, 1]. On the CPU a batch goes through the net in cache-sized chunks
-(`common.models.cpu_chunk`): the same logits to float rounding, ~1.4x faster at width 128.
+(`common.models.cpu_chunk`): the same logits to float rounding, ~1.4x faster at width 128. With
+`evaluation.compile` the passes run through `torch.compile` (inductor fuses the norm, ReLU and pooling around
+the convolutions): the same protocol to float rounding, compiled once per process and batch shape. With
+`evaluation.precision=bf16` they run under bfloat16 autocast (AMX on recent Xeons): another protocol, whose
+accuracy difference to fp32 `simulations.eval_modes` measures.
 
 `train_and_test` trains one net (the reference of the protocol); `train_and_test_batched` trains K nets at
 once as one vmapped functional model over stacked parameters (`torch.func.stack_module_state`): every net
@@ -18,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from common.config import EvaluationConfig, ModelConfig
+from common.config import ConfigError, EvaluationConfig, ModelConfig
 from common.models import cpu_chunk, in_chunks, model_from_config
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
 
@@ -37,14 +43,47 @@ def _sgd(net: nn.Module, lr: float, cfg: EvaluationConfig) -> torch.optim.SGD:
     return torch.optim.SGD(net.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def compiled(fn: Callable[..., torch.Tensor], enabled: bool, device: torch.device) -> Callable[..., torch.Tensor]:
+    """`fn` itself, or (enabled) `torch.compile(fn)` at fixed shapes; a ConfigError where the CPU has no C++ compiler
+    for inductor."""
+    if not enabled:
+        return fn
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "clang++", "c++")):
+        raise ConfigError("evaluation.compile=true: torch.compile on the CPU needs a C++ compiler (g++ or clang++) "
+                          "on PATH and none was found; install one or set evaluation.compile=false")
+    return torch.compile(fn, dynamic=False)
+
+
+def net_forward(net: nn.Module, eval_cfg: EvaluationConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`net`'s forward as the protocol runs it: fp32 eager by default, compiled with `evaluation.compile`, under
+    bfloat16 autocast with `evaluation.precision=bf16` (logits returned in fp32)."""
+    forward = compiled(net, eval_cfg.compile, device)
+    if eval_cfg.precision == "fp32":
+        return forward
+
+    def autocast_forward(x: torch.Tensor) -> torch.Tensor:
+        with _autocast(device, eval_cfg.precision):
+            return forward(x).float()
+
+    return autocast_forward
+
+
 @torch.inference_mode()
-def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = TEST_BATCH) -> float:
-    """Top-1 accuracy of `net` (switched to eval mode) on (x, y), batched (cache-sized batches on the CPU)."""
+def accuracy(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int = TEST_BATCH,
+) -> float:
+    """Top-1 accuracy of `net` (switched to eval mode) on (x, y) through `forward` (default: `net` itself), batched
+    (cache-sized batches on the CPU)."""
     net.eval()
+    forward = net if forward is None else forward
     batch_size = cpu_chunk(net, x) or batch_size
     correct = torch.zeros((), dtype=torch.long, device=y.device)
     for start in range(0, x.shape[0], batch_size):
-        correct += (net(x[start : start + batch_size]).argmax(1) == y[start : start + batch_size]).sum()
+        correct += (forward(x[start : start + batch_size]).argmax(1) == y[start : start + batch_size]).sum()
     return correct.item() / max(x.shape[0], 1)
 
 
@@ -73,6 +112,7 @@ def train_net(
     x, y = syn_x.to(device), syn_y.to(device)
     n = x.shape[0]
     chunk = cpu_chunk(net, x)
+    forward = net_forward(net, eval_cfg, device)
     optimizer = _sgd(net, eval_cfg.lr, eval_cfg)
     for epoch in range(eval_cfg.epochs):
         if epoch == eval_cfg.epochs // 2 + 1:
@@ -84,7 +124,8 @@ def train_net(
             if families:
                 # Unseeded DiffAugment of the reference: one family per batch, parameters per image.
                 xb = apply_dsa(xb, sample_dsa(families, xb.shape[0], gen, device, one_family=True))
-            loss = F.cross_entropy(in_chunks(net, xb, chunk), y[idx])
+            # contiguous: some DSA families return other strides, which a compiled forward would recompile for
+            loss = F.cross_entropy(in_chunks(forward, xb.contiguous(), chunk), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -105,7 +146,7 @@ def train_and_test(
 ) -> float:
     """Trains one fresh net (initialised from `seed`) on the synthetic set; returns its test accuracy."""
     net = train_net(syn_x, syn_y, eval_cfg, model_cfg, num_classes, seed, device, dsa_strategy)
-    return accuracy(net, test_x.to(device), test_y.to(device))
+    return accuracy(net, test_x.to(device), test_y.to(device), net_forward(net, eval_cfg, torch.device(device)))
 
 
 def _concat_draws(draws: Sequence[DSAParams]) -> DSAParams:
@@ -136,19 +177,14 @@ def train_nets_batched(
     seeds: Sequence[int],
     device: torch.device | str,
     dsa_strategy: str = DEFAULT_STRATEGY,
-    precision: str = "fp32",
     channels_last: bool = False,
-    compile: bool = False,
 ) -> StackedNets:
     """`train_net` for every seed, all nets trained at once; net i is row i of the stacked parameters.
 
-    Same draws as K calls of `train_net` (up to float rounding of the grouped convolutions).
-    precision 'bf16': forward and loss under bfloat16 autocast (CUDA; parameters and optimiser stay fp32);
-    channels_last: images in channels-last layout; compile: torch.compile the per-step forward+loss.
-    The defaults are the exact fp32 protocol.
+    Same draws as K calls of `train_net` (up to float rounding of the grouped convolutions). `evaluation.precision`
+    and `evaluation.compile` act as in `net_forward` (compile: the per-step forward+loss); channels_last: images in
+    channels-last layout (a benchmark variant).
     """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16; got {precision!r}")
     device = torch.device(device)
     seeds = list(seeds)
     k = len(seeds)
@@ -159,12 +195,12 @@ def train_nets_batched(
 
     def step_loss(p: dict, b: dict, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         """xb (K, B, C, H, W), yb (K, B) -> sum over nets of each net's mean cross-entropy."""
-        with _autocast(device, precision):
+        with _autocast(device, eval_cfg.precision):
             logits = vmap(nets)(p, b, xb)
         ce = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="none")
         return ce.view(k, -1).mean(1).sum()
 
-    loss_fn: Callable[..., torch.Tensor] = torch.compile(step_loss) if compile else step_loss
+    loss_fn = compiled(step_loss, eval_cfg.compile, device)
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     families = parse_strategy(dsa_strategy) if eval_cfg.dsa else ()
     x, y = syn_x.to(device), syn_y.to(device)
@@ -204,21 +240,20 @@ def train_and_test_batched(
     seeds: Sequence[int],
     device: torch.device | str,
     dsa_strategy: str = DEFAULT_STRATEGY,
-    precision: str = "fp32",
     channels_last: bool = False,
-    compile: bool = False,
 ) -> list[float]:
     """`train_and_test` for every seed, all nets trained at once; their test accuracies in seed order."""
     device = torch.device(device)
     nets = train_nets_batched(
-        syn_x, syn_y, eval_cfg, model_cfg, num_classes, seeds, device, dsa_strategy, precision, channels_last, compile
+        syn_x, syn_y, eval_cfg, model_cfg, num_classes, seeds, device, dsa_strategy, channels_last
     )
     nets.base.eval()
-    return _batched_accuracy(nets, test_x.to(device), test_y.to(device), device, precision)
+    return _batched_accuracy(nets, test_x.to(device), test_y.to(device), device, eval_cfg.precision)
 
 
 @contextlib.contextmanager
 def _autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """bfloat16 autocast for precision 'bf16', nothing for 'fp32'."""
     if precision == "bf16":
         with torch.autocast(device.type, dtype=torch.bfloat16):
             yield

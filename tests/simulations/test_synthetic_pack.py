@@ -15,6 +15,7 @@ from common.atomic import load_torch, save_torch
 from common.config import ModelConfig
 from common.models import parse_architecture
 from simulations.cli import main as cli_main
+from simulations.eval_modes import main as eval_modes_main
 from simulations.synthetic_pack import load_pack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,3 +74,28 @@ def test_architecture_specs_and_damaged_packs_give_one_line_errors(pack, tmp_pat
     save_torch(tmp_path / "other.pt", {"weights": torch.zeros(2)})
     assert cli_main(["evaluate", str(tmp_path / "other.pt")]) == 2
     assert "not a synthetic-set pack" in capsys.readouterr().out
+
+
+def test_evaluate_in_another_mode(pack, tmp_path):
+    out = tmp_path / "bf16.json"
+    assert cli_main(["evaluate", str(pack), "--device", "cpu", "--mode", "bf16", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    assert report["mode"] == "bf16" and len(row["accuracies"]) == 2 and 0 <= row["mean"] <= 1
+
+
+def test_eval_modes_compares_each_mode_with_fp32_and_resumes(pack, tmp_path, capsys):
+    run_dir = pack.parent / "run"
+    out = tmp_path / "modes.json"
+    assert eval_modes_main([str(run_dir), "--modes", "fp32,bf16", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    fp32, bf16 = report["runs"]
+    recorded = load_pack(pack).meta["evaluation"]["accuracies"]
+    assert (fp32["mode"], bf16["mode"]) == ("fp32", "bf16") and fp32["recorded"] == recorded
+    assert fp32["accuracies"] == pytest.approx(recorded, abs=1e-6)  # fp32 is the recorded protocol
+    assert bf16["seconds_per_net"] > 0 and set(report["warmup_s"]) == {"fp32, 20 images", "bf16, 20 images"}
+    table = out.with_suffix(".md").read_text()
+    assert "| 2 | fp32 | 2 |" in table and "| 2 | bf16 | 2 |" in table and "fp32 here" in table
+    capsys.readouterr()
+    assert eval_modes_main([str(run_dir), "--modes", "fp32,bf16", "--out", str(out)]) == 0  # all done: nothing reruns
+    assert "s/net" not in capsys.readouterr().out and len(json.loads(out.read_text())["runs"]) == 2
