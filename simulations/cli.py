@@ -191,10 +191,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from server.distill.evaluate import mean_std
     from simulations.synthetic_pack import EvaluationMode, evaluate_pack, load_pack, pack_test_set
 
+    mode = EvaluationMode.parse(args.mode) if args.mode else None
     pack = load_pack(Path(args.pack))
     device = pick_device(args.device or pack.config.device)
     test_x, test_y = pack_test_set(pack, args.data, device)
-    mode = EvaluationMode.parse(args.mode) if args.mode else None
     recorded = pack.meta["evaluation"]
     if recorded["accuracies"]:
         console.print(f"recorded: {100 * recorded['mean']:.2f} % over seeds {recorded['seeds']} "
@@ -270,9 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convnet (the pack's model), convnet:width=N,depth=N,norm=instancenorm|batchnorm|none, resnet18")
     p.add_argument("--data", default=None, help="the dataset (default: the pack config's data.path, else $FEDDISTILL_DATA)")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--mode", default=None, choices=["fp32", "compile", "bf16", "compile+bf16"],
-                   help="how the nets run (default: the recorded evaluation.compile / precision); compile: the same "
-                        "protocol, faster per net after a one-off compile; bf16: bfloat16 autocast, another protocol")
+    p.add_argument("--mode", default=None,
+                   help="fp32, compile, bf16 or compile+bf16: how the nets run (default: the recorded evaluation.compile "
+                        "and precision); compile: the same protocol, faster per net after a one-off compile; bf16: "
+                        "bfloat16 autocast, another protocol")
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("report", help="tables and figures of a sweep folder, or the curves of a run folder",

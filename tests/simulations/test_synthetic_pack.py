@@ -99,3 +99,9 @@ def test_eval_modes_compares_each_mode_with_fp32_and_resumes(pack, tmp_path, cap
     capsys.readouterr()
     assert eval_modes_main([str(run_dir), "--modes", "fp32,bf16", "--out", str(out)]) == 0  # all done: nothing reruns
     assert "s/net" not in capsys.readouterr().out and len(json.loads(out.read_text())["runs"]) == 2
+
+
+def test_an_unknown_mode_is_a_one_line_error(pack, capsys):
+    assert cli_main(["evaluate", str(pack), "--mode", "fp16"]) == 2
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("error: evaluation mode 'fp16'") and "compile+bf16" in out and "\n" not in out
