@@ -88,10 +88,35 @@ def test_tls_override_matches_the_native_tls_topology():
     assert _argv(services["superexec-serverapp"]) == serverapp_superexec_args(t)
     for k in range(NODES):
         assert _argv(services[f"supernode-{k + 1}"]) == supernode_args(t, k)
-        assert "./deploy/certs:/app/certificates:ro" in services[f"supernode-{k + 1}"]["volumes"]
     server_volumes = services["superexec-serverapp"]["volumes"]
-    assert "./deploy/certs:/app/certificates:ro" in server_volumes
     assert _data_mounts({"volumes": server_volumes}) == _data_mounts(_compose("docker-compose.yml")["superexec-serverapp"])
+
+
+def _certificate_mounts(spec: dict) -> dict[str, str]:
+    """Container path -> host path of the service's read-only mounts under /app/certificates."""
+    mounts = {}
+    for volume in spec.get("volumes", []):
+        source, target, mode = _volume(volume)
+        if target.startswith("/app/certificates"):
+            assert mode == "ro", volume
+            mounts[target] = source
+    return mounts
+
+
+def test_tls_each_service_mounts_only_the_keys_it_uses():
+    services = _compose("docker-compose.yml", "docker-compose.tls.yml")
+    ca = {"/app/certificates/ca.crt": "./deploy/certs/ca.crt"}
+    assert _certificate_mounts(services["superlink"]) == ca | {
+        f"/app/certificates/{f}": f"./deploy/certs/{f}" for f in ("server.pem", "server.key")}
+    assert _certificate_mounts(services["superexec-serverapp"]) == ca
+    for k in range(NODES):
+        own = f"keys/node{k + 1}"
+        assert _certificate_mounts(services[f"supernode-{k + 1}"]) == ca | {f"/app/certificates/{own}": f"./deploy/certs/{own}"}
+        assert _certificate_mounts(services[f"superexec-clientapp-{k + 1}"]) == {}
+    # every path a command names under /app/certificates is mounted into that service
+    for name, spec in services.items():
+        named = {a for a in spec.get("command", []) if a.startswith("/app/certificates/")}
+        assert named <= set(_certificate_mounts(spec)), name
 
 
 def test_images_ports_and_flower_version_agree(services):
