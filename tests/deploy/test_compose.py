@@ -105,13 +105,14 @@ def _certificate_mounts(spec: dict) -> dict[str, str]:
 
 def test_tls_each_service_mounts_only_the_keys_it_uses():
     services = _compose("docker-compose.yml", "docker-compose.tls.yml")
-    ca = {"/app/certificates/ca.crt": "./deploy/certs/ca.crt"}
+    certs = "${FEDDISTILL_CERTS_DIR:-./deploy/certs}"
+    ca = {"/app/certificates/ca.crt": f"{certs}/ca.crt"}
     assert _certificate_mounts(services["superlink"]) == ca | {
-        f"/app/certificates/{f}": f"./deploy/certs/{f}" for f in ("server.pem", "server.key")}
+        f"/app/certificates/{f}": f"{certs}/{f}" for f in ("server.pem", "server.key")}
     assert _certificate_mounts(services["superexec-serverapp"]) == ca
     for k in range(NODES):
         own = f"keys/node{k + 1}"
-        assert _certificate_mounts(services[f"supernode-{k + 1}"]) == ca | {f"/app/certificates/{own}": f"./deploy/certs/{own}"}
+        assert _certificate_mounts(services[f"supernode-{k + 1}"]) == ca | {f"/app/certificates/{own}": f"{certs}/{own}"}
         assert _certificate_mounts(services[f"superexec-clientapp-{k + 1}"]) == {}
     # every path a command names under /app/certificates is mounted into that service
     for name, spec in services.items():

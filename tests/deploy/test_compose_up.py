@@ -3,7 +3,9 @@
 The images are local (no registry is reachable here): deploy/local-flwr-image.sh's stand-in for Flower's images, made
 once and kept by the engine, named through the compose file's image-override variables; `up --build` builds
 deploy/Dockerfile on top of it. Each edge container gets only its own archive of `feddistill partition`, the server
-only manifest, public and test archives. Skipped, with the reason, where there is no engine or no CIFAR-10 archive.
+only manifest, public and test archives. With docker-compose.tls.yml on top: a round over TLS with SuperNode
+authentication, each SuperNode holding only its own key. Skipped, with the reason, where there is no engine or no
+CIFAR-10 archive.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import real_archive
 
-from deploy.deployment import FlowerCli, Topology, free_ports
+from deploy.deployment import FlowerCli, Tls, Topology, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +31,7 @@ NODES = 3
 FLWR_VERSION = "1.42.0"
 LOCAL_IMAGE = os.environ.get("FEDDISTILL_TEST_FLWR_IMAGE", "feddistill-local/flwr")  # repository; tag FLWR_VERSION
 PROJECT = "feddistill-compose-test"
+APP_UID = 49999  # Flower's images run as user "app"
 # The quickstart, CPU-test sized: 600 training images, 200 test images, a narrow model, tiny distillation.
 SMALL = ("data.train_per_class=60 data.test_per_class=20 model.width=16 federation.local_epochs=1 "
          "evaluation.epochs=10 evaluation.num_nets=1")
@@ -75,9 +78,12 @@ def flwr_image(compose_command: list[str]) -> str:
 
 @dataclass
 class ComposeStack:
-    """One `docker compose` project of docker-compose.yml, and the `flwr` CLI connected to its SuperLink."""
+    """One `docker compose` project of docker-compose.yml (and overrides), and the `flwr` CLI connected to its
+    SuperLink."""
 
     command: list[str]
+    project: str
+    files: list[str]
     env: dict[str, str]
     cli: FlowerCli
     nodes: Path
@@ -85,7 +91,8 @@ class ComposeStack:
     logs: Path
 
     def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        proc = _run([*self.command, "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml"), *args], timeout, self.env)
+        files = [a for f in self.files for a in ("-f", str(ROOT / f))]
+        proc = _run([*self.command, "-p", self.project, *files, *args], timeout, self.env)
         assert proc.returncode == 0, f"{' '.join(args)}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
         return proc
 
@@ -108,18 +115,20 @@ class ComposeStack:
         assert proc.returncode == 0, proc.stderr
 
     def save_logs(self) -> None:
-        self.logs.write_text(_run([*self.command, "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml"), "logs",
-                                   "--no-color"], 120, self.env).stdout)
+        files = [a for f in self.files for a in ("-f", str(ROOT / f))]
+        self.logs.write_text(_run([*self.command, "-p", self.project, *files, "logs", "--no-color"], 120, self.env).stdout)
 
 
-@pytest.fixture(scope="module")
-def stack(compose_command: list[str], flwr_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeStack]:
+def _bring_up(compose_command: list[str], flwr_image: str, work: Path, project: str, files: list[str],
+              tls: Tls | None = None) -> Iterator[ComposeStack]:
+    """Partitions the quickstart's data into work/nodes, brings the project up (with `tls`: its certificates, the
+    SuperLink first and the node keys registered before the SuperNodes start, as README's TLS steps do), yields it,
+    takes it down."""
     archive = real_archive()
     if archive is None:
         pytest.skip("the CIFAR-10 archive is not here (set FEDDISTILL_DATA): the edge nodes' archives are cut from it")
     from simulations.cli import main as cli_main
 
-    work = tmp_path_factory.mktemp("compose")
     nodes, results = work / "nodes", work / "results"
     assert cli_main(["partition", "--config", "quickstart", "--out", str(nodes), f"data.path={archive}",
                      *SMALL.split()]) == 0
@@ -128,13 +137,17 @@ def stack(compose_command: list[str], flwr_image: str, tmp_path_factory: pytest.
     port = free_ports(1)[0]
     env = {**os.environ, "FEDDISTILL_NODES_DIR": str(nodes), "FEDDISTILL_RESULTS_DIR": str(results),
            "FEDDISTILL_SUPERLINK_PORT": str(port), "FLWR_VERSION": FLWR_VERSION,
+           **({"FEDDISTILL_CERTS_DIR": str(tls.certs)} if tls else {}),
            **{f"FEDDISTILL_{role}_IMAGE": flwr_image for role in ("SUPERLINK", "SUPERNODE", "SUPEREXEC")}}
     cli = FlowerCli(work / "flwr-home", "compose", logs_hint=f"; see {work / 'compose.log'}")
-    cli.configure(Topology("127.0.0.1", port, ()))
-    stack = ComposeStack(compose_command, env, cli, nodes, results, work / "compose.log")
+    cli.configure(Topology("127.0.0.1", port, (), tls=tls))
+    stack = ComposeStack(compose_command, project, files, env, cli, nodes, results, work / "compose.log")
     stack.compose("down", "-v", "--remove-orphans")  # leftovers of an interrupted session
     try:
         start = time.monotonic()
+        if tls is not None:  # a SuperNode whose key is not registered yet exits (Flower exit code 305)
+            stack.compose("up", "--build", "-d", "superlink", timeout=1200)
+            _register_nodes(cli, tls, timeout=120)
         stack.compose("up", "--build", "-d", timeout=1200)
         cli.wait_for_nodes(NODES, timeout=180)
         print(f"compose up: {time.monotonic() - start:.0f} s")
@@ -142,6 +155,40 @@ def stack(compose_command: list[str], flwr_image: str, tmp_path_factory: pytest.
     finally:
         stack.save_logs()
         stack.compose("down", "-v", "--remove-orphans")
+
+
+def _register_nodes(cli: FlowerCli, tls: Tls, timeout: float) -> None:
+    """`flwr supernode register` of every node's public key, retried until the SuperLink answers."""
+    deadline = time.monotonic() + timeout
+    for k in range(NODES):
+        while True:
+            try:
+                cli("supernode", "register", f"{tls.node_key(k)}.pub", cli.connection)
+                break
+            except subprocess.CalledProcessError as err:
+                assert time.monotonic() < deadline, f"flwr supernode register node{k + 1}: {err.stdout}{err.stderr}"
+                time.sleep(1.0)
+
+
+@pytest.fixture(scope="module")
+def stack(compose_command: list[str], flwr_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeStack]:
+    yield from _bring_up(compose_command, flwr_image, tmp_path_factory.mktemp("compose"), PROJECT, ["docker-compose.yml"])
+
+
+@pytest.fixture(scope="module")
+def tls_stack(compose_command: list[str], flwr_image: str, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[ComposeStack]:
+    """docker-compose.yml + docker-compose.tls.yml with fresh development certificates, owned by the containers'
+    user "app" (uid 49999) as README's TLS steps say."""
+    from deploy.dev_certs import generate
+
+    work = tmp_path_factory.mktemp("compose-tls")
+    certs = work / "certs"
+    generate(certs, NODES, ["superlink", "localhost", "127.0.0.1"])
+    for path in [certs, *certs.rglob("*")]:
+        os.chown(path, APP_UID, APP_UID)
+    yield from _bring_up(compose_command, flwr_image, work, f"{PROJECT}-tls",
+                         ["docker-compose.yml", "docker-compose.tls.yml"], Tls(certs))
 
 
 def _run_folder(results: Path) -> Path:
@@ -212,3 +259,20 @@ def test_a_killed_edge_device_leaves_a_finished_run_that_records_the_dropout(sta
     assert rounds[2]["replies"] == NODES - 1  # the dropout, recorded: offline, or sampled without a reply
     assert rounds[2]["clients_online"] < NODES or rounds[2]["sampled"] == NODES
     assert rounds[2]["test_loss"] is not None
+
+
+def test_over_tls_with_node_auth_a_round_completes_and_each_node_holds_only_its_own_key(tls_stack):
+    results = tls_stack.results / "tls"
+    run_id = tls_stack.cli.submit({"config": "quickstart", "node-data": "/data", "output-dir": "/results/tls",
+                                   "overrides": f"{SMALL} federation.rounds=1 distill.enabled=false"})
+    row = tls_stack.cli.wait(run_id, timeout=600)
+    assert row["status"] == "finished:completed", row
+    rounds = _metrics(results)
+    assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["replies"] == NODES
+    certs = Path(tls_stack.env["FEDDISTILL_CERTS_DIR"])
+    for k in range(NODES):
+        service = f"supernode-{k + 1}"
+        assert tls_stack.mounts(service) == {"/app/certificates/ca.crt": str(certs / "ca.crt"),
+                                             f"/app/certificates/keys/node{k + 1}": str(certs / "keys" / f"node{k + 1}")}
+        assert tls_stack.exec(service, "ls", "/app/certificates/keys").stdout.split() == [f"node{k + 1}"]
+    assert "server.key" not in tls_stack.exec("superexec-serverapp", "ls", "/app/certificates").stdout
