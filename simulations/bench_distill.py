@@ -325,7 +325,6 @@ def eval_net_flops(syn_x: torch.Tensor, syn_y: torch.Tensor, test_images: int, c
     return cfg.epochs * syn_x.shape[0] * per_image + test_images * test.get_total_flops()
 
 
-
 def bench_eval(sizes: Sizes, args: argparse.Namespace, device: torch.device, variants: Sequence[str]) -> list[Row]:
     syn_x, syn_y = class_data(sizes, sizes.ipc, device, seed=2)
     per_class_test = max(sizes.test_images // sizes.classes, 1)
