@@ -169,6 +169,9 @@ class DistillConfig(_Section):
     # at lambda_lr (server/distill/lambdas.py); 0: start every lambda at lambda_init.
     lambda_fit_steps: int = Field(300, ge=0)
     num_seeds: int = Field(1, ge=1)
+    # torch.compile the DM embedder (the DKKT term needs a double backward and stays eager): the same loss to float
+    # rounding, faster per step after a one-off compile (docs/benchmarks.md, "DM exact, with torch.compile").
+    compile: bool = False
     checkpoint_every: int = Field(500, ge=1)
     # Progress metrics are read back every log_every iterations: each read is a device sync that would
     # otherwise stall the GPU pipeline once per iteration.

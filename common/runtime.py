@@ -1,10 +1,13 @@
-"""Seeding and device selection: the one place for both."""
+"""Seeding, device selection and torch.compile switches: the one place for each."""
 
 from __future__ import annotations
 
+import os
 import platform
 import random
+import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,17 @@ def pick_device(preference: str = "auto") -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda: this machine has no CUDA device (torch.cuda.is_available() is False); use device=auto or cpu")
     return torch.device(preference)
+
+
+def compiled(fn: Callable[..., torch.Tensor], enabled: bool, device: torch.device, key: str) -> Callable[..., torch.Tensor]:
+    """`fn` itself, or (enabled: the config `key` is on) `torch.compile(fn)` at fixed shapes; a ConfigError naming
+    `key` where the CPU has no C++ compiler for inductor."""
+    if not enabled:
+        return fn
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "clang++", "c++")):
+        raise ConfigError(f"{key}=true: torch.compile on the CPU needs a C++ compiler (g++ or clang++) on PATH and none "
+                          f"was found; install one or set {key}=false")
+    return torch.compile(fn, dynamic=False)
 
 
 def describe_machine(device: torch.device) -> str:

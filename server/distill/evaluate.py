@@ -22,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from common.config import ConfigError, EvaluationConfig, ModelConfig
+from common.config import EvaluationConfig, ModelConfig
 from common.models import cpu_chunk, in_chunks, model_from_config
+from common.runtime import compiled
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
 
 TEST_BATCH = 1000
@@ -43,21 +42,10 @@ def _sgd(net: nn.Module, lr: float, cfg: EvaluationConfig) -> torch.optim.SGD:
     return torch.optim.SGD(net.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def compiled(fn: Callable[..., torch.Tensor], enabled: bool, device: torch.device) -> Callable[..., torch.Tensor]:
-    """`fn` itself, or (enabled) `torch.compile(fn)` at fixed shapes; a ConfigError where the CPU has no C++ compiler
-    for inductor."""
-    if not enabled:
-        return fn
-    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "clang++", "c++")):
-        raise ConfigError("evaluation.compile=true: torch.compile on the CPU needs a C++ compiler (g++ or clang++) "
-                          "on PATH and none was found; install one or set evaluation.compile=false")
-    return torch.compile(fn, dynamic=False)
-
-
 def net_forward(net: nn.Module, eval_cfg: EvaluationConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """`net`'s forward as the protocol runs it: fp32 eager by default, compiled with `evaluation.compile`, under
     bfloat16 autocast with `evaluation.precision=bf16` (logits returned in fp32)."""
-    forward = compiled(net, eval_cfg.compile, device)
+    forward = compiled(net, eval_cfg.compile, device, "evaluation.compile")
     if eval_cfg.precision == "fp32":
         return forward
 
@@ -200,7 +188,7 @@ def train_nets_batched(
         ce = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="none")
         return ce.view(k, -1).mean(1).sum()
 
-    loss_fn = compiled(step_loss, eval_cfg.compile, device)
+    loss_fn = compiled(step_loss, eval_cfg.compile, device, "evaluation.compile")
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     families = parse_strategy(dsa_strategy) if eval_cfg.dsa else ()
     x, y = syn_x.to(device), syn_y.to(device)

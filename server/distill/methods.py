@@ -17,7 +17,7 @@ from torch import nn
 from common.config import DistillConfig, ModelConfig
 from common.methods import method
 from common.models import model_from_config
-from common.runtime import seed_everything
+from common.runtime import compiled, seed_everything
 from server.distill.balance import DkktWeight
 from server.distill.dkkt import dkkt_loss, freeze_model
 from server.distill.lambdas import Multipliers, fitted_multipliers, flat_parameters
@@ -155,6 +155,7 @@ def distill(
         pool = PublicPool(public_x, public_y, num_classes, cfg.batch_real)
         embedder = model_from_config(model_cfg, num_classes, public_x.shape[1], public_x.shape[2])
         embedder = embedder.to(device).train().requires_grad_(False)
+        embedder.embed = compiled(embedder.embed, cfg.compile, torch.device(device), "distill.compile")
     # DM-then-DKKT: the DKKT term joins at iteration `dkkt_start` (1 unless cfg.dkkt_from schedules DM alone first).
     dkkt_start = int(cfg.dkkt_from * cfg.iterations) + 1 if uses_dm else 1
     if uses_dkkt:

@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,17 @@ def test_dm_then_dkkt_runs_dm_alone_first_then_refits_lambda_and_resumes_exactly
     resumed = distill(theta_star, public_x, public_y, scheduled, model_cfg, C, 5, "cpu",
                       resume=next(s for s in states if s.iteration == 2))
     assert torch.equal(resumed.images, syn.images) and torch.equal(resumed.lambdas, syn.lambdas)
+
+
+@pytest.mark.skipif(not shutil.which("g++") and not shutil.which("clang++"), reason="torch.compile on the CPU needs g++")
+def test_distill_compile_gives_the_eager_images(theta_star):
+    """distill.compile compiles the DM embedder only (the DKKT term stays eager): the same images to float rounding."""
+    public_x, public_y = data(PIPC, seed=1)
+    cfg = DistillConfig(method="dm+dkkt", ipc=IPC, iterations=4, batch_real=4, lambda_fit_steps=2)
+    eager = distill(theta_star, public_x, public_y, cfg, ModelConfig(width=8), C, 5, "cpu")
+    fast = distill(theta_star, public_x, public_y, cfg.model_copy(update={"compile": True}), ModelConfig(width=8), C, 5,
+                   "cpu")
+    start = distill(None, public_x, public_y, cfg.model_copy(update={"method": "random"}), ModelConfig(width=8), C, 5,
+                    "cpu")
+    assert not torch.allclose(eager.images, start.images)  # the iterations moved the images
+    torch.testing.assert_close(fast.images, eager.images, rtol=1e-4, atol=1e-5)
