@@ -353,10 +353,12 @@ def bench_eval(sizes: Sizes, args: argparse.Namespace, device: torch.device, var
     rows.append(Row(section, f"sequential, whole batches ({len(whole_acc)} net(s))", whole, "nets/s", 1.0, peak_mb(device),
                     extra={"accuracies": whole_acc}))
     flops, peak = eval_net_flops(syn_x, syn_y, test_x.shape[0], cfg, model_cfg, sizes.classes), matmul_gflops(device)
+    peak_bf16 = matmul_gflops(device, torch.bfloat16)
     floor = peak * 1e9 / flops
     rows.append(Row(section, "fp32 ceiling: one net's FLOPs at the measured fp32 matmul rate", floor, "nets/s",
-                    floor / whole, None, f"{flops / 1e12:.2f} TFLOP per net at {peak:.0f} GFLOP/s",
-                    {"tflop_per_net": flops / 1e12, "matmul_gflops_fp32": peak}))
+                    floor / whole, None, f"{flops / 1e12:.2f} TFLOP per net at {peak:.0f} GFLOP/s (bf16 matmul: "
+                    f"{peak_bf16:.0f} GFLOP/s)", {"tflop_per_net": flops / 1e12, "matmul_gflops_fp32": peak,
+                                                  "matmul_gflops_bf16": peak_bf16}))
     seq_acc, seq = sequential(cfg)
     diff = max(abs(a - b) for a, b in zip(seq_acc, whole_acc))
     rows.append(Row(section, f"sequential train_and_test ({len(seq_acc)} net(s))", seq, "nets/s", seq / whole,

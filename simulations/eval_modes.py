@@ -28,11 +28,6 @@ from common.runtime import describe_machine, git_commit, pick_device
 from simulations.synthetic_pack import EvaluationMode, evaluate_pack, export_pack, load_pack, pack_test_set
 
 
-def cell_seed_dir(folder: Path) -> Path:
-    """An evidence cell keeps its distill folder's seed_0 inside; other folders are passed through."""
-    return folder / "seed_0" if (folder / "seed_0" / "synthetic.pt").is_file() else folder
-
-
 def evaluate_modes(folders: Sequence[Path], modes: Sequence[EvaluationMode], data: str | None, device: torch.device,
                    out: Path) -> dict[str, Any]:
     """Every (folder, mode) not yet in `out`, appended to it after each one (atomic writes)."""
@@ -45,7 +40,7 @@ def evaluate_modes(folders: Sequence[Path], modes: Sequence[EvaluationMode], dat
             todo = [m for m in modes if (str(folder), m.name) not in done]
             if not todo:
                 continue
-            pack = load_pack(export_pack(cell_seed_dir(folder), Path(tmp) / "pack.pt"))
+            pack = load_pack(export_pack(folder, Path(tmp) / "pack.pt"))  # a folder's seed_0, or the seed folder
             test_x, test_y = pack_test_set(pack, data, device)
             recorded = pack.meta["evaluation"]["accuracies"]
             for mode in todo:
