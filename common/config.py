@@ -80,6 +80,11 @@ class SplitConfig(_Section):
     validation_per_class: int = Field(0, ge=0)
     # The seed of the holdings and the dataset slice (common/holdings.py); defaults to the experiment seed.
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
+    # Nested public subsets for the split-ratio benchmark: the private pool and the validation slice are those of
+    # pipc=private_pipc, whatever pipc is, so one received model serves every pipc; the public subset is the first
+    # pipc images per class of a fixed order over that split's public draw, then over its validation slice
+    # (common/holdings.py). null: the private pool is the complement of pipc's own draw.
+    private_pipc: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _one_public_size(self) -> SplitConfig:
@@ -87,6 +92,15 @@ class SplitConfig(_Section):
             raise ValueError("split.pipc and split.public_ratio are exclusive: set one, the other to null")
         if self.public_ratio is None and self.pipc is None:
             raise ValueError("split.pipc: set pipc (>= 0) or public_ratio (0 < r < 1)")
+        if self.private_pipc is not None:
+            if self.pipc is None:
+                raise ValueError("split.private_pipc: nests public subsets by pipc; set pipc, not public_ratio")
+            if self.pipc > self.private_pipc + self.validation_per_class:
+                raise ValueError(
+                    f"split.pipc={self.pipc}: with private_pipc={self.private_pipc} it must be <= private_pipc + "
+                    f"validation_per_class ({self.private_pipc + self.validation_per_class}): the images beyond "
+                    "private_pipc come from the validation slice"
+                )
         return self
 
 
@@ -159,7 +173,12 @@ class DistillConfig(_Section):
     # A DM-then-DKKT schedule (dm+dkkt only): the first dkkt_from x iterations run DM alone, then the DKKT term joins
     # (lambda fitted to the images of that moment when lambda_fit_steps >= 1). 0: DKKT from the first iteration.
     dkkt_from: float = Field(0.0, ge=0.0, lt=1.0)
+    # The parts of L_DKKT, each weightable on its own (server/distill/dkkt.py, dkkt_parts): in each view the
+    # stationarity term (stat_weight) and the primal cross-entropy (primal_weight); the views are the synthetic images
+    # themselves (plain_weight) and an augmented copy (aug_weight).
+    stat_weight: float = Field(1.0, ge=0.0)
     primal_weight: float = Field(2e-3, ge=0.0)  # beta1 (DSV CIFAR setting)
+    plain_weight: float = Field(1.0, ge=0.0)
     aug_weight: float = Field(5.0, ge=0.0)  # eta: weight of the KKT terms on an augmented view
     tv_weight: float = Field(0.0, ge=0.0)  # beta2, off for CIFAR as in DSV
     norm_weight: float = Field(0.0, ge=0.0)  # beta3, off for CIFAR as in DSV
@@ -176,6 +195,15 @@ class DistillConfig(_Section):
     # Progress metrics are read back every log_every iterations: each read is a device sync that would
     # otherwise stall the GPU pipeline once per iteration.
     log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _dkkt_not_empty(self) -> DistillConfig:
+        if any(METHODS[m].uses_dkkt for m in (self.method, *self.baselines)) and not (self.tv_weight or self.norm_weight):
+            if not (self.stat_weight or self.primal_weight):
+                raise ValueError("distill.stat_weight and distill.primal_weight are both 0: L_DKKT would be 0")
+            if not (self.plain_weight or self.aug_weight):
+                raise ValueError("distill.plain_weight and distill.aug_weight are both 0: L_DKKT would be 0")
+        return self
 
 
 class EvaluationConfig(_Section):
@@ -310,14 +338,16 @@ def check_against_dataset(cfg: ExperimentConfig, train_per_class: int | None, nu
     if cfg.data.train_per_class is not None and cfg.data.train_per_class > train_per_class:
         raise ValueError(f"data.train_per_class={cfg.data.train_per_class}: must be <= {train_per_class} (images per class)")
     pipc = public_per_class(cfg.split, train_per_class)
-    if pipc > train_per_class:
-        raise ValueError(f"split.pipc={pipc}: must be between 0 and {train_per_class} (training images per class)")
-    if pipc + cfg.split.validation_per_class > train_per_class:
+    drawn = pipc if cfg.split.private_pipc is None else cfg.split.private_pipc  # the draw the private pool excludes
+    if drawn > train_per_class:
+        key = "pipc" if cfg.split.private_pipc is None else "private_pipc"
+        raise ValueError(f"split.{key}={drawn}: must be between 0 and {train_per_class} (training images per class)")
+    if drawn + cfg.split.validation_per_class > train_per_class:
         raise ValueError(
             f"split.validation_per_class={cfg.split.validation_per_class}: pipc + validation_per_class must be <= "
             f"{train_per_class} (training images per class)"
         )
-    private_total = (train_per_class - pipc - cfg.split.validation_per_class) * (num_classes or 0)  # 0: unknown
+    private_total = (train_per_class - drawn - cfg.split.validation_per_class) * (num_classes or 0)  # 0: unknown
     if 0 < private_total < cfg.split.num_clients:  # or 0 when all are public (distillation only)
         raise ValueError(
             f"split.num_clients={cfg.split.num_clients}: must be <= {private_total} (private images left after pipc={pipc})"

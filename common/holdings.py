@@ -6,6 +6,12 @@
     hyperparameters without the test set; empty by default);
   - `shards[k]`: edge client k's private shard, and `client(k)` its (train, held-out) slices.
 
+With `split.private_pipc` (the split-ratio benchmark), the private pool and the validation slice are those of
+pipc=private_pipc for every pipc, and the public subsets are nested: pipc takes the first pipc images per class of
+a fixed order over that split's public draw, then over its validation slice (which loses them). Every pipc thus
+shares one private pool (one received model), and a larger public subset contains every smaller one. The images of
+the draw beyond pipc are held by nobody.
+
 Every entry point (the federation, each ClientApp, the ServerApp's distillation step, `feddistill
 distill`, the sweep, the evidence protocol) asks this function, and the one seed rule is `split_seed`:
 `split.seed` when set, else the experiment `seed`. The same seed also picks the dataset slice
@@ -32,11 +38,13 @@ from common.data import Dataset, load_dataset
 
 HOLDOUT_SEED_STRIDE = 7919  # client k's held-out slice is drawn with split_seed + 7919 * (k + 1)
 VALIDATION_STREAM = 1  # the validation slice has its own random stream: (split_seed, 1)
+NESTING_STREAM = 2  # the order of the nested public subsets (split.private_pipc): (split_seed, 2)
 
 
 @dataclass(frozen=True)
 class Holdings:
-    """Disjoint index arrays (each sorted) that together cover the training set."""
+    """Disjoint index arrays (each sorted) that together cover the training set, except the images of a nested
+    split's draw beyond pipc (split.private_pipc), which nobody holds."""
 
     seed: int
     public: np.ndarray
@@ -83,13 +91,18 @@ def decide_holdings(cfg: ExperimentConfig, labels: np.ndarray) -> Holdings:
     """The public subset, the validation slice and every client's shard for `cfg` over the training labels."""
     seed = split_seed(cfg)
     split = cfg.split
-    public, private = split_public(labels, public_per_class(split, int(np.bincount(labels).min())), seed)
+    pipc = public_per_class(split, int(np.bincount(labels).min()))
+    drawn = pipc if split.private_pipc is None else split.private_pipc
+    public, private = split_public(labels, drawn, seed)
     validation = np.empty(0, dtype=np.int64)
     if split.validation_per_class:
         validation = draw_per_class(
             labels, private, split.validation_per_class, np.random.default_rng([seed, VALIDATION_STREAM]), "split.validation_per_class"
         )
         private = np.setdiff1d(private, validation)
+    if split.private_pipc is not None:
+        public = nested_public(labels, public, validation, pipc, np.random.default_rng([seed, NESTING_STREAM]))
+        validation = np.setdiff1d(validation, public)
     if len(private):
         _check_num_clients(split.num_clients, private)  # now, not when the shards are first asked for
     partition = partial(
@@ -109,6 +122,17 @@ def draw_per_class(labels: np.ndarray, pool: np.ndarray, per_class: int, rng: np
         [rng.choice(pool[labels[pool] == c], size=per_class, replace=False) for c in range(num_classes)]
     ).astype(np.int64)
     return np.sort(chosen)
+
+
+def nested_public(labels: np.ndarray, drawn: np.ndarray, validation: np.ndarray, pipc: int, rng: np.random.Generator
+                  ) -> np.ndarray:
+    """The first `pipc` images per class of a fixed order: `drawn` (the private pool's complement) in a random order,
+    then `validation` in a random order. The order depends on the seed only, so the subsets nest as pipc grows."""
+    chosen = []
+    for c in range(int(labels.max()) + 1):
+        order = [rng.permutation(pool[labels[pool] == c]) for pool in (drawn, validation)]
+        chosen.append(np.concatenate(order)[:pipc])
+    return np.sort(np.concatenate(chosen).astype(np.int64))
 
 
 def split_public(labels: np.ndarray, pipc: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -61,10 +61,14 @@ def describe_machine(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """The short commit of this checkout ("unknown" outside a git checkout)."""
+    """The short commit of this checkout, with "-dirty" when a tracked file outside docs/ differs from it (the code
+    that ran is then not that commit's); "unknown" outside a git checkout."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=here).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)docs"],
+                                 capture_output=True, text=True, check=True, cwd=here).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return out.stdout.strip()
+    return f"{commit}-dirty" if changed else commit

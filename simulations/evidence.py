@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,7 +45,7 @@ from common.runtime import describe_machine, git_commit, pick_device
 from common.models import model_from_config
 from simulations.sweep import edge_model_key
 
-STAGES = ("edge", "calibrate", "balance", "table", "report")
+STAGES = ("edge", "calibrate", "balance", "curve", "table", "report")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,13 @@ VARIANTS = {
         Variant("dm+dkkt@noaug", "dm+dkkt", {"distill.aug_weight": 0.0}),
         Variant("dm@full", "dm", {"distill.batch_real": 256}),
         Variant("dm+dkkt@full", "dm+dkkt", {"distill.batch_real": 256, "distill.dkkt_candidates": 0}),
+        # DM run to convergence: the iteration count DM's validation curve chose at that ipc (the curve stage; set per
+        # table in `table_cells`), the baseline the headline gain is measured against.
+        Variant("dm@conv", "dm"),
+        # Which part of L_DKKT carries the gain: the primal cross-entropy alone, the stationarity term alone (both
+        # views; the auto weight holds the DKKT share of the image gradient at dkkt_ratio either way).
+        Variant("dm+primal", "dm+dkkt", {"distill.stat_weight": 0.0}),
+        Variant("dm+stat", "dm+dkkt", {"distill.primal_weight": 0.0}),
     )
 }
 
@@ -96,6 +105,17 @@ class Protocol:
     ratio_grid: tuple[float, ...]
     balance_ipcs: tuple[int, ...]
     balance_iterations: int
+    # The split-ratio axis: public images per class of the table's cells (empty: the config's pipc only), nested
+    # (split.private_pipc) so that one received model serves them all.
+    pipcs: tuple[int, ...] = ()
+    private_pipc: int | None = None
+    only_at: dict[str, tuple[int, ...]] = field(default_factory=dict)  # variant -> the pipcs it runs at (default: all)
+    # DM's validation curve (the curve stage): ipc -> iteration counts whose sets are evaluated, at each curve pipc.
+    curve: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    curve_pipcs: tuple[int, ...] = ()
+    # Folders of another protocol's finished results whose matching pieces are taken instead of run again: the
+    # received model (edge stage), calibration.json, and table cells of the same name and configuration.
+    reuse: str | None = None
 
     def cell_overrides(self, ipc: int, extra: dict[str, Any]) -> dict[str, Any]:
         """The preset's overrides, its scale at `ipc`, then the caller's key=value overrides (which win)."""
@@ -143,6 +163,34 @@ PRESETS = {
         ratio_grid=(0.1, 0.3, 1.0, 3.0),
         balance_ipcs=(1, 10, 50),
         balance_iterations=30,
+    ),
+    # The split-ratio benchmark on 2 CPU cores (docs/results/split-ratio-cpu): the cpu preset's scale, split and
+    # received model (its pipc-50 cells are reused), at pipc 5 .. 100 with nested public subsets; DM's iteration count
+    # chosen on its validation curve (dm@conv); ablations of L_DKKT's parts at pipc 10 and 50.
+    "split-ratio-cpu": Protocol(
+        config="cpu_pipc50",
+        overrides={"device": "cpu", "distill.log_every": 10, "distill.checkpoint_every": 50, "evaluation.num_nets": 2,
+                   "distill.lambda_fit_steps": 300, "split.private_pipc": 50},
+        per_ipc={
+            1: {"distill.iterations": 200, "distill.batch_real": 16, "evaluation.epochs": 300},
+            10: {"distill.iterations": 150, "distill.batch_real": 16, "evaluation.epochs": 150, "distill.dkkt_candidates": 20},
+            50: {"distill.iterations": 100, "distill.batch_real": 50, "evaluation.epochs": 100, "distill.dkkt_candidates": 20},
+        },
+        table_ipcs=(10, 1, 50),
+        seeds=(0, 1, 2),
+        variants=("random", "dm", "dm+dkkt", "dm@conv", "dm+dkkt@lambda", "dsv", "dm+primal", "dm+stat"),
+        single_seed_ipcs=(50,),
+        single_seed_variants=("random", "dm", "dm+dkkt"),
+        calibration_ipcs=(1, 10),
+        ratio_grid=(0.1, 0.3, 1.0, 3.0),
+        balance_ipcs=(),
+        balance_iterations=30,
+        pipcs=(10, 20, 50, 100, 5),
+        private_pipc=50,
+        only_at={"dm+primal": (10, 50), "dm+stat": (10, 50)},
+        curve={10: (150, 300, 600, 1200), 1: (200, 400, 800, 1600)},
+        curve_pipcs=(50, 10),
+        reuse="docs/results/cpu-pipc50",
     ),
     "tiny": Protocol(
         config="quickstart",
@@ -208,7 +256,8 @@ def edge_stage(ctx: Context, cfg: ExperimentConfig, train: bool) -> Path:
     from server.resume import load_run_config
 
     key = edge_model_key(cfg)
-    runs = sorted(p.parent for p in (ctx.out / "edge").glob("*/config.yaml"))
+    homes = [ctx.out] + ([Path(ctx.protocol.reuse)] if ctx.protocol.reuse else [])
+    runs = sorted(p.parent for home in homes for p in (home / "edge").glob("*/config.yaml"))
     matching = [r for r in runs if edge_model_key(load_run_config(r)) == key]
     finished = [r for r in matching if (r / "received_model.pt").is_file()]
     if not finished:
@@ -222,7 +271,7 @@ def edge_stage(ctx: Context, cfg: ExperimentConfig, train: bool) -> Path:
         finished = [simulate(cfg, output_dir=ctx.out / "edge", resume=resume).run_dir]
     run = finished[-1]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    info = {"run": str(run.relative_to(ctx.out)), "config_key": key, "rounds": lines[-1]["round"],
+    info = {"run": os.path.relpath(run, ctx.out), "config_key": key, "rounds": lines[-1]["round"],
             "test_accuracy": lines[-1]["test_accuracy"], "seconds": lines[-1]["elapsed"],
             "num_clients": cfg.split.num_clients, "pipc": cfg.split.pipc}
     save_json(ctx.out / "edge_model.json", info)
@@ -254,17 +303,23 @@ def run_cells(ctx: Context, stage: str, cells: list[tuple[str, ExperimentConfig,
     from server.distill.run import run_distillation
 
     stage_dir = ctx.out / stage
-    public = decide_holdings(cells[0][1], dataset.train.labels).public
     norm = dataset.normalization
-    public_x = to_normalized_tensor(dataset.train.images[public], norm)
-    public_y = torch.as_tensor(dataset.train.labels[public])
     eval_x, eval_y = to_normalized_tensor(evaluation.images, norm), torch.as_tensor(evaluation.labels)
+    publics: dict[int, tuple[np.ndarray, torch.Tensor, torch.Tensor]] = {}  # pipc -> the public subset, as tensors
     for index, (name, cfg, columns) in enumerate(cells):
         cell_dir = stage_dir / "cells" / name
         if ctx.mine(index) and not (cell_dir / "result.json").is_file():
+            if reuse_cell(ctx, stage, name, cfg, cell_dir):
+                ctx.log(f"{stage} {name}: reused from {ctx.protocol.reuse}")
+                continue
             ctx.check_time()
-            if not np.array_equal(decide_holdings(cfg, dataset.train.labels).public, public):
+            public = decide_holdings(cfg, dataset.train.labels).public
+            if cfg.split.pipc not in publics:
+                publics[cfg.split.pipc] = (public, to_normalized_tensor(dataset.train.images[public], norm),
+                                           torch.as_tensor(dataset.train.labels[public]))
+            if not np.array_equal(public, publics[cfg.split.pipc][0]):
                 raise RuntimeError(f"{name}: its public subset differs from the stage's (the split seed must be fixed)")
+            _, public_x, public_y = publics[cfg.split.pipc]
             start = time.perf_counter()
             save_json(cell_dir / "cell.json", cell_info(cell_dir, name, columns, describe_machine(pick_device(cfg.device))))
             result = run_distillation(cfg, model, public_x, public_y, eval_x, eval_y, cell_dir, norm,
@@ -273,6 +328,53 @@ def run_cells(ctx: Context, stage: str, cells: list[tuple[str, ExperimentConfig,
                     f"({time.perf_counter() - start:.0f} s)")
         write_results(stage_dir)
     return write_results(stage_dir)
+
+
+def same_configuration(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a cell recorded as `old` ran what `new` runs: every key `old` has is equal in `new`, and a key `old`
+    lacks (added since) has its default in `new`, which keeps the old behaviour; a nested split at
+    pipc = private_pipc is the plain split of that pipc."""
+    from common.config import config_to_dict
+
+    defaults = config_to_dict(ExperimentConfig())
+    new = {**new, "split": {**new["split"]}}
+    if new["split"].get("private_pipc") == new["split"]["pipc"]:
+        new["split"]["private_pipc"] = None
+    for section, values in new.items():
+        if not isinstance(values, dict):
+            if old.get(section, values) != values:
+                return False
+            continue
+        for key, value in values.items():
+            if old.get(section, {}).get(key, defaults[section][key]) != value:
+                return False
+    return True
+
+
+REUSED_FILES = ("result.json", "seed_0/result.json", "seed_0/history.jsonl", "seed_0/synthetic.json")
+
+
+def reuse_cell(ctx: Context, stage: str, name: str, cfg: ExperimentConfig, cell_dir: Path) -> bool:
+    """Takes a finished cell of the same name and configuration from the reused protocol's folder: its results and
+    history (the synthetic set stays there; cell.json says where). False when there is none."""
+    from common.config import config_to_dict
+
+    if ctx.protocol.reuse is None:
+        return False
+    source = Path(ctx.protocol.reuse) / stage / "cells" / name
+    if not (source / "result.json").is_file():
+        return False
+    old = json.loads((source / "result.json").read_text())
+    if not same_configuration(old["config"], config_to_dict(cfg)):
+        return False
+    for relative in ("cell.json", *REUSED_FILES[1:]):
+        if (source / relative).is_file():
+            (cell_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / relative, cell_dir / relative)
+    info = json.loads((cell_dir / "cell.json").read_text())
+    save_json(cell_dir / "cell.json", {**info, "reused_from": os.path.relpath(source, cell_dir)})
+    atomic_write(cell_dir / "result.json", lambda tmp: shutil.copyfile(source / "result.json", tmp))  # last: finished
+    return True
 
 
 def cell_info(cell_dir: Path, name: str, columns: dict[str, Any], here: str) -> dict[str, Any]:
@@ -369,26 +471,165 @@ def without_test(dataset: Dataset) -> Dataset:
 FIRST_VARIANTS = ("random", "dm", "dm+dkkt", "dm@step")  # the paper's comparison and its control, every seed first
 
 
-def table_cells(protocol: Protocol, extra: dict[str, Any], ratio: float) -> list[tuple[str, ExperimentConfig, dict[str, Any]]]:
-    """Every (variant, ipc, seed) of the table with the calibrated ratio, in the order that answers the paper's
-    question first: random, dm and dm+dkkt at every multi-seed ipc and seed; then each other variant at every ipc and
-    seed, one variant after another; then the single-seed ipcs (the most expensive). A partial run is a complete
-    comparison for the columns it has."""
+def runs_at(protocol: Protocol, name: str, pipc: int | None, ipc: int) -> bool:
+    """Whether variant `name` has a cell at (pipc, ipc): ipc <= pipc (init=real), the variant's pipcs, and no `dm@conv`
+    where ipc = pipc (DM's loss is 0 there: `dm`'s cell shows that its set stays random's)."""
+    if pipc is None:
+        return True
+    return ipc <= pipc and pipc in protocol.only_at.get(name, (pipc,)) and not (name == "dm@conv" and ipc == pipc)
+
+
+def table_cells(protocol: Protocol, extra: dict[str, Any], ratio: float, conv_iterations: dict[int, int] | None = None
+                ) -> list[tuple[str, ExperimentConfig, dict[str, Any]]]:
+    """Every (variant, ipc, pipc, seed) of the table with the calibrated ratio, in the order that answers the paper's
+    question first: random, dm and dm+dkkt at every multi-seed ipc (in the preset's order), seed and pipc; then each
+    other variant the same way, one variant after another; then the single-seed ipcs (the most expensive). A partial
+    run is a complete comparison for the columns it has. `conv_iterations` (ipc -> DM's converged iteration count,
+    from the curve stage) is needed for `dm@conv`."""
     multi = [ipc for ipc in protocol.table_ipcs if ipc not in protocol.single_seed_ipcs]
+    pipcs = protocol.pipcs or (None,)
     first = [n for n in protocol.variants if n in FIRST_VARIANTS]
     tiers = [first] + [[n] for n in protocol.variants if n not in FIRST_VARIANTS]
-    order = [(ipc, seed, name) for tier in tiers for ipc in multi for seed in protocol.seeds for name in tier]
-    order += [(ipc, protocol.seeds[0], name) for ipc in protocol.single_seed_ipcs for name in protocol.single_seed_variants]
+    order = [(ipc, seed, pipc, name) for tier in tiers for ipc in multi for seed in protocol.seeds for pipc in pipcs
+             for name in tier]
+    order += [(ipc, protocol.seeds[0], pipc, name) for ipc in protocol.single_seed_ipcs for pipc in pipcs
+              for name in protocol.single_seed_variants]
     cells = []
-    for ipc, seed, name in order:
-        cfg = cell_config(protocol, extra, VARIANTS[name], ipc, seed, {"distill.dkkt_ratio": ratio})
+    for ipc, seed, pipc, name in order:
+        if not runs_at(protocol, name, pipc, ipc):
+            continue
+        more = {"distill.dkkt_ratio": ratio, **({"split.pipc": pipc} if pipc is not None else {})}
+        cfg = cell_config(protocol, extra, VARIANTS[name], ipc, seed, more)
         if name == "dm@step":
-            cfg = cell_config(protocol, extra, VARIANTS[name], ipc, seed,
-                              {"distill.dkkt_ratio": ratio, "distill.lr_img": cfg.distill.lr_img * (1 + ratio)})
-        pipc = cfg.split.pipc
-        cells.append((f"pipc{pipc}-ipc{ipc}-{name.replace('+', '_').replace('@', '-at-')}-seed{seed}", cfg,
-                      {"pipc": pipc, "ipc": ipc, "method": name, "seed": seed}))
+            cfg = cell_config(protocol, extra, VARIANTS[name], ipc, seed, {**more, "distill.lr_img": cfg.distill.lr_img * (1 + ratio)})
+        if name == "dm@conv":
+            if not conv_iterations or ipc not in conv_iterations:
+                continue  # the curve stage has not chosen this ipc's count yet
+            cfg = cell_config(protocol, extra, VARIANTS[name], ipc, seed, {**more, "distill.iterations": conv_iterations[ipc]})
+        cells.append((cell_name(cfg.split.pipc, ipc, name, seed), cfg,
+                      {"pipc": cfg.split.pipc, "ipc": ipc, "method": name, "seed": seed}))
     return cells
+
+
+def cell_name(pipc: int, ipc: int, variant: str, seed: int) -> str:
+    return f"pipc{pipc}-ipc{ipc}-{variant.replace('+', '_').replace('@', '-at-')}-seed{seed}"
+
+
+# ---------------------------------------------------------------- DM's validation curve
+
+
+CONVERGED_GAIN = 0.005  # DM has converged where doubling its iterations gains less than this (0.5 points)
+
+
+def curve_stage(ctx: Context, extra: dict[str, Any], dataset: Dataset) -> dict[int, int]:
+    """DM's validation accuracy against its iteration count (seed 0) at each curve pipc and ipc: one run per curve,
+    its set evaluated on the validation slice at each point (OUT/curve/<pipc>-<ipc>/); OUT/curve.json with each ipc's
+    converged count (the first point after which the next gains < 0.5 points, the largest over the curve pipcs).
+    Returns {ipc: iterations}."""
+    protocol = ctx.protocol
+    seed = protocol.seeds[0]
+    points: list[dict[str, Any]] = []
+    for pipc in protocol.curve_pipcs:
+        for ipc, iterations in protocol.curve.items():
+            if ipc > pipc:
+                continue
+            cfg = cell_config(protocol, extra, VARIANTS["dm"], ipc, seed,
+                              {"split.pipc": pipc, "distill.iterations": max(iterations)})
+            points += dm_curve(ctx, cfg, dataset, iterations, ctx.out / "curve" / f"pipc{pipc}-ipc{ipc}")
+    frame = pd.DataFrame(points)
+    chosen = {}
+    for ipc, group in frame.groupby("ipc"):
+        per_pipc = [converged_at(g.sort_values("iterations")) for _, g in group.groupby("pipc")]
+        chosen[int(ipc)] = max(per_pipc)
+    save_json(ctx.out / "curve.json", {
+        "rule": f"the first iteration count after which doubling gains < {100 * CONVERGED_GAIN:g} points of validation "
+                "accuracy (dm, seed 0, the evaluation protocol of the table), the largest over the curve pipcs",
+        "evaluated_on": "the validation slice (training images nobody holds)",
+        "converged_iterations": {str(k): v for k, v in chosen.items()}, "points": points,
+    })
+    atomic_write(ctx.out / "curve.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    plot_curve(frame, chosen, ctx.out / "dm_curve.png")
+    ctx.log("curve: DM converged at " + ", ".join(f"ipc {k}: {v} iterations" for k, v in chosen.items()))
+    return chosen
+
+
+def converged_at(curve: pd.DataFrame) -> int:
+    """The first iteration count whose successor gains less than CONVERGED_GAIN; the last one when none does."""
+    its, acc = curve["iterations"].tolist(), curve["accuracy_mean"].tolist()
+    for k in range(len(its) - 1):
+        if acc[k + 1] - acc[k] < CONVERGED_GAIN:
+            return int(its[k])
+    return int(its[-1])
+
+
+def dm_curve(ctx: Context, cfg: ExperimentConfig, dataset: Dataset, iterations: Sequence[int], out: Path) -> list[dict[str, Any]]:
+    """One DM run to max(iterations) (resumable from its checkpoint), the set at each point evaluated on the
+    validation slice; each point's result in out/it<N>.json."""
+    from server.distill.artifacts import load_checkpoint, save_checkpoint
+    from server.distill.evaluate import evaluate_synthetic, mean_std
+    from server.distill.methods import distill
+    from server.distill.run import eval_seeds
+
+    wanted = sorted(iterations)
+    files = {n: out / f"it{n}.json" for n in wanted}
+    if not all(f.is_file() for f in files.values()):
+        ctx.check_time()
+        holdings = decide_holdings(cfg, dataset.train.labels)
+        norm = dataset.normalization
+        public_x = to_normalized_tensor(dataset.train.images[holdings.public], norm)
+        public_y = torch.as_tensor(dataset.train.labels[holdings.public])
+        val_x = to_normalized_tensor(dataset.train.images[holdings.validation], norm)
+        val_y = torch.as_tensor(dataset.train.labels[holdings.validation])
+        device = pick_device(cfg.device)
+        seed, dcfg = cfg.seed, cfg.distill
+        start = time.perf_counter()
+        snapshots: dict[int, torch.Tensor] = {}
+
+        def on_iteration(it: int, metrics: dict[str, float], current: Any) -> None:
+            if it in files and not files[it].is_file():
+                snapshots[it] = current.images
+
+        def on_checkpoint(state: Any) -> None:
+            labels = torch.arange(dataset.num_classes).repeat_interleave(dcfg.ipc)
+            save_checkpoint(state, labels, out, {"method": "dm", "seed": seed, "ipc": dcfg.ipc})
+            for it, images in sorted(snapshots.items()):  # evaluate what the checkpoint now covers
+                accuracies = evaluate_synthetic(images, labels, val_x, val_y, cfg.evaluation, cfg.model,
+                                                eval_seeds(seed, cfg.evaluation.num_nets), device, dataset.num_classes,
+                                                dcfg.dsa_strategy)
+                mean, std = mean_std(accuracies)
+                save_json(files[it], {"pipc": cfg.split.pipc, "ipc": dcfg.ipc, "iterations": it, "seed": seed,
+                                      "accuracies": accuracies, "accuracy_mean": mean, "accuracy_std": std,
+                                      "validation_images": len(val_y), "commit": git_commit(),
+                                      "machine": describe_machine(device), "date": time.strftime("%Y-%m-%d"),
+                                      "seconds_so_far": round(time.perf_counter() - start, 1)})
+                ctx.log(f"curve pipc {cfg.split.pipc} ipc {dcfg.ipc}: {it} iterations: {100 * mean:.2f} ± {100 * std:.2f} %")
+            snapshots.clear()
+
+        if any(n % dcfg.checkpoint_every for n in wanted):
+            raise ConfigError(f"curve points {wanted} must be multiples of distill.checkpoint_every={dcfg.checkpoint_every}")
+        distill(None, public_x, public_y, dcfg, cfg.model, dataset.num_classes, seed, device, on_iteration,
+                checkpoint=on_checkpoint, resume=load_checkpoint(out, "dm", seed))
+    return [json.loads(f.read_text()) for f in files.values()]
+
+
+def plot_curve(frame: pd.DataFrame, chosen: dict[int, int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ipcs = sorted(frame["ipc"].unique())
+    fig, axes = plt.subplots(1, len(ipcs), figsize=(4.5 * len(ipcs), 3.4), squeeze=False)
+    for ax, ipc in zip(axes[0], ipcs):
+        for pipc, g in frame[frame["ipc"] == ipc].groupby("pipc"):
+            g = g.sort_values("iterations")
+            ax.errorbar(g["iterations"], 100 * g["accuracy_mean"], yerr=100 * g["accuracy_std"], marker="o", capsize=3,
+                        label=f"pipc {pipc}")
+        ax.axvline(chosen[ipc], color="grey", linestyle=":", label=f"chosen: {chosen[ipc]}")
+        ax.set(xscale="log", xlabel="DM iterations", ylabel="validation accuracy (%)", title=f"dm, ipc {ipc}")
+        ax.legend(fontsize=8)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------- report
@@ -482,7 +723,9 @@ def fan_out(ctx: Context, preset: str, stage: str, workers: int, threads: int, o
 
 
 def run(preset: str, out: Path, stages: Sequence[str], overrides: Sequence[str], max_minutes: float | None,
-        workers: int = 1, shard: tuple[int, int] = (0, 1), threads: int = 2) -> int:
+        workers: int = 1, shard: tuple[int, int] = (0, 1), threads: int = 2, only: Sequence[str] = (),
+        ipcs: Sequence[int] = ()) -> int:
+    """Runs `stages` of `preset` into `out`; `only` / `ipcs` restrict the table to those variants / ipcs."""
     protocol = PRESETS[preset]
     extra = parse_overrides(list(overrides))
     ctx = Context(protocol, out.resolve(), time.time() + 60 * max_minutes if max_minutes else float("inf"), shard)
@@ -494,20 +737,31 @@ def run(preset: str, out: Path, stages: Sequence[str], overrides: Sequence[str],
         model = load_model(cfg, dataset, model_path)
         ratio = None
         calibration = ctx.out / "calibration.json"
+        reused = Path(protocol.reuse) / "calibration.json" if protocol.reuse else None
+        if not calibration.is_file() and reused is not None and reused.is_file():
+            save_json(calibration, {**json.loads(reused.read_text()), "reused_from": os.path.relpath(reused, ctx.out)})
         if "calibrate" in stages and not calibration.is_file():
             if workers > 1:
                 fan_out(ctx, preset, "calibrate", workers, threads, overrides)
             ratio = calibrate_stage(ctx, extra, model, dataset)
         if calibration.is_file():
             ratio = json.loads(calibration.read_text())["chosen_dkkt_ratio"]
-        if "balance" in stages and not is_worker and not (ctx.out / "balance.json").is_file():
+        if "balance" in stages and protocol.balance_ipcs and not is_worker and not (ctx.out / "balance.json").is_file():
             balance_stage(ctx, extra, ratio, model, dataset)
+        conv = None
+        if protocol.curve and "curve" in stages and not is_worker:
+            conv = curve_stage(ctx, extra, without_test(dataset))
+        if (ctx.out / "curve.json").is_file():
+            conv = {int(k): v for k, v in json.loads((ctx.out / "curve.json").read_text())["converged_iterations"].items()}
         if "table" in stages:
             if ratio is None:
                 raise ConfigError("the table needs the calibrated dkkt_ratio: run the calibrate stage first")
             if workers > 1:
-                fan_out(ctx, preset, "table", workers, threads, overrides)
-            run_cells(ctx, "table", table_cells(protocol, extra, ratio), model, dataset, dataset.test)
+                filters = [*(["--variants", *only] if only else []), *(["--ipcs", *map(str, ipcs)] if ipcs else [])]
+                fan_out(ctx, preset, "table", workers, threads, [*filters, *overrides])
+            cells = [c for c in table_cells(protocol, extra, ratio, conv)
+                     if (not only or c[2]["method"] in only) and (not ipcs or c[2]["ipc"] in ipcs)]
+            run_cells(ctx, "table", cells, model, dataset, dataset.test)
     except OutOfTime:
         ctx.log(f"stopped: --max-minutes {max_minutes} spent; run the same command again to continue")
     except Incomplete as why:
@@ -537,6 +791,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
     parser.add_argument("--workers", type=int, default=1, help="processes that run the cells of a stage at once")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help=argparse.SUPPRESS)  # set by --workers
+    parser.add_argument("--variants", nargs="+", default=[], choices=sorted(VARIANTS), help="table: only these variants")
+    parser.add_argument("--ipcs", nargs="+", type=int, default=[], help="table: only these ipcs")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every config (e.g. data.path=...)")
     args = parser.parse_args(argv)
     if args.workers < 1:
@@ -544,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         return run(args.preset, args.out, args.stages, args.overrides, args.max_minutes, args.workers, args.shard,
-                   args.threads)
+                   args.threads, args.variants, args.ipcs)
     except ConfigError as err:
         print(f"error: {err}")
         return 2

@@ -144,9 +144,13 @@ def federation_config(cfg: ExperimentConfig, federation_seed: int) -> Experiment
 
 
 def edge_model_key(train_cfg: ExperimentConfig) -> str:
-    """Everything that determines the received model: data, split, model, federation and the seed."""
+    """Everything that determines the received model: data, split, model, federation and the seed. A nested split
+    (split.private_pipc) trains on the private pool of pipc=private_pipc, so it has that split's key."""
     c = config_to_dict(train_cfg)
     ident = {k: c[k] for k in ("data", "split", "model", "federation", "seed")}
+    private_pipc = ident["split"].pop("private_pipc")
+    if private_pipc is not None:
+        ident["split"]["pipc"] = private_pipc
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 

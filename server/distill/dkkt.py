@@ -3,8 +3,9 @@
 RESEARCH.md section 1.3, as implemented (g_j = grad_theta CE(f(x_j; theta*), y_j), P = number of parameters):
     L_stat(X)  = (1/P) * || theta* + sum_j lambda_j g_j ||_1
     L_prim(X)  = (1/n) * sum_j [argmax f(x_j) != y_j] * CE_j
-    L_kkt(X)   = L_stat(X) + primal_weight * L_prim(X)
-    L_DKKT     = L_kkt(S) + aug_weight * L_kkt(A(S)) + tv_weight * L_tv(S) + norm_weight * L_norm(S)
+    L_kkt(X)   = stat_weight * L_stat(X) + primal_weight * L_prim(X)
+    L_DKKT     = plain_weight * L_kkt(S) + aug_weight * L_kkt(A(S)) + tv_weight * L_tv(S) + norm_weight * L_norm(S)
+(stat_weight = plain_weight = 1 is the paper's loss; the weights switch each part off for the ablations.)
 
 sum_j lambda_j g_j is computed as the gradient of the lambda-weighted CE sum (linearity of the gradient):
 one forward and one backward through theta*, kept in the graph (create_graph semantics via torch.func.grad)
@@ -120,14 +121,15 @@ def dkkt_parts(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The weighted parts of L_DKKT (they sum to it) and its unweighted terms (logged); `aug` is the DSA draw for
     the augmented view (one group per image)."""
-    plain = kkt_loss(model, x, y, lambdas, cfg.primal_weight)
-    terms = {"stat": plain["stat"], "primal": plain["primal"]}
-    parts = {"stat": plain["stat"], "primal": cfg.primal_weight * plain["primal"]}
-    if cfg.aug_weight > 0:
-        augmented = kkt_loss(model, apply_dsa(x, aug), y, lambdas, cfg.primal_weight)
-        terms.update(stat_aug=augmented["stat"], primal_aug=augmented["primal"])
-        parts.update(stat_aug=cfg.aug_weight * augmented["stat"],
-                     primal_aug=cfg.aug_weight * cfg.primal_weight * augmented["primal"])
+    views = {"": (cfg.plain_weight, x), "_aug": (cfg.aug_weight, None)}
+    terms, parts = {}, {}
+    for suffix, (weight, view) in views.items():
+        if weight == 0:
+            continue
+        kkt = kkt_loss(model, apply_dsa(x, aug) if view is None else view, y, lambdas, cfg.primal_weight)
+        terms.update({f"stat{suffix}": kkt["stat"], f"primal{suffix}": kkt["primal"]})
+        parts.update({f"stat{suffix}": weight * cfg.stat_weight * kkt["stat"],
+                      f"primal{suffix}": weight * cfg.primal_weight * kkt["primal"]})
     if cfg.tv_weight > 0:
         terms["tv"] = tv_loss(x)
         parts["tv"] = cfg.tv_weight * terms["tv"]

@@ -200,7 +200,7 @@ def distill(
             terms["dkkt_weight"] = balance.update(terms.get("grad_dm"), dkkt_norm)
             grad_img = grad_img + terms["dkkt_weight"] * grad_dkkt
             terms["grad_dkkt"] = terms["dkkt_weight"] * dkkt_norm
-            terms["stat_rel"] = terms["stat"] / theta_abs_mean
+            terms["stat_rel"] = terms.get("stat", terms.get("stat_aug")) / theta_abs_mean
         syn.grad = grad_img
         opt_img.step()
         if dkkt_on:

@@ -120,3 +120,36 @@ def test_public_and_validation_need_no_flower() -> None:
         "assert len(h.shards) == cfg.split.num_clients and 'datasets' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def nested_cfg(pipc: int, private_pipc: int | None = 10, validation: int = 8, partition: str = "iid"):
+    return cfg_of({"pipc": pipc, "private_pipc": private_pipc, "validation_per_class": validation, "num_clients": 4,
+                   "partition": partition})
+
+
+def test_nested_public_subsets_share_one_private_pool_and_grow_by_inclusion():
+    """split.private_pipc: every pipc has the private pool of pipc=private_pipc; the public subsets nest; the images
+    beyond private_pipc come from the validation slice, which loses them."""
+    plain = decide_holdings(nested_cfg(10, None), LABELS)
+    previous = np.empty(0, dtype=np.int64)
+    for pipc in (1, 3, 10, 14, 18):
+        holdings = decide_holdings(nested_cfg(pipc), LABELS)
+        np.testing.assert_array_equal(holdings.private, plain.private)  # one received model for every pipc
+        for k in range(4):
+            np.testing.assert_array_equal(holdings.shards[k], plain.shards[k])
+        assert (np.bincount(LABELS[holdings.public], minlength=10) == pipc).all()
+        assert np.isin(previous, holdings.public).all()  # nested
+        assert np.intersect1d(holdings.public, holdings.private).size == 0
+        assert np.intersect1d(holdings.validation, holdings.public).size == 0
+        assert np.isin(holdings.validation, plain.validation).all()
+        assert len(holdings.validation) == 10 * (8 - max(0, pipc - 10))
+        previous = holdings.public
+    # At pipc = private_pipc the nested split is the plain one.
+    at_draw = decide_holdings(nested_cfg(10), LABELS)
+    np.testing.assert_array_equal(at_draw.public, plain.public)
+    np.testing.assert_array_equal(at_draw.validation, plain.validation)
+
+
+def test_nested_split_beyond_its_validation_slice_is_a_config_error():
+    with pytest.raises(ValueError, match=r"split.pipc=19: with private_pipc=10 it must be <= private_pipc \+ validation_per_class \(18\)"):
+        nested_cfg(19)

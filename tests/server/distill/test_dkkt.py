@@ -5,6 +5,7 @@ from common.config import DistillConfig
 from common.models import build_model
 from server.distill.dkkt import (
     dkkt_loss,
+    dkkt_parts,
     freeze_model,
     naive_stationarity_loss,
     primal_loss,
@@ -87,3 +88,41 @@ def test_dkkt_loss_terms_and_weights():
     assert torch.allclose(total, expected)
     total.backward()
     assert x.grad.abs().sum() > 0 and lam.grad.abs().sum() > 0
+
+
+def _image_grad(cfg: DistillConfig, x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, aug) -> torch.Tensor:
+    x = x.detach().clone().requires_grad_(True)
+    loss, _ = dkkt_loss(frozen(torch.float32), x, y, lam, cfg, aug)
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def test_each_part_of_dkkt_is_weighted_on_its_own_and_zero_removes_its_gradient():
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, SIZE, SIZE)
+    y = torch.tensor([0, 1, 2, 0])  # some wrong under the random model: the primal term acts
+    lam = torch.full((4,), 0.5)
+    aug = sample_dsa(FAMILIES, 4, torch.Generator().manual_seed(0))
+    base = {"primal_weight": 0.3, "aug_weight": 2.0}
+    whole = _image_grad(DistillConfig(**base), x, y, lam, aug)
+    stat_only = _image_grad(DistillConfig(aug_weight=2.0, primal_weight=0.0), x, y, lam, aug)
+    primal_only = _image_grad(DistillConfig(**base, stat_weight=0.0), x, y, lam, aug)
+    # stat_weight=0 leaves exactly the primal parts' gradient; together with the stationarity parts they are the whole.
+    assert primal_only.abs().sum() > 0 and stat_only.abs().sum() > 0
+    torch.testing.assert_close(stat_only + primal_only, whole, rtol=1e-4, atol=1e-7)
+    # The parts themselves: stat_weight scales both views' stationarity terms and nothing else.
+    parts, _ = dkkt_parts(frozen(torch.float32), x, y, lam, DistillConfig(**base, stat_weight=0.0), aug)
+    assert parts["stat"].item() == 0.0 and parts["stat_aug"].item() == 0.0 and parts["primal"].item() > 0.0
+    # The views: plain_weight=0 leaves the augmented view alone, aug_weight=0 the plain one.
+    aug_only = _image_grad(DistillConfig(**base, plain_weight=0.0), x, y, lam, aug)
+    plain_only = _image_grad(DistillConfig(primal_weight=0.3, aug_weight=0.0), x, y, lam, aug)
+    torch.testing.assert_close(aug_only + plain_only, whole, rtol=1e-4, atol=1e-7)
+    assert set(dkkt_parts(frozen(torch.float32), x, y, lam, DistillConfig(plain_weight=0.0), aug)[0]) == {"stat_aug", "primal_aug"}
+
+
+def test_an_empty_dkkt_loss_is_a_config_error():
+    with pytest.raises(ValueError, match="stat_weight and distill.primal_weight are both 0"):
+        DistillConfig(method="dm+dkkt", stat_weight=0.0, primal_weight=0.0)
+    with pytest.raises(ValueError, match="plain_weight and distill.aug_weight are both 0"):
+        DistillConfig(method="dsv", plain_weight=0.0, aug_weight=0.0)
+    DistillConfig(method="dm", stat_weight=0.0, primal_weight=0.0)  # no DKKT term: nothing to check
