@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +213,12 @@ PRESETS = {
         balance_iterations=4,
     ),
 }
+# The split-ratio form of `tiny` (nested pipcs, DM's curve, dm@conv and the ablation columns), for tests.
+PRESETS["tiny-split"] = replace(
+    PRESETS["tiny"], overrides={**PRESETS["tiny"].overrides, "split.private_pipc": 2}, table_ipcs=(1,), seeds=(0, 1),
+    variants=("random", "dm", "dm+dkkt", "dm@conv", "dm+primal", "dm+stat"), single_seed_ipcs=(), balance_ipcs=(),
+    pipcs=(1, 2, 3), private_pipc=2, only_at={"dm+primal": (2,), "dm+stat": (2,)}, curve={1: (2, 4, 6)}, curve_pipcs=(2,),
+)
 
 
 class OutOfTime(Exception):
@@ -337,9 +343,7 @@ def same_configuration(old: dict[str, Any], new: dict[str, Any]) -> bool:
     from common.config import config_to_dict
 
     defaults = config_to_dict(ExperimentConfig())
-    new = {**new, "split": {**new["split"]}}
-    if new["split"].get("private_pipc") == new["split"]["pipc"]:
-        new["split"]["private_pipc"] = None
+    old, new = (plain_split(c) for c in (old, new))
     for section, values in new.items():
         if not isinstance(values, dict):
             if old.get(section, values) != values:
@@ -349,6 +353,14 @@ def same_configuration(old: dict[str, Any], new: dict[str, Any]) -> bool:
             if old.get(section, {}).get(key, defaults[section][key]) != value:
                 return False
     return True
+
+
+def plain_split(config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config with a nested split at pipc = private_pipc written as the plain split it equals."""
+    split = config.get("split", {})
+    if split.get("private_pipc") is not None and split["private_pipc"] == split.get("pipc"):
+        return {**config, "split": {**split, "private_pipc": None}}
+    return config
 
 
 REUSED_FILES = ("result.json", "seed_0/result.json", "seed_0/history.jsonl", "seed_0/synthetic.json")
@@ -646,12 +658,23 @@ def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge
     cells = sorted({json.loads(p.read_text()).get("commit") or "unrecorded" for p in cell_results})
     machines = sorted({json.loads((p.parent / "cell.json").read_text()).get("machine") or "CPU: 2 cores (dev VM, model unrecorded)"
                        for p in cell_results})
+    reused = sum("reused_from" in json.loads((p.parent / "cell.json").read_text()) for p in cell_results)
+    if protocol.pipcs:
+        split = (f"pipc {', '.join(map(str, sorted(protocol.pipcs)))} public images per class, nested (each pipc's public "
+                 f"subset contains the smaller ones; split.private_pipc={protocol.private_pipc}): the private pool is the "
+                 f"complement of the pipc-{protocol.private_pipc} draw and the validation slice at every pipc, so one "
+                 f"received model serves every column and no public image was ever private (pipc > {protocol.private_pipc} "
+                 "takes its extra images from the validation slice, which nobody trained on)")
+    else:
+        split = f"pipc {cfg.split.pipc} public images per class"
+    partition = cfg.split.partition + (f" (alpha {cfg.split.alpha:g})" if cfg.split.partition == "dirichlet" else "")
     return "\n".join([
         f"Preset `{preset}` of `python -m simulations.evidence`: cells made at commit {', '.join(cells)}; this report at "
-        f"{git_commit()}, {time.strftime('%Y-%m-%d')}; cells ran on {'; '.join(machines) or 'no machine yet'}.",
-        f"CIFAR-10 (JPEG copy), pipc {cfg.split.pipc} public images per class; the received model: a Flower federation of "
-        f"{edge['num_clients']} IID edge clients on the whole private pool, {edge['rounds']} rounds, test accuracy "
-        f"{100 * edge['test_accuracy']:.2f} %.",
+        f"{git_commit()}, {time.strftime('%Y-%m-%d')}; cells ran on {'; '.join(machines) or 'no machine yet'}"
+        + (f"; {reused} cells reused from `{protocol.reuse}` (same name and configuration; cell.json `reused_from`)."
+           if reused else "."),
+        f"CIFAR-10 (JPEG copy), {split}; the received model: a Flower federation of {edge['num_clients']} {partition} "
+        f"edge clients on the whole private pool, {edge['rounds']} rounds, test accuracy {100 * edge['test_accuracy']:.2f} %.",
         f"Scale (reduced, not the paper's 20k iterations / 1000 epochs): {scale}; {cfg.evaluation.num_nets} evaluation nets "
         f"per seed; mean ± std over every net of every seed (seeds {', '.join(map(str, protocol.seeds))}; "
         f"ipc {', '.join(map(str, protocol.single_seed_ipcs))}: seed {protocol.seeds[0]} only).",
@@ -660,16 +683,29 @@ def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge
     ])
 
 
+def curve_statement(out: Path) -> str | None:
+    """How `dm@conv`'s iteration counts were chosen (OUT/curve.json), for the table's header."""
+    path = out / "curve.json"
+    if not path.is_file():
+        return None
+    curve = json.loads(path.read_text())
+    chosen = ", ".join(f"ipc {k}: {v}" for k, v in curve["converged_iterations"].items())
+    return (f"DM's iteration count (`dm@conv`): chosen on DM's validation curve (`dm_curve.png`, `curve.csv`), "
+            f"{curve['rule']}: {chosen} iterations; evaluated on {curve['evaluated_on']}. The gain below against "
+            "`dm@conv` is the headline: against a DM that has converged.")
+
+
 def variant_legend(protocol: Protocol) -> str:
     """What each column that is not a plain method changes."""
     changed = {"dm@step": "dm with the image learning rate x (1 + dkkt_ratio)",
+               "dm@conv": "dm with the iteration count DM's validation curve chose",
                **{v.name: f"{v.method} with " + ", ".join(f"{k.split('.')[-1]}={val}" for k, val in v.overrides.items())
                   for v in VARIANTS.values() if v.overrides}}
     return "Columns: " + "; ".join(f"`{name}` = {changed[name]}" for name in protocol.variants if name in changed) + "."
 
 
 def report_stage(ctx: Context, preset: str, cfg: ExperimentConfig) -> None:
-    from simulations.report import markdown_table, plot_method_bars, plot_history, render
+    from simulations.report import markdown_table, paired_gains, plot_accuracy_vs_pipc, plot_history, plot_method_bars, render
 
     table_dir = ctx.out / "table"
     results = write_results(table_dir)
@@ -679,20 +715,32 @@ def report_stage(ctx: Context, preset: str, cfg: ExperimentConfig) -> None:
     edge = json.loads((ctx.out / "edge_model.json").read_text())
     calibration = ctx.out / "calibration.json"
     ratio = json.loads(calibration.read_text())["chosen_dkkt_ratio"] if calibration.is_file() else None
-    seconds = results.groupby(["ipc", "method"])[["distill_s", "evaluate_s"]].mean().reset_index()
-    timing = ["| ipc | method | seeds done | distillation s / seed | evaluation s / seed |", "|---|---|---|---|---|"]
+    seconds = results.groupby(["ipc", "pipc", "method"]).agg(
+        done=("seed", "count"), distill_s=("distill_s", "mean"), evaluate_s=("evaluate_s", "mean")).reset_index()
+    timing = ["| ipc | pipc | method | seeds done | distillation s / seed | evaluation s / seed |", "|---|---|---|---|---|---|"]
     for _, row in seconds.iterrows():
-        done = int(((results["ipc"] == row["ipc"]) & (results["method"] == row["method"])).sum())
-        timing.append(f"| {row['ipc']} | {row['method']} | {done} | {row['distill_s']:.0f} | {row['evaluate_s']:.0f} |")
-    text = "\n\n".join([
-        f"# DM + DKKT against DM with {cfg.split.pipc} public images per class (preset `{preset}`)",
-        protocol_header(ctx.protocol, preset, cfg, edge, ratio, sorted(table_dir.glob("cells/*/result.json"))),
-        "Test accuracy (%):", markdown_table(results), variant_legend(ctx.protocol),
-        "Time per cell (with --workers, several cells shared the machine at once):", "\n".join(timing),
-    ]) + "\n"
+        timing.append(f"| {row['ipc']} | {row['pipc']} | {row['method']} | {row['done']} | {row['distill_s']:.0f} | "
+                      f"{row['evaluate_s']:.0f} |")
+    protocol = ctx.protocol
+    title = (f"DM + DKKT against DM at pipc {', '.join(map(str, sorted(protocol.pipcs)))}" if protocol.pipcs
+             else f"DM + DKKT against DM with {cfg.split.pipc} public images per class")
+    cpu_hours = (results["distill_s"].sum() + results["evaluate_s"].sum()) / 3600
+    text = "\n\n".join(filter(None, [
+        f"# {title} (preset `{preset}`)",
+        protocol_header(protocol, preset, cfg, edge, ratio, sorted(table_dir.glob("cells/*/result.json"))),
+        curve_statement(ctx.out),
+        "Test accuracy (%):", markdown_table(results), variant_legend(protocol),
+        paired_gains(results, "dm+dkkt", ("random", "dm", "dm@conv", "dm@step")),
+        f"Time per cell (with --workers, several cells shared the machine at once); {len(results)} cells, "
+        f"{cpu_hours:.1f} hours of cell time in all:", "\n".join(timing),
+    ])) + "\n"
     atomic_write(ctx.out / "table.md", lambda tmp: tmp.write_text(text))
     atomic_write(ctx.out / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
-    plot_method_bars(results, ctx.out / "accuracy.png")
+    if protocol.pipcs:
+        plot_accuracy_vs_pipc(results, ctx.out / "accuracy_vs_pipc.png",
+                              (f"received model ({100 * edge['test_accuracy']:.1f} %)", 100 * edge["test_accuracy"]))
+    else:
+        plot_method_bars(results, ctx.out / "accuracy.png")
     history = sorted((table_dir / "cells").glob("*-dm_dkkt-seed0/seed_0/history.jsonl"))
     if history:
         plot_history(history[0], ctx.out / "loss_terms.png")

@@ -96,3 +96,40 @@ def test_command_line_overrides_win_over_the_preset() -> None:
     cfg = evidence.cell_config(protocol, {"device": "cpu", "distill.iterations": 7}, evidence.VARIANTS["dm"], 10, 0)
     assert (cfg.device, cfg.distill.iterations, cfg.distill.ipc) == ("cpu", 7, 10)
     assert evidence.cell_config(protocol, {}, evidence.VARIANTS["dm"], 10, 0).device == "cuda"
+
+
+@pytest.mark.slow
+def test_split_ratio_protocol_nests_pipcs_on_one_model_chooses_dm_iterations_on_validation_and_reuses_cells(tmp_path, monkeypatch):
+    out = tmp_path / "split"
+    assert evidence.main(["--preset", "tiny-split", "--out", str(out), "--threads", "1"]) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(set(results["pipc"])) == [1, 2, 3]
+    # dm@conv is missing where ipc = pipc (DM's loss is 0 there); the ablations only at their pipc
+    assert set(results[results["method"] == "dm@conv"]["pipc"]) == {2, 3}
+    assert set(results[results["method"].isin(["dm+primal", "dm+stat"])]["pipc"]) == {2}
+    curve = json.loads((out / "curve.json").read_text())
+    chosen = curve["converged_iterations"]["1"]
+    assert chosen in (2, 4, 6) and "validation" in curve["evaluated_on"] and len(curve["points"]) == 3
+    conv = json.loads((out / "table/cells/pipc3-ipc1-dm-at-conv-seed0/result.json").read_text())
+    assert conv["config"]["distill"]["iterations"] == chosen
+    primal = json.loads((out / "table/cells/pipc2-ipc1-dm_primal-seed0/result.json").read_text())
+    assert primal["config"]["distill"]["stat_weight"] == 0.0
+    table = (out / "table.md").read_text()
+    assert "pipc 1, 2, 3 public images per class, nested" in table and "chosen on DM's validation curve" in table
+    assert "− dm@conv" in table
+    for name in ("accuracy_vs_pipc.png", "dm_curve.png"):
+        assert (out / name).stat().st_size > 0
+    # One received model for every pipc: a single federation under edge/
+    assert len(list((out / "edge").glob("*/received_model.pt"))) == 1
+
+    # Another protocol reusing this one: its matching cells are taken (results, not the sets), the rest run.
+    monkeypatch.setitem(evidence.PRESETS, "tiny-split", evidence.replace(evidence.PRESETS["tiny-split"], reuse=str(out)))
+    again = tmp_path / "again"
+    assert evidence.main(["--preset", "tiny-split", "--out", str(again), "--threads", "1", "--stages", "edge",
+                          "calibrate", "table", "report", "--variants", "random", "dm"]) == 0
+    cell = again / "table/cells/pipc2-ipc1-dm-seed0"
+    assert json.loads((cell / "cell.json").read_text())["reused_from"] and not (cell / "seed_0/synthetic.pt").exists()
+    assert json.loads((cell / "result.json").read_text()) == json.loads((out / "table/cells/pipc2-ipc1-dm-seed0/result.json").read_text())
+    from simulations.report import set_dir
+    assert (set_dir(cell) / "seed_0/synthetic.pt").is_file()
+    assert not (again / "edge").exists()  # the received model was found in the reused folder
