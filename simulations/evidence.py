@@ -40,6 +40,7 @@ from common.atomic import atomic_write, load_torch, save_json
 from common.config import ConfigError, ExperimentConfig, load_config, parse_overrides
 from common.data import Dataset, ImageArrays, to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data
+from common.methods import METHODS
 from common.progress import LineProgress
 from common.runtime import describe_machine, git_commit, pick_device
 from common.models import model_from_config
@@ -122,6 +123,35 @@ class Protocol:
         return {**self.overrides, **self.per_ipc.get(ipc, {}), **extra, "distill.ipc": ipc}
 
 
+# The split-ratio benchmark on 2 CPU cores (docs/results/split-ratio-cpu): the cpu preset's scale, split and
+# received model (its pipc-50 cells are reused), at pipc 5 .. 100 with nested public subsets; DM's iteration count
+# chosen on its validation curve (dm@conv); ablations of L_DKKT's parts at pipc 10 and 50.
+_SPLIT_RATIO_CPU = Protocol(
+    config="cpu_pipc50",
+    overrides={"device": "cpu", "distill.log_every": 10, "distill.checkpoint_every": 50, "evaluation.num_nets": 2,
+               "distill.lambda_fit_steps": 300, "split.private_pipc": 50},
+    per_ipc={
+        1: {"distill.iterations": 200, "distill.batch_real": 16, "evaluation.epochs": 300},
+        10: {"distill.iterations": 150, "distill.batch_real": 16, "evaluation.epochs": 150, "distill.dkkt_candidates": 20},
+        50: {"distill.iterations": 100, "distill.batch_real": 50, "evaluation.epochs": 100, "distill.dkkt_candidates": 20},
+    },
+    table_ipcs=(10, 1, 50),
+    seeds=(0, 1, 2),
+    variants=("random", "dm", "dm+dkkt", "dm@conv", "dm+dkkt@lambda", "dsv", "dm+primal", "dm+stat"),
+    single_seed_ipcs=(50,),
+    single_seed_variants=("random", "dm", "dm+dkkt"),
+    calibration_ipcs=(1, 10),
+    ratio_grid=(0.1, 0.3, 1.0, 3.0),
+    balance_ipcs=(),
+    balance_iterations=30,
+    pipcs=(10, 20, 50, 100, 5),
+    private_pipc=50,
+    only_at={"dm+primal": (10, 50), "dm+stat": (10, 50)},
+    curve={10: (150, 300, 600, 1200), 1: (200, 400, 800, 1600)},
+    curve_pipcs=(50, 10),
+    reuse="docs/results/cpu-pipc50",
+)
+
 PRESETS = {
     # 2 CPU cores: fewer iterations and evaluation epochs than the paper (20k / 1000), fewer real images per DM step,
     # 2 evaluation nets per seed. Every table written from it says so.
@@ -164,33 +194,14 @@ PRESETS = {
         balance_ipcs=(1, 10, 50),
         balance_iterations=30,
     ),
-    # The split-ratio benchmark on 2 CPU cores (docs/results/split-ratio-cpu): the cpu preset's scale, split and
-    # received model (its pipc-50 cells are reused), at pipc 5 .. 100 with nested public subsets; DM's iteration count
-    # chosen on its validation curve (dm@conv); ablations of L_DKKT's parts at pipc 10 and 50.
-    "split-ratio-cpu": Protocol(
-        config="cpu_pipc50",
-        overrides={"device": "cpu", "distill.log_every": 10, "distill.checkpoint_every": 50, "evaluation.num_nets": 2,
-                   "distill.lambda_fit_steps": 300, "split.private_pipc": 50},
-        per_ipc={
-            1: {"distill.iterations": 200, "distill.batch_real": 16, "evaluation.epochs": 300},
-            10: {"distill.iterations": 150, "distill.batch_real": 16, "evaluation.epochs": 150, "distill.dkkt_candidates": 20},
-            50: {"distill.iterations": 100, "distill.batch_real": 50, "evaluation.epochs": 100, "distill.dkkt_candidates": 20},
-        },
-        table_ipcs=(10, 1, 50),
-        seeds=(0, 1, 2),
-        variants=("random", "dm", "dm+dkkt", "dm@conv", "dm+dkkt@lambda", "dsv", "dm+primal", "dm+stat"),
-        single_seed_ipcs=(50,),
-        single_seed_variants=("random", "dm", "dm+dkkt"),
-        calibration_ipcs=(1, 10),
-        ratio_grid=(0.1, 0.3, 1.0, 3.0),
-        balance_ipcs=(),
-        balance_iterations=30,
-        pipcs=(10, 20, 50, 100, 5),
-        private_pipc=50,
-        only_at={"dm+primal": (10, 50), "dm+stat": (10, 50)},
-        curve={10: (150, 300, 600, 1200), 1: (200, 400, 800, 1600)},
-        curve_pipcs=(50, 10),
-        reuse="docs/results/cpu-pipc50",
+    "split-ratio-cpu": _SPLIT_RATIO_CPU,
+    # The same benchmark on a non-IID received model (10 clients, Dirichlet alpha 0.1 over the same private pool):
+    # dm+dkkt at three pipcs; the model-free columns (random, dm, dm@conv) are the IID table's cells (DM never reads
+    # the received model), dkkt_ratio and DM's iteration counts too.
+    "split-ratio-cpu-dirichlet": replace(
+        _SPLIT_RATIO_CPU, overrides={**_SPLIT_RATIO_CPU.overrides, "split.partition": "dirichlet", "split.alpha": 0.1},
+        table_ipcs=(10,), single_seed_ipcs=(), variants=("random", "dm", "dm@conv", "dm+dkkt"), pipcs=(10, 50, 100),
+        only_at={}, curve={}, curve_pipcs=(), reuse="docs/results/split-ratio-cpu",
     ),
     "tiny": Protocol(
         config="quickstart",
@@ -344,15 +355,23 @@ def same_configuration(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
     defaults = config_to_dict(ExperimentConfig())
     old, new = (plain_split(c) for c in (old, new))
+    model_free = not METHODS[new["distill"]["method"]].needs_model(new["distill"]["init"])
     for section, values in new.items():
         if not isinstance(values, dict):
             if old.get(section, values) != values:
                 return False
             continue
         for key, value in values.items():
+            if model_free and (section == "federation" or (section == "split" and key in PRIVATE_ONLY)):
+                continue  # what only the received model depends on: a method without it ran the same
             if old.get(section, {}).get(key, defaults[section][key]) != value:
                 return False
     return True
+
+
+# Split keys that decide only how the private pool is partitioned over clients (never the public subset, the
+# validation slice or the dataset slice): only the received model depends on them.
+PRIVATE_ONLY = {"num_clients", "partition", "alpha", "classes_per_client", "min_partition_size", "client_holdout"}
 
 
 def plain_split(config: dict[str, Any]) -> dict[str, Any]:
@@ -799,8 +818,9 @@ def run(preset: str, out: Path, stages: Sequence[str], overrides: Sequence[str],
         conv = None
         if protocol.curve and "curve" in stages and not is_worker:
             conv = curve_stage(ctx, extra, without_test(dataset))
-        if (ctx.out / "curve.json").is_file():
-            conv = {int(k): v for k, v in json.loads((ctx.out / "curve.json").read_text())["converged_iterations"].items()}
+        curve = next((d / "curve.json" for d in (ctx.out, Path(protocol.reuse or ctx.out)) if (d / "curve.json").is_file()), None)
+        if curve is not None:
+            conv = {int(k): v for k, v in json.loads(curve.read_text())["converged_iterations"].items()}
         if "table" in stages:
             if ratio is None:
                 raise ConfigError("the table needs the calibrated dkkt_ratio: run the calibrate stage first")

@@ -148,7 +148,7 @@ def set_dir(cell_dir: Path) -> Path:
     from (cell.json `reused_from`, relative to the cell)."""
     info = cell_dir / "cell.json"
     reused = json.loads(info.read_text()).get("reused_from") if info.is_file() else None
-    return (cell_dir / reused).resolve() if reused else cell_dir
+    return set_dir((cell_dir / reused).resolve()) if reused else cell_dir  # a reused cell may itself be reused
 
 
 def _images(cell_dir: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -133,3 +133,23 @@ def test_split_ratio_protocol_nests_pipcs_on_one_model_chooses_dm_iterations_on_
     from simulations.report import set_dir
     assert (set_dir(cell) / "seed_0/synthetic.pt").is_file()
     assert not (again / "edge").exists()  # the received model was found in the reused folder
+
+
+def test_a_cell_is_reused_only_for_the_same_configuration_and_model_free_methods_ignore_the_partition():
+    from common.config import config_to_dict
+
+    protocol = evidence.PRESETS["split-ratio-cpu"]
+    iid = {name: config_to_dict(cfg) for name, cfg, _ in evidence.table_cells(protocol, {}, 1.0, {10: 300})}
+    non_iid = {name: config_to_dict(cfg) for name, cfg, _ in
+               evidence.table_cells(evidence.PRESETS["split-ratio-cpu-dirichlet"], {}, 1.0, {10: 300})}
+    for name in ("pipc10-ipc10-dm-seed0", "pipc50-ipc10-random-seed1", "pipc100-ipc10-dm-at-conv-seed2"):
+        assert evidence.same_configuration(iid[name], non_iid[name])  # DM never reads the received model
+    assert not evidence.same_configuration(iid["pipc10-ipc10-dm_dkkt-seed0"], non_iid["pipc10-ipc10-dm_dkkt-seed0"])
+    assert not evidence.same_configuration(iid["pipc10-ipc10-dm-seed0"], iid["pipc20-ipc10-dm-seed0"])
+    # A cell recorded before a key existed matches when the key is at its default (the old behaviour) ...
+    old = {**iid["pipc50-ipc10-dm_dkkt-seed0"], "distill": dict(iid["pipc50-ipc10-dm_dkkt-seed0"]["distill"])}
+    del old["distill"]["stat_weight"]
+    assert evidence.same_configuration(old, iid["pipc50-ipc10-dm_dkkt-seed0"])
+    # ... and not when the new cell sets it otherwise.
+    primal = iid["pipc50-ipc10-dm_primal-seed0"]
+    assert not evidence.same_configuration(old, primal)
