@@ -126,6 +126,23 @@ class Protocol:
 # The split-ratio benchmark on 2 CPU cores (docs/results/split-ratio-cpu): the cpu preset's scale, split and
 # received model (its pipc-50 cells are reused), at pipc 5 .. 100 with nested public subsets; DM's iteration count
 # chosen on its validation curve (dm@conv); ablations of L_DKKT's parts at pipc 10 and 50.
+_GPU = Protocol(
+    config="cpu_pipc50",
+    overrides={"device": "cuda", "distill.log_every": 100, "distill.checkpoint_every": 500,
+               "evaluation.num_nets": 5, "evaluation.epochs": 1000, "distill.batch_real": 256,
+               "distill.lambda_fit_steps": 300},
+    per_ipc={1: {"distill.iterations": 3000}, 10: {"distill.iterations": 5000}, 50: {"distill.iterations": 2000}},
+    table_ipcs=(1, 10, 50),
+    seeds=(0, 1, 2),
+    variants=("random", "dm", "dm+dkkt", "dm@step", "dsv", "random@lambda", "dm@lambda", "dm+dkkt@lambda"),
+    single_seed_ipcs=(),
+    single_seed_variants=(),
+    calibration_ipcs=(1, 10),
+    ratio_grid=(0.1, 0.3, 1.0, 3.0),
+    balance_ipcs=(1, 10, 50),
+    balance_iterations=30,
+)
+
 _SPLIT_RATIO_CPU = Protocol(
     config="cpu_pipc50",
     overrides={"device": "cpu", "distill.log_every": 10, "distill.checkpoint_every": 50, "evaluation.num_nets": 2,
@@ -178,23 +195,16 @@ PRESETS = {
     # A CUDA machine: the paper-scale protocol (DM's 1000-epoch evaluation, 5 nets, 5,000 iterations as the DM
     # anchors of RESEARCH.md section 8) on the same split and received model as `cpu` (train the edge model where Flower
     # is installed; the GPU machine has none). Run it repeatedly with --max-minutes 9 until every stage is done.
-    "gpu": Protocol(
-        config="cpu_pipc50",
-        overrides={"device": "cuda", "distill.log_every": 100, "distill.checkpoint_every": 500,
-                   "evaluation.num_nets": 5, "evaluation.epochs": 1000, "distill.batch_real": 256,
-                   "distill.lambda_fit_steps": 300},
-        per_ipc={1: {"distill.iterations": 3000}, 10: {"distill.iterations": 5000}, 50: {"distill.iterations": 2000}},
-        table_ipcs=(1, 10, 50),
-        seeds=(0, 1, 2),
-        variants=("random", "dm", "dm+dkkt", "dm@step", "dsv", "random@lambda", "dm@lambda", "dm+dkkt@lambda"),
-        single_seed_ipcs=(),
-        single_seed_variants=(),
-        calibration_ipcs=(1, 10),
-        ratio_grid=(0.1, 0.3, 1.0, 3.0),
-        balance_ipcs=(1, 10, 50),
-        balance_iterations=30,
-    ),
+    "gpu": _GPU,
     "split-ratio-cpu": _SPLIT_RATIO_CPU,
+    # The split-ratio slice a GPU session runs first (docs/benchmarks.md): ipc 10 at pipc 50 and 10, dm, its step
+    # control and dm+dkkt at the gpu preset's paper scale (5,000 iterations, whole pool per DM step, 5 nets x 1,000
+    # epochs), 3 seeds, on the same nested split and received model; dkkt_ratio from the gpu preset's calibration.
+    "split-ratio-gpu": replace(
+        _SPLIT_RATIO_CPU, overrides={**_GPU.overrides, "split.private_pipc": 50}, per_ipc=_GPU.per_ipc, table_ipcs=(10,),
+        single_seed_ipcs=(), variants=("dm", "dm+dkkt", "dm@step"), pipcs=(50, 10), only_at={}, curve={},
+        curve_pipcs=(), reuse="docs/results/gpu-pipc50",
+    ),
     # The same benchmark on a non-IID received model (10 clients, Dirichlet alpha 0.1 over the same private pool):
     # dm+dkkt at three pipcs; the model-free columns (random, dm, dm@conv) are the IID table's cells (DM never reads
     # the received model), dkkt_ratio and DM's iteration counts too.
