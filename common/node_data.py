@@ -31,6 +31,7 @@ from PIL import Image
 from common.atomic import atomic_write
 from common.config import ExperimentConfig, config_to_dict
 from common.data import DataError, ImageArrays, Normalization, read_archive_files
+from common.holdings import split_seed
 
 FORMAT = "feddistill-holding/1"
 HOLDING_FILE = "holding.json"
@@ -51,8 +52,8 @@ class NodeData:
 def holdings_sha256(cfg: ExperimentConfig) -> str:
     """What decides who holds which image: the data and split sections and the split seed."""
     c = config_to_dict(cfg)
-    ident = {"data": {k: v for k, v in c["data"].items() if k != "path"}, "split": c["split"],
-             "split_seed": cfg.split.seed if cfg.split.seed is not None else cfg.seed}
+    split = {k: v for k, v in c["split"].items() if not (k == "private_pipc" and v is None)}  # the hash before nesting
+    ident = {"data": {k: v for k, v in c["data"].items() if k != "path"}, "split": split, "split_seed": split_seed(cfg)}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 

@@ -39,7 +39,7 @@ import torch
 from common.atomic import atomic_write, load_torch, save_json
 from common.config import ConfigError, ExperimentConfig, load_config, parse_overrides
 from common.data import Dataset, ImageArrays, to_normalized_tensor
-from common.holdings import decide_holdings, load_experiment_data
+from common.holdings import decide_holdings, load_experiment_data, split_seed
 from common.methods import METHODS
 from common.progress import LineProgress
 from common.runtime import describe_machine, git_commit, pick_device
@@ -450,7 +450,7 @@ def cell_config(protocol: Protocol, extra: dict[str, Any], variant: Variant, ipc
     return load_config(protocol.config, {
         **protocol.cell_overrides(ipc, extra), **variant.overrides, **(more or {}),
         "distill.method": variant.method, "distill.num_seeds": 1, "distill.enabled": False, "seed": seed,
-        "split.seed": base.split.seed if base.split.seed is not None else base.seed,
+        "split.seed": split_seed(base),
     })
 
 
