@@ -123,9 +123,7 @@ class Protocol:
         return {**self.overrides, **self.per_ipc.get(ipc, {}), **extra, "distill.ipc": ipc}
 
 
-# The split-ratio benchmark on 2 CPU cores (docs/results/split-ratio-cpu): the cpu preset's scale, split and
-# received model (its pipc-50 cells are reused), at pipc 5 .. 100 with nested public subsets; DM's iteration count
-# chosen on its validation curve (dm@conv); ablations of L_DKKT's parts at pipc 10 and 50.
+# The paper-scale protocol on CUDA (the `gpu` preset, below).
 _GPU = Protocol(
     config="cpu_pipc50",
     overrides={"device": "cuda", "distill.log_every": 100, "distill.checkpoint_every": 500,
@@ -143,6 +141,9 @@ _GPU = Protocol(
     balance_iterations=30,
 )
 
+# The split-ratio benchmark on 2 CPU cores (docs/results/split-ratio-cpu): the cpu preset's scale, split and
+# received model (its pipc-50 cells are reused), at pipc 5 .. 100 with nested public subsets; DM's iteration count
+# chosen on its validation curve (dm@conv); ablations of L_DKKT's parts at pipc 10 and 50.
 _SPLIT_RATIO_CPU = Protocol(
     config="cpu_pipc50",
     overrides={"device": "cpu", "distill.log_every": 10, "distill.checkpoint_every": 50, "evaluation.num_nets": 2,
