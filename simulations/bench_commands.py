@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="a subset of the commands (they depend on each other)")
     args = parser.parse_args(argv)
     root = Path(__file__).resolve().parent.parent
+    commit, date = git_commit(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # of the code measured
     with tempfile.TemporaryDirectory(prefix="bench-commands-") as tmp:
         work = Path(tmp)
         env = {**os.environ, "FEDDISTILL_CACHE": str(work / "cache"), "FLWR_TELEMETRY_ENABLED": "0"}
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             if results[name]["exit_code"]:
                 print((work / f"{name}.log").read_text()[-2000:], file=sys.stderr)
                 break
-        save_json(Path(args.out), {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
+        save_json(Path(args.out), {"date": date, "commit": commit,
                                    "machine": machine(), "niceness": os.nice(0),
                                    "data": os.environ.get("FEDDISTILL_DATA"), "commands": results})
     return 0
