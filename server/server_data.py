@@ -57,8 +57,8 @@ def from_dataset(cfg: ExperimentConfig) -> ServerData:
     holdings = decide_holdings(cfg, dataset.train.labels)
     public = ImageArrays(dataset.train.images[holdings.public], dataset.train.labels[holdings.public])
     labels, num_classes = dataset.train.labels, dataset.num_classes
-    counts = [(np.bincount(labels[train], minlength=num_classes).tolist(), np.bincount(labels[held], minlength=num_classes).tolist())
-              for train, held in (holdings.client(k) for k in range(cfg.split.num_clients))]
+    slices = (holdings.client(k) for k in range(cfg.split.num_clients))
+    counts = [tuple(np.bincount(labels[idx], minlength=num_classes).tolist() for idx in pair) for pair in slices]
     return ServerData(dataset.classes, public, dataset.test, counts, dataset.normalization)
 
 

@@ -35,7 +35,8 @@ def summary_markdown(
     ]
     for r in rounds:
         replies = f"{r['replies']}/{r['sampled']}" if r.get("round", 0) > 0 else "-"
-        traffic = f"{r['bytes_down'] / 1e6:.2f} / {r['bytes_up'] / 1e6:.2f}" if r.get("round", 0) > 0 and "bytes_up" in r else "-"
+        counted = r.get("round", 0) > 0 and "bytes_up" in r
+        traffic = f"{r['bytes_down'] / 1e6:.2f} / {r['bytes_up'] / 1e6:.2f}" if counted else "-"
         lines.append(f"| {r['round']} | {replies} | {100 * r['test_accuracy']:.2f} | {r['test_loss']:.4f} | {traffic} |")
     totals = traffic_totals(rounds)
     if totals["per_client"]:

@@ -49,7 +49,10 @@ class Traffic:
         """Counts the messages the server is about to send (one content size per distinct content object)."""
         sizes: dict[int, int] = {}
         for msg in messages:
-            size = sizes.setdefault(id(msg.content), content_bytes(msg.content))
+            key = id(msg.content)
+            if key not in sizes:
+                sizes[key] = content_bytes(msg.content)
+            size = sizes[key]
             self._add(server_round, msg.metadata.dst_node_id, "down", size)
 
     def received(self, server_round: int, replies: Iterable[Message]) -> None:
