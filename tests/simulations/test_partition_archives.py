@@ -134,7 +134,7 @@ def test_the_server_from_its_archives_holds_what_the_in_memory_split_gives_it(no
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
 def test_partition_writes_each_clients_label_distribution_for_every_partitioner(tmp_path, scheme):
-    overrides = {**TINY, "split.partition": scheme, "split.min_partition_size": 1}
+    overrides = {**TINY, "split.partition": scheme, "split.min_partition_size": 1, "split.classes_per_client": 8}
     args = [f"{k}={'null' if v is None else v}" for k, v in overrides.items()]
     assert cli_main(["partition", "--config", "quickstart", "--out", str(tmp_path), *args]) == 0
     cfg = load_config("quickstart", overrides)
