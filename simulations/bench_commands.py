@@ -1,6 +1,7 @@
 """Memory and wall time of the main `feddistill` commands at their embedded defaults (the README's hardware table).
 
     python -m simulations.bench_commands --out docs/results/hardware-cpu.json [--only data simulate ...]
+        [--model RUN/received_model.pt] [--timeout SECONDS] [--append]
 
 Each command runs in a fresh process under `/usr/bin/time -v` (its "Maximum resident set size": the largest single
 process among the command and the children it waited for) while this script samples, every 0.2 s, the summed RSS
@@ -13,6 +14,7 @@ command (other jobs share the cores: the wall times are those of a shared machin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -39,7 +41,7 @@ def commands(work: Path) -> dict[str, list[str]]:
         "export": fd + ["export", str(work / "distill"), "--out", str(work / "set.pt")],
         "export-ddranking": fd + ["export", str(work / "distill"), "--format", "ddranking", "--out", str(work / "ddr")],
         "evaluate": fd + ["evaluate", str(work / "set.pt")],
-        "report": fd + ["report", "{run}"],
+        "report": fd + ["report", "{run}", "--out", str(work / "report")],
     }
 
 
@@ -68,8 +70,9 @@ def _rss_kb(pid: int) -> int:
     return int(match.group(1)) if match else 0
 
 
-def measure(argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> dict[str, Any]:
-    """Runs argv under /usr/bin/time -v; wall time, time's max RSS, the process tree's peak summed RSS, CPU times."""
+def measure(argv: list[str], env: dict[str, str], cwd: Path, log: Path, timeout: float) -> dict[str, Any]:
+    """Runs argv under /usr/bin/time -v; wall time, time's max RSS, the process tree's peak summed RSS, CPU times.
+    Past `timeout` seconds the command's process tree is killed (exit code "timeout")."""
     report = log.with_suffix(".time")
     load_before = os.getloadavg()
     start = time.perf_counter()
@@ -86,7 +89,16 @@ def measure(argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> dict[
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        code = proc.wait()
+        try:
+            code: int | str = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in reversed(_tree(proc.pid)[1:]):  # the command and its children, not /usr/bin/time
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+            proc.wait()
+            code = "timeout"
         stop.set()
         sampler.join()
     wall = time.perf_counter() - start
@@ -113,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the JSON to write")
     parser.add_argument("--only", nargs="*", default=None, help="a subset of the commands (they depend on each other)")
+    parser.add_argument("--model", default=None, help="received_model.pt for distill/report when simulate is not run")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per command before it is killed")
+    parser.add_argument("--append", action="store_true", help="add to the invocations already in --out")
     args = parser.parse_args(argv)
     root = Path(__file__).resolve().parent.parent
     commit, date = git_commit(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # of the code measured
@@ -126,16 +141,18 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if name in ("distill", "report") and not run_dir:
                 runs = sorted((work / "runs").glob("*")) if (work / "runs").is_dir() else []
-                run_dir = str(runs[-1]) if runs else ""
+                run_dir = str(runs[-1]) if runs else str(Path(args.model).resolve().parent) if args.model else ""
             command = [c.replace("{run}", run_dir) for c in command]
-            results[name] = measure(command, env, root, work / f"{name}.log")
+            results[name] = measure(command, env, root, work / f"{name}.log", args.timeout)
             print(name, results[name], flush=True)
             if results[name]["exit_code"]:
                 print((work / f"{name}.log").read_text()[-2000:], file=sys.stderr)
                 break
-        save_json(Path(args.out), {"date": date, "commit": commit,
-                                   "machine": machine(), "niceness": os.nice(0),
-                                   "data": os.environ.get("FEDDISTILL_DATA"), "commands": results})
+        invocation = {"date": date, "commit": commit, "machine": machine(), "niceness": os.nice(0),
+                      "data": os.environ.get("FEDDISTILL_DATA"), "model": args.model, "commands": results}
+        out = Path(args.out)
+        earlier = json.loads(out.read_text())["invocations"] if args.append and out.is_file() else []
+        save_json(out, {"invocations": [*earlier, invocation]})
     return 0
 
 
