@@ -5,7 +5,9 @@ Run folder layout (`<output_dir>/<name>-<YYYYmmdd-HHMMSS>/`):
   metrics.jsonl          one line per round (round 0 = the initial model), see `round_line`
   checkpoints/round_XXXX.pt  the global state_dict after each round (atomic writes; `--resume` continues from the last)
   received_model.pt      the final global state_dict (torch.load(weights_only=True)); what distillation consumes
-  summary.json           final test accuracy, best round, time, and (epsilon, delta) when DP is on
+  summary.json           final test accuracy, best round, time, bytes up/down (in total and per client), and
+                         (epsilon, delta) when DP is on
+  label_distribution.json, label_distribution.png   images per class of every client (common/label_distribution.py)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from flwr.app import ArrayRecord, MetricRecord
@@ -29,6 +32,7 @@ from torch import nn
 from common.atomic import atomic_write, check_folder, save_json, save_torch
 from common.config import ConfigError, ExperimentConfig, config_to_dict
 from common.data import to_normalized_tensor
+from common.label_distribution import label_distribution, write_label_distribution
 from common.models import model_from_config
 from common.protocol import round_lr
 from common.records import load_record_into, model_to_record
@@ -40,6 +44,7 @@ from server.resume import CONFIG_FILE, METRICS_FILE, ResumePoint, checkpoint_pat
 from server.server_data import ServerData, from_dataset
 from server.summary import write_summary
 from server.strategy import EdgeFedAvg, ReplyObserver
+from server.traffic import traffic_totals
 
 log = logging.getLogger("flwr.feddistill")
 
@@ -138,6 +143,7 @@ def round_line(
         line[key] = train.metrics.get(key) if train else None
     for key in ("eval_loss", "eval_accuracy"):
         line[f"client_{key}"] = held.metrics.get(key) if held else None
+    line.update(strategy.traffic.round_record(server_round))
     line["seconds"] = round(seconds, 3)
     line["elapsed"] = round(elapsed, 3)
     return line
@@ -165,6 +171,8 @@ def run_federation(
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data = data or from_dataset(cfg)
+    public_counts = np.bincount(data.public.labels, minlength=data.num_classes)
+    write_label_distribution(run_dir, label_distribution(cfg, data.classes, data.client_counts, public_counts))
     model = model_from_config(cfg.model, data.num_classes, data.channels, data.image_size)
     first_round = resume.round if resume is not None else 0
     if resume is not None:
@@ -227,6 +235,7 @@ def save_summary_json(run_dir: Path, cfg: ExperimentConfig, recorder: RoundRecor
             "best_round": best["round"],
             "seconds": round(time.perf_counter() - recorder.start, 3),
             "received_model": str(run_dir / RECEIVED_MODEL),
+            "traffic": traffic_totals(lines),
             "privacy": privacy,
         },
     )

@@ -1,4 +1,4 @@
-"""What the server holds: its public subset, its test set, and how large each client's slices are (for the guard).
+"""What the server holds: its public subset, its test set, and each client's images per class (sizes bound the guard).
 
 Two sources, the same arrays:
   - `from_dataset(cfg)`: the simulation engine; the full dataset is read and cut by `decide_holdings`, and only the
@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from common.config import ConfigError, ExperimentConfig
 from common.data import CIFAR10_CLASSES, DataError, ImageArrays, Normalization
 from common.holdings import decide_holdings, load_experiment_data
@@ -28,8 +30,13 @@ class ServerData:
     classes: tuple[str, ...]
     public: ImageArrays
     test: ImageArrays
-    slice_sizes: list[tuple[int, int]]  # (train, held-out) images of each client, the update guard's bounds
+    client_counts: list[tuple[list[int], list[int]]]  # images per class of each client's (train, held-out) slices
     normalization: Normalization  # the dataset's, as every client applies it
+
+    @property
+    def slice_sizes(self) -> list[tuple[int, int]]:
+        """(train, held-out) images of each client: the update guard's bounds."""
+        return [(sum(train), sum(held)) for train, held in self.client_counts]
 
     @property
     def num_classes(self) -> int:
@@ -49,8 +56,10 @@ def from_dataset(cfg: ExperimentConfig) -> ServerData:
     dataset = load_experiment_data(cfg)
     holdings = decide_holdings(cfg, dataset.train.labels)
     public = ImageArrays(dataset.train.images[holdings.public], dataset.train.labels[holdings.public])
-    sizes = [(len(train), len(held)) for train, held in (holdings.client(k) for k in range(cfg.split.num_clients))]
-    return ServerData(dataset.classes, public, dataset.test, sizes, dataset.normalization)
+    labels, num_classes = dataset.train.labels, dataset.num_classes
+    slices = (holdings.client(k) for k in range(cfg.split.num_clients))
+    counts = [tuple(np.bincount(labels[idx], minlength=num_classes).tolist() for idx in pair) for pair in slices]
+    return ServerData(dataset.classes, public, dataset.test, counts, dataset.normalization)
 
 
 def from_node_data(cfg: ExperimentConfig, folder: Path) -> ServerData:
@@ -80,10 +89,10 @@ def from_node_data(cfg: ExperimentConfig, folder: Path) -> ServerData:
     if nodes["test"].normalization != nodes["public"].normalization:
         raise DataError(f"{folder}: public.tar.gz and test.tar.gz record different normalisations; run feddistill "
                         "partition again")
-    sizes = []
+    counts = []
     for k in range(cfg.split.num_clients):
         entry = archives.get(f"client-{k}")
         if entry is None:
             raise DataError(f"{folder / MANIFEST}: no client-{k} (split.num_clients={cfg.split.num_clients})")
-        sizes.append((sum(entry["train_per_class"]), sum(entry["test_per_class"])))
-    return ServerData(classes, nodes["public"].train, nodes["test"].test, sizes, nodes["public"].normalization)
+        counts.append((list(entry["train_per_class"]), list(entry["test_per_class"])))
+    return ServerData(classes, nodes["public"].train, nodes["test"].test, counts, nodes["public"].normalization)

@@ -18,6 +18,7 @@ from common.protocol import round_config
 from common.runtime import FederationError
 from server.aggregators import build_aggregator
 from server.boundary import ModelSpec, model_spec, screen_replies
+from server.traffic import Traffic
 from server.update_guard import GuardLimits, guard_evaluations, guard_updates
 
 log = logging.getLogger("flwr.feddistill")
@@ -85,6 +86,7 @@ class EdgeFedAvg(FedAvg):
         self.evaluate_replies: dict[int, RoundReplies] = {}
         self.clients_online: dict[int, int] = {}  # connected edge clients when each round started
         self.clients_sampled: dict[int, int] = {}  # training messages sent in each round
+        self.traffic = Traffic()  # bytes down and up per round and node
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.first_round
@@ -98,16 +100,19 @@ class EdgeFedAvg(FedAvg):
             config[KEY_CLIPPING_NORM] = self.cfg.federation.dp_clipping_norm
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.clients_sampled[server_round] = len(messages)
+        self.traffic.sent(server_round, messages)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.first_round
         config = ConfigRecord({**config, **round_config(self.cfg, server_round)})
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.traffic.sent(server_round, messages)
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.first_round
-        replies = self._observe("train", replies)
+        replies = self._observe(server_round, "train", replies)
         screened = screen_replies(replies, self.spec)
         kept, guarded = guard_updates(screened.kept, self.global_arrays.get(server_round), self.limits)
         rejected = screened.rejected + guarded
@@ -131,7 +136,7 @@ class EdgeFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.first_round
-        replies = self._observe("evaluate", replies)
+        replies = self._observe(server_round, "evaluate", replies)
         screened = screen_replies(replies, None)
         kept, guarded = guard_evaluations(screened.kept, self.limits)
         # A client with an empty held-out slice reports 0 examples: it carries no weight, drop it.
@@ -143,8 +148,9 @@ class EdgeFedAvg(FedAvg):
             record.metrics = dict(metrics)
         return metrics
 
-    def _observe(self, kind: str, replies: Iterable[Message]) -> list[Message]:
+    def _observe(self, server_round: int, kind: str, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)
+        self.traffic.received(server_round, replies)
         if self.observer is not None:
             for msg in replies:
                 self.observer(kind, msg)

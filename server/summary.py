@@ -7,6 +7,7 @@ from typing import Any
 
 from common.atomic import atomic_write
 from common.config import ExperimentConfig
+from server.traffic import traffic_totals
 
 AGGREGATOR_NAMES = {"fedavg": "FedAvg", "fedmedian": "FedMedian", "fedtrimmedavg": "FedTrimmedAvg", "krum": "Krum"}
 
@@ -29,12 +30,19 @@ def summary_markdown(
         *_privacy_lines(privacy),
         "## Federated training (received model)",
         "",
-        "| round | replies | test accuracy (%) | test loss |",
-        "|---|---|---|---|",
+        "| round | replies | test accuracy (%) | test loss | MB down / up (all clients) |",
+        "|---|---|---|---|---|",
     ]
     for r in rounds:
         replies = f"{r['replies']}/{r['sampled']}" if r.get("round", 0) > 0 else "-"
-        lines.append(f"| {r['round']} | {replies} | {100 * r['test_accuracy']:.2f} | {r['test_loss']:.4f} |")
+        counted = r.get("round", 0) > 0 and "bytes_up" in r
+        traffic = f"{r['bytes_down'] / 1e6:.2f} / {r['bytes_up'] / 1e6:.2f}" if counted else "-"
+        lines.append(f"| {r['round']} | {replies} | {100 * r['test_accuracy']:.2f} | {r['test_loss']:.4f} | {traffic} |")
+    totals = traffic_totals(rounds)
+    if totals["per_client"]:
+        lines += ["", f"Bytes on the edge-to-server link (serialised message content, `metrics.jsonl` has them per client "
+                      f"and round): {totals['bytes_down'] / 1e6:.2f} MB down, {totals['bytes_up'] / 1e6:.2f} MB up over "
+                      f"{len(totals['per_client'])} clients."]
     if distill:
         d, e = cfg.distill, cfg.evaluation
         lines += [

@@ -57,6 +57,9 @@ def holdings_table(labels: np.ndarray, holdings: Holdings, classes: Sequence[str
 
 def cmd_partition(args: argparse.Namespace) -> int:
     """Writes one archive per party (client-<k>, public, test) and manifest.json: each node gets only its own."""
+    from simulations.simulate import quiet_environment
+
+    quiet_environment()  # before flwr-datasets is imported (it reads FLWR_TELEMETRY_ENABLED then)
     from simulations.partition import MANIFEST, partition
 
     cfg = _load(args)
@@ -66,6 +69,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
         console.print(f"{entry['file']}: {sum(entry['train_per_class'])} train / {sum(entry['test_per_class'])} test "
                       f"images, sha256 {entry['sha256'][:12]}", highlight=False)
     console.print(f"{out / MANIFEST}: holdings {manifest['holdings_sha256'][:12]}, split seed {manifest['split_seed']}")
+    console.print(f"{out / 'label_distribution.json'}, {out / 'label_distribution.png'}: images per class of each client")
     return 0
 
 
@@ -173,10 +177,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Packs a distilled set (images, labels, normalisation, config and its hash, commit, accuracy) into one file."""
-    from simulations.synthetic_pack import export_pack, load_pack
+    """Packs a distilled set (images, labels, normalisation, config and its hash, commit, accuracy) into one file, or
+    writes it as DD-Ranking's evaluators read one (--format ddranking: a folder)."""
+    from simulations.synthetic_pack import export_ddranking, export_pack, load_pack
 
-    path = export_pack(Path(args.run_dir), Path(args.out), args.seed_index)
+    export = export_ddranking if args.format == "ddranking" else export_pack
+    path = export(Path(args.run_dir), Path(args.out), args.seed_index)
     pack = load_pack(path)
     accuracy = pack.meta["evaluation"]["mean"]
     console.print(f"{path}: {pack.meta['method']}, {len(pack.labels)} images (ipc {pack.meta['ipc']}), config "
@@ -258,12 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="outside a terminal: a progress line per task at most this often (default 30)")
     p = sub.add_parser("export", help="pack a distilled set into one shareable file", description=cmd_export.__doc__)
     p.add_argument("run_dir", help="a distill folder (RUN/distill/<method>) or one of its seed_<k> folders")
-    p.add_argument("--out", required=True, help="the pack file to write (.pt)")
+    p.add_argument("--out", required=True, help="the pack file to write (.pt), or the folder with --format ddranking")
+    p.add_argument("--format", choices=["pack", "ddranking"], default="pack",
+                   help="pack: one .pt file (default); ddranking: images.pt, labels.pt, lr.pt and meta.json in a folder, "
+                        "as DD-Ranking's evaluators load a set (feddistill evaluate reads both)")
     p.add_argument("--seed-index", type=int, default=0, help="which seed_<k> of a distill folder (default 0)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("evaluate", help="re-evaluate a pack (other epochs, nets, architectures)",
                        description=cmd_evaluate.__doc__)
-    p.add_argument("pack", help="a file written by feddistill export")
+    p.add_argument("pack", help="a file written by feddistill export, or a folder of feddistill export --format ddranking")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per net (default: the recorded protocol)")
     p.add_argument("--nets", type=int, default=None, help="nets per architecture (default: the recorded seeds)")
     p.add_argument("--arch", nargs="+", default=["convnet"],

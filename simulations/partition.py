@@ -4,7 +4,8 @@
 
 writes `client-<k>.tar.gz` (client k's training and held-out slices), `public.tar.gz` (the server's safe subset),
 `test.tar.gz` (the server's evaluation set) and `manifest.json` (per archive: sha256 and images per class; the
-config, its holdings hash and the split seed). A SuperNode is then given only its own archive
+config, its holdings hash and the split seed), and `label_distribution.json` / `.png` (each client's images per
+class, common/label_distribution.py). A SuperNode is then given only its own archive
 (`--node-config "partition-id=K num-partitions=N data-path=/data/client-K.tar.gz"`).
 """
 
@@ -19,6 +20,7 @@ from common.atomic import save_json
 from common.config import ExperimentConfig, config_to_dict
 from common.data import ImageArrays
 from common.holdings import decide_holdings, load_experiment_data, split_seed
+from common.label_distribution import label_distribution, write_label_distribution
 from common.node_data import holdings_sha256, write_node_archive
 
 MANIFEST = "manifest.json"
@@ -55,4 +57,7 @@ def partition(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     manifest = {"config": config_to_dict(cfg), **meta, "classes": list(dataset.classes),
                 "normalization": dataset.normalization.to_json(), "archives": archives}
     save_json(out / MANIFEST, manifest)
+    clients = [(archives[f"client-{k}"]["train_per_class"], archives[f"client-{k}"]["test_per_class"])
+               for k in range(cfg.split.num_clients)]
+    write_label_distribution(out, label_distribution(cfg, dataset.classes, clients, archives["public"]["train_per_class"]))
     return manifest

@@ -191,7 +191,7 @@ def simulate(
         console.print(Markdown("## Distillation" + summary.read_text().split("## Distillation", 1)[1]))
     console.print(
         f"final test accuracy [bold]{lines[-1]['test_accuracy']:.4f}[/] after {rounds} rounds, {seconds:.1f} s wall\n"
-        f"results: {run_dir}  (summary.md, metrics.jsonl, checkpoints/, received_model.pt, config.yaml"
+        f"results: {run_dir}  (summary.md, metrics.jsonl, label_distribution.png, checkpoints/, received_model.pt, config.yaml"
         + (", distill/" if cfg.distill.enabled else "") + ")"
     )
     return SimulationOutcome(run_dir, lines, seconds)

@@ -1,6 +1,7 @@
 """Shareable synthetic sets: one file with everything needed to reuse and re-evaluate a distilled set.
 
     feddistill export RUN/distill/dm_dkkt --out dm_dkkt-ipc10.pt     (a method folder, or one seed_k folder)
+    feddistill export RUN/distill/dm_dkkt --format ddranking --out dm_dkkt/CIFAR10/IPC10   (DD-Ranking's layout)
     feddistill evaluate dm_dkkt-ipc10.pt [--epochs N] [--nets K] [--arch convnet resnet18 convnet:norm=batchnorm]
 
 The pack is a `torch.save` dict that `torch.load(weights_only=True)` reads: `images` (N, C, H, W) float32 in the
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from common.atomic import load_torch, save_torch
+from common.atomic import check_folder, load_torch, save_json, save_torch
 from common.config import ConfigError, ExperimentConfig, build_config
 from common.data import DataError, Normalization, to_normalized_tensor
 from common.holdings import load_experiment_data
@@ -32,6 +33,7 @@ from server.distill.evaluate import evaluate_synthetic
 from server.distill.run import eval_seeds
 
 FORMAT = "feddistill-synthetic/1"
+DDRANKING_META = "meta.json"  # beside DD-Ranking's images.pt / labels.pt / lr.pt: what `feddistill evaluate` needs
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,38 @@ def _seed_dir(run_dir: Path, seed_index: int) -> Path:
 
 def export_pack(run_dir: Path, out: Path, seed_index: int = 0) -> Path:
     """Packs the synthetic set of `run_dir` (and its measured accuracy) into `out`."""
+    return save_torch(out, _pack_contents(run_dir, seed_index))
+
+
+def export_ddranking(run_dir: Path, out: Path, seed_index: int = 0) -> Path:
+    """Writes the synthetic set of `run_dir` as DD-Ranking's evaluators read one, into the folder `out`.
+
+    DD-Ranking (github.com/NUS-HPC-AI-Lab/DD-Ranking) loads a set with `torch.load(".../images.pt")` and passes the
+    tensor as `compute_metrics(image_tensor=..., hard_labels=..., syn_lr=...)` (README.md, Quickstart; demo_hard.py;
+    the soft-label demo also loads `labels.pt` and `lr.pt`). `ddranking/metrics/hard_label.py` takes images of shape
+    (num_classes * ipc, C, H, W) and, without `hard_labels`, labels them class-major (ipc of class 0, then of class 1,
+    ...); `ddranking/utils/data.py` normalises CIFAR-10's test split with mean (0.4914, 0.4822, 0.4465) and std
+    (0.2023, 0.1994, 0.2010), the normalisation our CIFAR-10 images live in. So the folder holds `images.pt` (float32,
+    normalised, in class-major order), `labels.pt` (int64), `lr.pt` (the evaluation lr, a 0-d tensor) and
+    `meta.json` (this project's pack metadata and the mean/std), which `feddistill evaluate` reads back.
+    """
+    contents = _pack_contents(run_dir, seed_index)
+    labels = contents["labels"]
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels)
+    if (counts != counts[0]).any():
+        raise DataError(f"{run_dir}: images per class differ ({counts.tolist()}); DD-Ranking expects ipc per class")
+    meta = json.loads(contents["meta"])
+    out = check_folder(Path(out), "--out")
+    save_torch(out / "images.pt", contents["images"][order].contiguous())
+    save_torch(out / "labels.pt", labels[order].contiguous())
+    save_torch(out / "lr.pt", torch.tensor(meta["evaluation"]["protocol"]["lr"]))
+    save_json(out / DDRANKING_META, {"meta": meta, "mean": contents["mean"].tolist(), "std": contents["std"].tolist()})
+    return out
+
+
+def _pack_contents(run_dir: Path, seed_index: int) -> dict[str, Any]:
+    """The pack's tensors and its meta (a JSON string) for the synthetic set of `run_dir`."""
     seed_dir = _seed_dir(Path(run_dir), seed_index)
     tensors = load_torch(seed_dir / "synthetic.pt")
     info = json.loads((seed_dir / "synthetic.json").read_text())
@@ -111,15 +145,31 @@ def export_pack(run_dir: Path, out: Path, seed_index: int = 0) -> Path:
         },
     }
     norm = synthetic_normalization(seed_dir)
-    pack = {"images": tensors["images"].float(), "labels": tensors["labels"].long(),
+    return {"images": tensors["images"].float(), "labels": tensors["labels"].long(),
             "mean": torch.tensor(norm.mean, dtype=torch.float64), "std": torch.tensor(norm.std, dtype=torch.float64),
             "meta": json.dumps(meta)}  # float64: the recorded statistics exactly
-    return save_torch(out, pack)
+
+
+def _load_ddranking(folder: Path) -> dict[str, Any]:
+    """A folder export_ddranking wrote, as the pack's dict; DataError naming what is missing."""
+    missing = [name for name in ("images.pt", "labels.pt", DDRANKING_META) if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"{folder}: no {', '.join(missing)} (a DD-Ranking folder of feddistill export --format ddranking)")
+    try:
+        saved = json.loads((folder / DDRANKING_META).read_text())
+        mean, std = torch.tensor(saved["mean"], dtype=torch.float64), torch.tensor(saved["std"], dtype=torch.float64)
+        meta = json.dumps(saved["meta"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise DataError(f"{folder / DDRANKING_META}: not the metadata feddistill export writes") from None
+    return {"images": load_torch(folder / "images.pt"), "labels": load_torch(folder / "labels.pt"), "mean": mean,
+            "std": std, "meta": meta}
 
 
 def load_pack(path: Path) -> Pack:
-    """The pack at `path`; DataError naming the file when it is not one."""
-    saved = load_torch(path)
+    """The pack at `path` (a file of export_pack or a folder of export_ddranking); DataError naming it when it is
+    not one."""
+    path = Path(path)
+    saved = _load_ddranking(path) if path.is_dir() else load_torch(path)
     if not isinstance(saved, dict) or not {"images", "labels", "mean", "std", "meta"} <= set(saved):
         raise DataError(f"{path}: not a synthetic-set pack (feddistill export writes them)")
     try:

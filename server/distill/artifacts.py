@@ -59,6 +59,15 @@ def synthetic_normalization(out_dir: Path, name: str = "synthetic") -> Normaliza
     return Normalization.from_json(meta["normalization"]) if "normalization" in meta else CIFAR10_NORMALIZATION
 
 
+def synthetic_bytes(out_dir: Path, name: str = "synthetic") -> dict[str, int]:
+    """The size of the synthetic set in `out_dir`: its images and labels as stored (`stored`: float32 images, int64
+    labels) and as 8-bit images (`uint8`: one byte per pixel and channel, one per label); the λ are not counted."""
+    tensors = load_torch(Path(out_dir) / f"{name}.pt")
+    images, labels = tensors["images"], tensors["labels"]
+    stored = images.numel() * images.element_size() + labels.numel() * labels.element_size()
+    return {"stored": stored, "uint8": images.numel() + labels.numel()}
+
+
 def save_checkpoint(state: DistillState, labels: torch.Tensor, out_dir: Path, meta: dict[str, Any]) -> Path:
     """<out_dir>/checkpoint.pt (readable by load_synthetic too) and checkpoint.json (`meta` plus the iteration)."""
     out_dir = Path(out_dir)

@@ -1,4 +1,5 @@
-"""A real 2-client, 1-round Flower simulation (run_simulation, Ray): outputs, and every reply a client sent."""
+"""A real 2-client, 1-round Flower simulation (run_simulation, Ray): outputs, every reply a client sent, the bytes
+recorded per client and the label distribution."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from rich.console import Console
 
 from common.atomic import load_torch
 from common.config import build_config
+from common.holdings import decide_holdings, load_experiment_data
 from common.models import build_model
 from simulations.cli import build_parser
+from server.traffic import content_bytes
 from simulations.simulate import simulate
 
 TINY = {
@@ -28,9 +31,10 @@ TINY = {
 
 
 def summarize(kind: str, msg) -> dict:
-    """What a reply carried: its records by type, array names/shapes, metric value types."""
+    """What a reply carried: its records by type, array names/shapes, metric value types, its node and size."""
     content = msg.content
-    out = {"kind": kind, "error": msg.has_error(), "records": {k: type(v).__name__ for k, v in content.items()}}
+    out = {"kind": kind, "error": msg.has_error(), "records": {k: type(v).__name__ for k, v in content.items()},
+           "node": str(msg.metadata.src_node_id), "bytes": content_bytes(content)}
     for key, record in content.items():
         if isinstance(record, ArrayRecord):
             out.setdefault("arrays", {}).update({name: tuple(a.shape) for name, a in record.items()})
@@ -76,6 +80,30 @@ def test_two_clients_one_round_writes_outputs_and_clients_send_only_weights_and_
             assert reply["records"] == {"metrics": "MetricRecord"}
             assert set(reply["metrics"]) == {"num-examples", "eval_loss", "eval_accuracy"}
         assert set(reply["metrics"].values()) <= scalar
+
+    # Bytes per client and round: up = the serialised size of exactly what that node sent; down = the global model
+    # (train and evaluate instructions) and the round's config, so a little more than twice the model's values.
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    up = {}
+    for reply in replies:
+        up[reply["node"]] = up.get(reply["node"], 0) + reply["bytes"]
+    assert {node: x["up"] for node, x in lines[1]["client_bytes"].items()} == up
+    assert lines[1]["bytes_up"] == sum(up.values()) and model_bytes < min(up.values())
+    assert all(2 * model_bytes < x["down"] < 2 * model_bytes + 10_000 for x in lines[1]["client_bytes"].values())
+    assert lines[0]["client_bytes"] == {}
+    traffic = json.loads((run_dir / "summary.json").read_text())["traffic"]
+    assert traffic["bytes_up"] == lines[1]["bytes_up"] and traffic["bytes_down"] == lines[1]["bytes_down"]
+    assert "MB down / up" in (run_dir / "summary.md").read_text()
+
+    # Who holds what: the run folder's label distribution is the split's.
+    dataset = load_experiment_data(cfg)
+    holdings = decide_holdings(cfg, dataset.train.labels)
+    distribution = json.loads((run_dir / "label_distribution.json").read_text())
+    for k, client in enumerate(distribution["clients"]):
+        train, held = holdings.client(k)
+        assert client["train"] == np.bincount(dataset.train.labels[train], minlength=10).tolist()
+        assert client["held_out"] == np.bincount(dataset.train.labels[held], minlength=10).tolist()
+    assert (run_dir / "label_distribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_cli_has_a_simulate_subcommand():

@@ -130,3 +130,21 @@ def test_the_server_from_its_archives_holds_what_the_in_memory_split_gives_it(no
 
     with pytest.raises(ConfigError, match="another data/split config"):
         from_node_data(load_config("quickstart", {**TINY, "seed": 5}), out)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
+def test_partition_writes_each_clients_label_distribution_for_every_partitioner(tmp_path, scheme):
+    overrides = {**TINY, "split.partition": scheme, "split.min_partition_size": 1, "split.classes_per_client": 8}
+    args = [f"{k}={'null' if v is None else v}" for k, v in overrides.items()]
+    assert cli_main(["partition", "--config", "quickstart", "--out", str(tmp_path), *args]) == 0
+    cfg = load_config("quickstart", overrides)
+    dataset = load_experiment_data(cfg)
+    holdings = decide_holdings(cfg, dataset.train.labels)
+    distribution = json.loads((tmp_path / "label_distribution.json").read_text())
+    assert distribution["partition"]["scheme"] == scheme
+    for k, client in enumerate(distribution["clients"]):
+        train, held = holdings.client(k)
+        assert client["train"] == np.bincount(dataset.train.labels[train], minlength=10).tolist()
+        assert client["held_out"] == np.bincount(dataset.train.labels[held], minlength=10).tolist()
+    assert distribution["public"] == np.bincount(dataset.train.labels[holdings.public], minlength=10).tolist()
+    assert (tmp_path / "label_distribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -51,6 +51,31 @@ def test_evaluate_in_another_process_reproduces_the_recorded_accuracy(pack, tmp_
     assert row["accuracies"] == pytest.approx(load_pack(pack).meta["evaluation"]["accuracies"], abs=1e-6)
 
 
+def test_a_ddranking_export_is_what_dd_rankings_evaluator_loads_and_evaluate_reads_it_back(pack, tmp_path, capsys):
+    folder = tmp_path / "dm" / "CIFAR10" / "IPC2"
+    assert cli_main(["export", str(pack.parent / "run"), "--format", "ddranking", "--out", str(folder)]) == 0
+    images = torch.load(folder / "images.pt", map_location="cpu")  # as DD-Ranking's demo_hard.py loads it
+    labels = torch.load(folder / "labels.pt", map_location="cpu")
+    assert isinstance(images, torch.Tensor) and images.shape == (20, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.tolist() == [c for c in range(10) for _ in range(2)]  # class-major: DD-Ranking's default labels
+    original = load_pack(pack)
+    assert float(torch.load(folder / "lr.pt")) == pytest.approx(original.meta["evaluation"]["protocol"]["lr"])
+    assert torch.equal(images, original.images[torch.argsort(original.labels, stable=True)])
+
+    out = tmp_path / "eval.json"
+    assert cli_main(["evaluate", str(folder), "--device", "cpu", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["accuracies"] == pytest.approx(original.meta["evaluation"]["accuracies"], abs=1e-6)
+    read_back = load_pack(folder).meta
+    assert read_back.pop("commit") and original.meta["commit"]  # each export reads the commit at its own time
+    assert read_back == {k: v for k, v in original.meta.items() if k != "commit"}
+
+    (folder / "meta.json").unlink()
+    capsys.readouterr()
+    assert cli_main(["evaluate", str(folder)]) == 2
+    assert "no meta.json" in capsys.readouterr().out
+
+
 def test_other_architectures_and_protocols_train_on_the_pack(pack, tmp_path):
     out = tmp_path / "cross.json"
     assert cli_main(["evaluate", str(pack), "--device", "cpu", "--epochs", "2", "--nets", "1", "--json", str(out),
