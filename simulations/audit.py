@@ -344,10 +344,13 @@ def null_fractions(space: Space, pools: Pools, seed: int) -> dict:
             for part, v in parts.items() if len(v)}
 
 
-def membership_auc(space: Space, queries: torch.Tensor) -> tuple[float, tuple[float, float]]:
+def membership_auc(space: Space, queries: torch.Tensor, to_private: torch.Tensor | None = None
+                   ) -> tuple[float, tuple[float, float]]:
     """Private vs reference images, each scored by its closeness to the nearest of `queries` (rows): the AUC that
-    a private image is closer (0.5 when the set is as near to images nobody has seen), DeLong interval."""
-    to_private = nearest(queries, space.private).row_distance
+    a private image is closer (0.5 when the set is as near to images nobody has seen), DeLong interval.
+    `to_private`: each private image's distance to the nearest query, when already computed."""
+    if to_private is None:
+        to_private = nearest(queries, space.private).row_distance
     to_reference = nearest(queries, space.reference).row_distance
     return auc_delong(-to_private.numpy(), -to_reference.numpy())
 
@@ -398,7 +401,7 @@ def audit_set(pixels: torch.Tensor, labels: torch.Tensor, pools: Pools, spaces: 
         flags = ratio < space.threshold
         columns.update({f"{space.name}_ratio": ratio, f"{space.name}_closer": closer, f"{space.name}_flag": flags})
         fpr_high = calibration(space, pools)["fpr_all"]["wilson95"][1]
-        auc, interval = membership_auc(space, queries)
+        auc, interval = membership_auc(space, queries, found["private"].row_distance)
         summary[space.name] = {
             "fraction_closer_private": float(closer.mean()), "bootstrap95": bootstrap_mean(closer, seed),
             "null_fraction": null_fractions(space, pools, seed),
