@@ -1,4 +1,4 @@
-"""`feddistill`: the project's one console command (data, simulate, distill, sweep, report)."""
+"""`feddistill`: the project's one console command (data, simulate, distill, sweep, report, audit, ...)."""
 
 from __future__ import annotations
 
@@ -218,6 +218,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The leakage audit of synthetic sets against the private pool (offline, for a data owner; never in the
+    ServerApp): nearest private, held-out and public images of each synthetic image, per-image flags, the fraction
+    closer to a private image, a membership AUC, a gallery."""
+    from simulations.audit_sets import run_audit
+
+    out = check_folder(Path(args.out), "--out")
+    if args.planted < 0:
+        raise ConfigError(f"--planted={args.planted}: must be >= 0")
+    frame = run_audit([Path(t) for t in args.targets], out, Path(args.feature_net or out / "feature_net.pt"), args.seed,
+                      args.data, args.planted, log=lambda line: console.print(line, highlight=False))
+    for row in frame.to_dict("records"):
+        console.print(f"{row['set']}: closer to a private image {row['pixel_fraction']:.3f} "
+                      f"[{row['pixel_fraction_low']:.3f}, {row['pixel_fraction_high']:.3f}] (null {row['pixel_null_fraction']:.3f}), "
+                      f"AUC {row['pixel_auc']:.3f} [{row['pixel_auc_low']:.3f}, {row['pixel_auc_high']:.3f}], "
+                      f"flagged {row['pixel_flagged']}/{row['images']} (set p {row['pixel_set_p']:.2g}); "
+                      f"features: {row['feature_fraction']:.3f}, AUC {row['feature_auc']:.3f}, flagged {row['feature_flagged']}",
+                      highlight=False)
+    console.print(f"results: {out.resolve()}/summary.csv")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """A sweep folder: table.md, accuracy_vs_pipc.png, figure2.png, figure3.png, loss_curves.png. A run folder:
     federation_accuracy.png (per round) and each distilled method's loss terms and gradient shares."""
@@ -285,6 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "bfloat16 autocast, another protocol")
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("audit", help="leakage audit: do synthetic sets look like the private images? (offline)",
+                       description=cmd_audit.__doc__)
+    p.add_argument("targets", nargs="+", help="packs (feddistill export), seed_<k> folders, evidence cells, distill "
+                   "folders, run folders, or evidence cells folders (every finished cell)")
+    p.add_argument("--out", required=True, help="folder for <set>/audit.csv, summary.json, gallery.png and summary.csv")
+    p.add_argument("--feature-net", default=None, help="the feature space's ConvNet-3 (trained on half the test split and "
+                   "written here when missing; default OUT/feature_net.pt)")
+    p.add_argument("--seed", type=int, default=0, help="the audit's seed: test halves, samples, folds, bootstrap (default 0)")
+    p.add_argument("--data", default=None, help="the dataset (default: each set config's data.path, else $FEDDISTILL_DATA)")
+    p.add_argument("--planted", type=int, default=0, metavar="K",
+                   help="positive control: also audit each set with K exact and K perturbed private images planted in it")
+    p.set_defaults(func=cmd_audit)
     p = sub.add_parser("report", help="tables and figures of a sweep folder, or the curves of a run folder",
                        description=cmd_report.__doc__)
     p.add_argument("sweep_dir", help="a folder written by feddistill sweep, or a run folder of feddistill simulate")
