@@ -8,8 +8,10 @@ wrong type never falls back to a default. `load_config` turns any validation fai
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -488,3 +490,50 @@ def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | None = 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
+
+
+# Keys that do not change what a distillation seed computes: where and under which name it is written, how many seeds
+# one call runs, how often it checkpoints and logs. Resuming ignores them (server/distill/artifacts.py).
+RESUME_NEUTRAL = frozenset({"name", "output_dir", "distill.num_seeds", "distill.checkpoint_every", "distill.log_every"})
+
+
+def config_hash(config: Mapping[str, Any], ignore: Collection[str] = RESUME_NEUTRAL) -> str:
+    """sha256 of a resolved config (config_to_dict) without the dotted keys in `ignore`."""
+    kept = {
+        section: {k: v for k, v in values.items() if f"{section}.{k}" not in ignore} if isinstance(values, dict) else values
+        for section, values in config.items() if section not in ignore
+    }
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Collection[str] = ()) -> list[str]:
+    """'key: old -> new' for every dotted key whose value in a recorded config `old` differs from `new`; a key `old`
+    lacks (added since) counts as its default, which keeps the old behaviour; a nested split at pipc = private_pipc is
+    the plain split of that pipc. Keys in `ignore` are not compared."""
+    defaults = config_to_dict(ExperimentConfig())
+    new = {**new, "split": {**new["split"]}}
+    if new["split"].get("private_pipc") == new["split"]["pipc"]:
+        new["split"]["private_pipc"] = None
+    differ = []
+    for section, values in new.items():
+        if not isinstance(values, dict):
+            if section not in ignore and old.get(section, values) != values:
+                differ.append(f"{section}: {_shown(old.get(section))} -> {_shown(values)}")
+            continue
+        recorded = old.get(section, {})
+        recorded = recorded if isinstance(recorded, dict) else {}
+        for key, value in values.items():
+            was = recorded.get(key, defaults.get(section, {}).get(key, value))
+            if f"{section}.{key}" not in ignore and was != value:
+                differ.append(f"{section}.{key}: {_shown(was)} -> {_shown(value)}")
+    return differ
+
+
+def same_configuration(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether a run recorded with config `old` ran what `new` runs (config_differences finds nothing)."""
+    return not config_differences(old, new)
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

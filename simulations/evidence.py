@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from common.atomic import atomic_write, load_torch, save_json
-from common.config import ConfigError, ExperimentConfig, load_config, parse_overrides
+from common.config import ConfigError, ExperimentConfig, load_config, parse_overrides, same_configuration
 from common.data import Dataset, ImageArrays, to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data
 from common.progress import LineProgress
@@ -328,27 +328,6 @@ def run_cells(ctx: Context, stage: str, cells: list[tuple[str, ExperimentConfig,
                     f"({time.perf_counter() - start:.0f} s)")
         write_results(stage_dir)
     return write_results(stage_dir)
-
-
-def same_configuration(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether a cell recorded as `old` ran what `new` runs: every key `old` has is equal in `new`, and a key `old`
-    lacks (added since) has its default in `new`, which keeps the old behaviour; a nested split at
-    pipc = private_pipc is the plain split of that pipc."""
-    from common.config import config_to_dict
-
-    defaults = config_to_dict(ExperimentConfig())
-    new = {**new, "split": {**new["split"]}}
-    if new["split"].get("private_pipc") == new["split"]["pipc"]:
-        new["split"]["private_pipc"] = None
-    for section, values in new.items():
-        if not isinstance(values, dict):
-            if old.get(section, values) != values:
-                return False
-            continue
-        for key, value in values.items():
-            if old.get(section, {}).get(key, defaults[section][key]) != value:
-                return False
-    return True
 
 
 REUSED_FILES = ("result.json", "seed_0/result.json", "seed_0/history.jsonl", "seed_0/synthetic.json")
