@@ -397,9 +397,17 @@ def _format_error(err: ValidationError) -> str:
             lines.append(str(e["ctx"]["error"]))
         else:
             given = e.get("input")
-            shown = "" if isinstance(given, (dict, list)) else f"={given!r}"
+            shown = "" if isinstance(given, (dict, list)) else f"={_shown_input(given)}"
             lines.append(f"{key}{shown}: {e['msg']}")
     return "\n".join(lines)
+
+
+def _shown_input(value: Any) -> str:
+    """A given value for an error line: at most ~60 characters (a 400-digit number is given by its length)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return f"(an integer of {len(str(abs(value)))} digits)"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _allowed_keys(loc: Iterable[Any]) -> list[str]:
@@ -423,6 +431,10 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"override {key.strip()}: {raw[:60]!r} is not a YAML value ({' '.join(str(err).split())})") from None
+        except RecursionError:
+            raise ConfigError(f"override {key.strip()}: nested too deeply") from None
+        except ValueError:  # int() of a number beyond Python's 4300-digit limit
+            raise ConfigError(f"override {key.strip()}: an integer of {len(raw.strip())} characters (not a usable value)") from None
     return out
 
 
@@ -454,7 +466,8 @@ def resolve_config_path(name_or_path: str | Path, directory: Path = CONFIG_DIR) 
         if not path.exists():
             raise ConfigError(f"config {text!r}: no such file")
         if not path.is_file():
-            raise ConfigError(f"config {text!r}: not a file (a directory?); give a YAML file")
+            kind = "a directory" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+            raise ConfigError(f"config {text!r}: {kind}; give a YAML file")
         return path
     candidate = directory / f"{text}.yaml"
     if candidate.is_file():
@@ -469,23 +482,39 @@ def build_config(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = N
     """Validates a nested dict (plus dotted overrides) into an ExperimentConfig, or raises ConfigError."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config: the top level must be a mapping of sections, got {type(raw).__name__}")
-    merged = apply_overrides(dict(raw), overrides or {})
     try:
+        merged = apply_overrides(dict(raw), overrides or {})
         return ExperimentConfig.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
+    except RecursionError:
+        raise ConfigError("config: nested too deeply (a config has two levels: section.key)") from None
 
 
 def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
     """Loads a YAML config by path or name and applies dotted overrides."""
     path = resolve_config_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config {path}: not valid YAML ({' '.join(str(err).split())})") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config {path}: cannot be read ({type(err).__name__}: {err})") from None
+    except RecursionError:
+        raise ConfigError(f"config {path}: nested too deeply (a config has two levels: section.key)") from None
+    except ValueError:  # int() of a number beyond Python's 4300-digit limit
+        raise ConfigError(f"config {path}: {_huge_number(text)}") from None
     return build_config(raw, overrides)
+
+
+def _huge_number(text: str) -> str:
+    """Where a YAML text holds an integer too long to read: its line and key."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        match = re.search(r"([\w.-]+)\s*:\s*[-+]?(\d{1000,})", line)
+        if match:
+            return f"line {number}: {match.group(1)!r} is an integer of {len(match.group(2))} digits (not a usable value)"
+    return "holds an integer too long to read (over 4300 digits)"
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
