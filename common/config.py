@@ -466,8 +466,8 @@ def resolve_config_path(name_or_path: str | Path, directory: Path = CONFIG_DIR) 
         if not path.exists():
             raise ConfigError(f"config {text!r}: no such file")
         if not path.is_file():
-            kind = "a directory" if path.is_dir() else "not a regular file (a device, pipe or socket)"
-            raise ConfigError(f"config {text!r}: {kind}; give a YAML file")
+            kind = "a directory" if path.is_dir() else "a device, pipe or socket"
+            raise ConfigError(f"config {text!r}: not a file ({kind}); give a YAML file")
         return path
     candidate = directory / f"{text}.yaml"
     if candidate.is_file():

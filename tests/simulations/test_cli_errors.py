@@ -237,7 +237,7 @@ def test_a_pathological_yaml_is_one_line_naming_the_problem(kind, text, words, t
 def test_a_device_given_as_config_is_not_called_a_directory(capsys):
     assert main(["data", "--config", "/dev/null"]) == 2
     lines = error_lines(capsys)
-    assert len(lines) == 1 and "not a regular file" in lines[0] and "directory" not in lines[0], lines
+    assert len(lines) == 1 and "not a file (a device, pipe or socket)" in lines[0] and "directory" not in lines[0], lines
 
 
 def test_a_full_disk_while_saving_names_the_file(tmp_path, monkeypatch, capsys, reliability):
@@ -249,4 +249,15 @@ def test_a_full_disk_while_saving_names_the_file(tmp_path, monkeypatch, capsys, 
     lines = [line for line in error_lines(capsys) if not line[:4].isdigit()]  # progress lines start with the date
     assert len(lines) == 1 and str(out / "seed_0" / "synthetic.pt") in lines[0] and "a full disk?" in lines[0], lines
     reliability("Bad command line (feddistill)", "the disk fills while torch.save writes a result (/dev/full)",
+                f"exit 2: `{lines[0]}`")
+
+
+def test_a_full_disk_during_simulate_names_the_file(tmp_path, monkeypatch, capsys, reliability):
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, "/dev/full"))  # the ServerApp's thread too
+    code = main(["simulate", *TINY, "split.num_clients=2", "federation.rounds=1", "distill.enabled=false",
+                 "--output-dir", str(tmp_path)])
+    lines = [line for line in error_lines(capsys) if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "round_0000.pt: cannot be written" in lines[0], lines
+    reliability("Bad command line (feddistill)", "the disk fills during `simulate` (torch.save to /dev/full)",
                 f"exit 2: `{lines[0]}`")
