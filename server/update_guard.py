@@ -144,7 +144,7 @@ def clip_to_median(replies: Sequence[Message], reference: ArrayRecord) -> int:
     bound = lower_median(norms)
     clipped = 0
     for msg, norm in zip(replies, norms, strict=True):
-        if norm <= bound or norm == 0:
+        if norm <= bound:
             continue
         scale = bound / norm
         arrays = msg.content["arrays"]

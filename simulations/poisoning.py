@@ -141,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/results/poisoning.json", help="the JSON to write (cases already there are kept)")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                        help="cases measured by another run of this script (e.g. in parallel) to add to --out")
     parser.add_argument("--run-case", default=None, help=argparse.SUPPRESS)  # the child process of one case
     parser.add_argument("--runs", default="runs/poisoning", help="folder for the cases' run folders")
     args = parser.parse_args(argv)
@@ -155,6 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = Path(args.out)
     saved = json.loads(out.read_text()) if out.is_file() else {"cases": {}}
+    for other in args.merge:
+        merged = json.loads(Path(other).read_text())
+        for name, record in merged["cases"].items():
+            saved["cases"].setdefault(name, {**record, "measured": {k: merged[k] for k in ("machine", "date", "commit")}})
+        save_json(out, saved)
     for name in args.cases:
         if name in saved["cases"]:
             continue
