@@ -41,7 +41,7 @@ POISON_ENV = "FEDDISTILL_POISON"
 UNDEFENDED = {"federation.min_update_cosine": -1.0, "federation.clip_to_median": False}
 BASE = {  # the quickstart federation, narrower (CPU-sized), a smaller private slice, a larger test slice, no distillation
     "model.width": 32, "data.train_per_class": 200, "data.test_per_class": 300, "distill.enabled": False,
-    "federation.rounds": 3,
+    "federation.rounds": 3, "federation.round_timeout": 600.0,  # a round whose Ray workers died fails (and is retried)
 }
 # name -> (clients, attacker factor or None, overrides)
 CASES: dict[str, tuple[int, float | None, dict[str, Any]]] = {
@@ -112,7 +112,7 @@ def run_case(name: str, out_dir: Path) -> dict[str, Any]:
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers get this ClientApp by value
     outcome = simulate(cfg, output_dir=out_dir, console=Console(quiet=True), client_app=app)
     return {
-        "case": name, "clients": clients, "attack_factor": factor, "overrides": overrides,
+        "case": name, "clients": clients, "attack_factor": factor, "overrides": overrides, "base_overrides": BASE,
         "test_accuracy": [line["test_accuracy"] for line in outcome.rounds],
         "rejected": [line["rejected"] for line in outcome.rounds[1:]],
         "clipped": [line["clipped"] for line in outcome.rounds[1:]],
@@ -165,10 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.cases:
         if name in saved["cases"]:
             continue
-        child = subprocess.run([sys.executable, "-m", "simulations.poisoning", "--run-case", name, "--runs", args.runs],
-                               capture_output=True, text=True, check=False)
-        if child.returncode != 0:
-            print(f"{name}: failed\n{child.stderr[-3000:]}", file=sys.stderr)
+        for attempt in range(2):  # once more when Ray fails under load (the same seeds: the same result)
+            child = subprocess.run([sys.executable, "-m", "simulations.poisoning", "--run-case", name, "--runs", args.runs],
+                                   capture_output=True, text=True, check=False)
+            if child.returncode == 0:
+                break
+            print(f"{name}: attempt {attempt + 1} failed\n{child.stderr[-3000:]}", file=sys.stderr)
+        else:
             return 1
         saved["cases"][name] = json.loads(child.stdout.strip().splitlines()[-1])
         saved.update(machine=describe_machine(torch.device("cpu")), date=time.strftime("%Y-%m-%d"), commit=git_commit(),
