@@ -147,7 +147,7 @@ USAGE_ERRORS = [
      "device=cuda: this machine has no CUDA device"),
     ("distill: device=cuda without CUDA", lambda t: ["distill", *TINY, "device=cuda", "distill.method=random",
                                                      "--out", str(t / "runs")], "device=cuda: this machine has no CUDA device"),
-    ("--config naming a directory", lambda t: ["simulate", "--config", str(t), *TINY], "not a file (a directory?)"),
+    ("--config naming a directory", lambda t: ["simulate", "--config", str(t), *TINY], "not a file (a directory)"),
     ("--config naming a missing file (a bundled config has its name)",
      lambda t: ["simulate", "--config", str(t / "quickstart.yaml"), *TINY], "quickstart.yaml': no such file"),
     ("--config naming a missing file whose name is console markup", lambda t: ["simulate", "--config", str(t / "[/x].yaml")],
