@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -15,7 +16,8 @@ from common.config import ConfigError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Calls `write(tmp_path)` and renames tmp_path to `path`; a crash leaves the old file intact."""
+    """Calls `write(tmp_path)` and renames tmp_path to `path`; a crash leaves the old file intact. A write that fails
+    (a full disk: an OSError, or torch.save's RuntimeError) raises an OSError naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -27,6 +29,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp_path)
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as err:
+        code = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
+        detail = " ".join(str(err.strerror if isinstance(err, OSError) and err.strerror else err).split())[:160]
+        raise OSError(code, f"cannot be written ({detail}; a full disk?)", str(path)) from None
     finally:
         tmp_path.unlink(missing_ok=True)
     return path

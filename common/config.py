@@ -8,8 +8,10 @@ wrong type never falls back to a default. `load_config` turns any validation fai
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -138,6 +140,12 @@ class FederationConfig(_Section):
     # ... and, with any number of replies, one whose norm exceeds this multiple of ||w_global|| (honest updates
     # measured at most 1.9x, at lr 0.2 and 10 local epochs from a fresh model; 0.1x at the quickstart settings).
     max_update_global_ratio: float = Field(3.0, gt=0.0)
+    # ... and, with >= 3 replies, one whose cosine similarity with the round's coordinate-wise median update is below
+    # this: a reversed (sign-flipped) update scores about -1 (docs/reliability.md, "Poisoning"); -1 turns it off.
+    min_update_cosine: float = Field(0.0, ge=-1.0, lt=1.0)
+    # FedAvg without DP: scale every kept update whose norm exceeds the round's (lower) median update norm down to
+    # it before averaging, so that no reply weighs more than a typical one (with 2 replies: the smaller norm).
+    clip_to_median: bool = True
     aggregator: Literal["fedavg", "fedmedian", "fedtrimmedavg", "krum"] = "fedavg"
     trim_beta: float = Field(0.2, ge=0.0, lt=0.5)  # fedtrimmedavg: fraction cut at each end per coordinate
     krum_malicious: int = Field(0, ge=0)  # krum: the number of malicious clients it tolerates
@@ -389,9 +397,17 @@ def _format_error(err: ValidationError) -> str:
             lines.append(str(e["ctx"]["error"]))
         else:
             given = e.get("input")
-            shown = "" if isinstance(given, (dict, list)) else f"={given!r}"
+            shown = "" if isinstance(given, (dict, list)) else f"={_shown_input(given)}"
             lines.append(f"{key}{shown}: {e['msg']}")
     return "\n".join(lines)
+
+
+def _shown_input(value: Any) -> str:
+    """A given value for an error line: at most ~60 characters (a 400-digit number is given by its length)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return f"(an integer of {len(str(abs(value)))} digits)"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _allowed_keys(loc: Iterable[Any]) -> list[str]:
@@ -415,6 +431,10 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"override {key.strip()}: {raw[:60]!r} is not a YAML value ({' '.join(str(err).split())})") from None
+        except RecursionError:
+            raise ConfigError(f"override {key.strip()}: nested too deeply") from None
+        except ValueError:  # int() of a number beyond Python's 4300-digit limit
+            raise ConfigError(f"override {key.strip()}: an integer of {len(raw.strip())} characters (not a usable value)") from None
     return out
 
 
@@ -446,7 +466,8 @@ def resolve_config_path(name_or_path: str | Path, directory: Path = CONFIG_DIR) 
         if not path.exists():
             raise ConfigError(f"config {text!r}: no such file")
         if not path.is_file():
-            raise ConfigError(f"config {text!r}: not a file (a directory?); give a YAML file")
+            kind = "a directory" if path.is_dir() else "a device, pipe or socket"
+            raise ConfigError(f"config {text!r}: not a file ({kind}); give a YAML file")
         return path
     candidate = directory / f"{text}.yaml"
     if candidate.is_file():
@@ -461,24 +482,93 @@ def build_config(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = N
     """Validates a nested dict (plus dotted overrides) into an ExperimentConfig, or raises ConfigError."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config: the top level must be a mapping of sections, got {type(raw).__name__}")
-    merged = apply_overrides(dict(raw), overrides or {})
     try:
+        merged = apply_overrides(dict(raw), overrides or {})
         return ExperimentConfig.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
+    except RecursionError:
+        raise ConfigError("config: nested too deeply (a config has two levels: section.key)") from None
 
 
 def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
     """Loads a YAML config by path or name and applies dotted overrides."""
     path = resolve_config_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config {path}: not valid YAML ({' '.join(str(err).split())})") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config {path}: cannot be read ({type(err).__name__}: {err})") from None
+    except RecursionError:
+        raise ConfigError(f"config {path}: nested too deeply (a config has two levels: section.key)") from None
+    except ValueError:  # int() of a number beyond Python's 4300-digit limit
+        raise ConfigError(f"config {path}: {_huge_number(text)}") from None
     return build_config(raw, overrides)
+
+
+def _huge_number(text: str) -> str:
+    """Where a YAML text holds an integer too long to read: its line and key."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        match = re.search(r"([\w.-]+)\s*:\s*[-+]?(\d{1000,})", line)
+        if match:
+            return f"line {number}: {match.group(1)!r} is an integer of {len(match.group(2))} digits (not a usable value)"
+    return "holds an integer too long to read (over 4300 digits)"
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
+
+
+# Keys that do not change what a distillation seed computes: where and under which name it is written, how many seeds
+# one call runs, how often it checkpoints and logs. Resuming ignores them (server/distill/artifacts.py).
+RESUME_NEUTRAL = frozenset({"name", "output_dir", "distill.num_seeds", "distill.checkpoint_every", "distill.log_every"})
+
+
+def config_hash(config: Mapping[str, Any], ignore: Collection[str] = RESUME_NEUTRAL) -> str:
+    """sha256 of a resolved config (config_to_dict) without the dotted keys in `ignore`."""
+    kept = {
+        section: {k: v for k, v in values.items() if f"{section}.{k}" not in ignore} if isinstance(values, dict) else values
+        for section, values in config.items() if section not in ignore
+    }
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Collection[str] = ()) -> list[str]:
+    """'key: old -> new' for every dotted key whose value in a recorded config `old` differs from `new`; a key `old`
+    lacks (added since) counts as its default, which keeps the old behaviour; a nested split at pipc = private_pipc is
+    the plain split of that pipc. Keys in `ignore` are not compared."""
+    defaults = config_to_dict(ExperimentConfig())
+    old, new = _plain_split(old), _plain_split(new)
+    differ = []
+    for section, values in new.items():
+        if not isinstance(values, dict):
+            if section not in ignore and old.get(section, values) != values:
+                differ.append(f"{section}: {_shown(old.get(section))} -> {_shown(values)}")
+            continue
+        recorded = old.get(section, {})
+        recorded = recorded if isinstance(recorded, dict) else {}
+        for key, value in values.items():
+            was = recorded.get(key, defaults.get(section, {}).get(key, value))
+            if f"{section}.{key}" not in ignore and was != value:
+                differ.append(f"{section}.{key}: {_shown(was)} -> {_shown(value)}")
+    return differ
+
+
+def _plain_split(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A recorded config with a nested split at pipc = private_pipc written as the plain split it equals."""
+    split = config.get("split", {})
+    if isinstance(split, dict) and split.get("private_pipc") is not None and split["private_pipc"] == split.get("pipc"):
+        return {**config, "split": {**split, "private_pipc": None}}
+    return config
+
+
+def same_configuration(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Collection[str] = ()) -> bool:
+    """Whether a run recorded with config `old` ran what `new` runs (config_differences finds nothing)."""
+    return not config_differences(old, new, ignore)
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

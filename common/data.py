@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 import tarfile
@@ -51,8 +52,20 @@ class Normalization:
         return {"mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_json(cls, value: dict[str, list[float]]) -> Normalization:
-        return cls(tuple(float(m) for m in value["mean"]), tuple(float(s) for s in value["std"]))
+    def from_json(cls, value: object) -> Normalization:
+        """{"mean": [...], "std": [...]}; DataError unless both are lists of finite numbers of one length >= 1 and
+        every std is > 0 (a std of 0 would divide by zero: every image becomes inf/NaN)."""
+        if not isinstance(value, dict) or not all(isinstance(value.get(k), list) for k in ("mean", "std")):
+            raise DataError("normalization: must be {\"mean\": [numbers], \"std\": [numbers]}")
+        mean, std = value["mean"], value["std"]
+        numbers = [*mean, *std]
+        if not mean or len(mean) != len(std) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in numbers):
+            raise DataError(f"normalization: mean and std must be lists of finite numbers of one length (got {len(mean)} "
+                            f"and {len(std)} entries)")
+        if min(std) <= 0:
+            raise DataError(f"normalization: std {std} has an entry <= 0 (a constant channel cannot be normalised)")
+        return cls(tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
     def broadcast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """mean and std shaped (1, C, 1, 1) like `x` (N, C, H, W); ValueError when the channels differ."""
@@ -253,18 +266,37 @@ def unsafe_member(member: tarfile.TarInfo) -> str | None:
     return None
 
 
+# Decompression limits of read_archive_files: one member, and all members together against the archive's own size
+# (images barely compress: CIFAR-10's JPEG archive unpacks to about 1.3x its size; a decompression bomb to 100x+).
+MAX_MEMBER_BYTES = 64 * 2**20
+MAX_EXPANSION = 16  # total member bytes <= MAX_EXPANSION x the archive's size + MAX_MEMBER_BYTES
+
+
 def read_archive_files(path: Path, hint: str = "") -> dict[str, bytes]:
-    """Every plain file of a tar archive, name -> bytes, in archive order; DataError for an unsafe member or a
-    corrupt archive (`hint` says what to do)."""
+    """Every plain file of a tar archive, name -> bytes, in archive order; DataError for an unsafe or repeated member,
+    a member or a total beyond the decompression limits (checked on the sizes the headers declare, before reading),
+    or a corrupt archive (`hint` says what to do)."""
     out = {}
+    budget = MAX_EXPANSION * Path(path).stat().st_size + MAX_MEMBER_BYTES if Path(path).is_file() else 0
+    total = 0
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
                 reason = unsafe_member(member)
                 if reason:
                     raise DataError(f"{path}: member {member.name[:100]!r} is {reason}; the archive must hold only plain files")
-                if member.isfile():
-                    out[member.name] = tar.extractfile(member).read()
+                if not member.isfile():
+                    continue
+                if member.name in out:
+                    raise DataError(f"{path}: member {member.name[:100]!r} appears twice; a tampered archive{hint}")
+                total += member.size
+                if member.size > MAX_MEMBER_BYTES or total > budget:
+                    raise DataError(
+                        f"{path}: member {member.name[:100]!r} would unpack to {member.size} bytes ({total} in all), beyond "
+                        f"the limits ({MAX_MEMBER_BYTES} per member, {budget} in all: {MAX_EXPANSION}x the archive's "
+                        f"size + {MAX_MEMBER_BYTES}); a decompression bomb or not a data archive{hint}"
+                    )
+                out[member.name] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
         raise DataError(f"{path}: corrupt or truncated archive ({type(err).__name__}: {err}){hint}") from None
     return out

@@ -44,6 +44,8 @@ class ConvNet(nn.Module):
         norm: Norm = "instancenorm",
     ) -> None:
         super().__init__()
+        if image_size < 2:
+            raise ConfigError(f"images of {image_size} px: a ConvNet halves its input at least once; it needs >= 2 px")
         if image_size >> depth < 1:
             raise ConfigError(f"model.depth={depth} halves the image {depth} times; {image_size} px images need "
                               f"model.depth <= {image_size.bit_length() - 1}")

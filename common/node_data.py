@@ -112,10 +112,13 @@ def load_node_archive(path: Path) -> NodeData:
     files = read_archive_files(path, "; write it again with feddistill partition")
     try:
         holding = json.loads(files[HOLDING_FILE])
-    except (KeyError, json.JSONDecodeError):
+    except (KeyError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise DataError(f"{path}: no readable {HOLDING_FILE} (write node archives with feddistill partition)") from None
-    if holding.get("format") != FORMAT or holding.get("role") not in ROLES:
+    if not isinstance(holding, dict) or holding.get("format") != FORMAT or holding.get("role") not in ROLES:
         raise DataError(f"{path}: {HOLDING_FILE} is not a {FORMAT} description")
+    problem = _holding_problem(holding)
+    if problem:
+        raise DataError(f"{path}: {HOLDING_FILE} is malformed: {problem}; write it again with feddistill partition")
     classes = tuple(holding["classes"])
     index = {c: i for i, c in enumerate(classes)}
 
@@ -127,18 +130,42 @@ def load_node_archive(path: Path) -> NodeData:
             cls = name.split("/")[1]
             if cls not in index:
                 raise DataError(f"{path}: {name} is of class {cls!r}, not one of {list(classes)}")
-            with Image.open(io.BytesIO(files[name])) as img:
-                array = np.asarray(img, dtype=np.uint8)
+            try:
+                with Image.open(io.BytesIO(files[name])) as img:
+                    array = np.asarray(img, dtype=np.uint8)
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                raise DataError(f"{path}: {name} is not a readable image ({type(err).__name__})") from None
             images.append(array[..., None] if array.ndim == 2 else array)
             labels.append(index[cls])
         if not images:
             return ImageArrays(np.zeros((0, 0, 0, 0), dtype=np.uint8), np.zeros(0, dtype=np.int64))
+        if len({image.shape for image in images}) > 1:
+            raise DataError(f"{path}: the {split} images differ in size or channels; write it again with feddistill partition")
         return ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64))
 
     if "normalization" not in holding:
         raise DataError(f"{path}: {HOLDING_FILE} records no normalization (an older feddistill partition); "
                         "run feddistill partition again")
-    normalization = Normalization.from_json(holding["normalization"])
+    try:
+        normalization = Normalization.from_json(holding["normalization"])
+    except DataError as err:
+        raise DataError(f"{path}: {HOLDING_FILE}'s {err}") from None
     meta = {k: v for k, v in holding.items() if k not in ("train", "test", "classes", "normalization")}
     return NodeData(holding["role"], holding.get("partition_id"), classes, read("train"), read("test"), normalization,
                     meta)
+
+
+def _holding_problem(holding: dict[str, Any]) -> str | None:
+    """What is wrong with the types of a holding.json's entries (None: nothing)."""
+    def strings(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(x, str) for x in value)
+
+    if not strings(holding.get("classes")) or not holding["classes"] or len(set(holding["classes"])) != len(holding["classes"]):
+        return "'classes' must be a non-empty list of distinct names"
+    for split in ("train", "test"):
+        if not strings(holding.get(split)) or not all(name.count("/") == 2 for name in holding[split]):
+            return f"{split!r} must be a list of '{split}/<class>/<file>' names"
+    partition_id = holding.get("partition_id")
+    if partition_id is not None and (not isinstance(partition_id, int) or isinstance(partition_id, bool) or partition_id < 0):
+        return "'partition_id' must be null or an integer >= 0"
+    return None

@@ -24,6 +24,7 @@ EXPERIMENT_KEY = "experiment"
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
 DATA_PATH_KEY = "data-path"  # optional node_config entry (deployment): where this node's dataset is
+DATA_SHA256_KEY = "data-sha256"  # optional node_config entry: the sha256 manifest.json gives this node's archive
 
 
 def round_lr(cfg: ExperimentConfig, server_round: int) -> float:

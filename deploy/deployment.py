@@ -55,6 +55,8 @@ class Topology:
     # node_config data-path, if the nodes' data is not at $FEDDISTILL_DATA; "{k}" is replaced by the partition id
     # (e.g. "nodes/client-{k}.tar.gz": each node gets only its own archive of `feddistill partition`).
     data_path: str | None = None
+    # node_config data-sha256 per node (manifest.json's sha256 of each client archive): a node then refuses any other
+    data_sha256: tuple[str, ...] | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -82,6 +84,8 @@ def supernode_args(t: Topology, k: int) -> list[str]:
     node_config = f"partition-id={k} num-partitions={t.num_nodes}"
     if t.data_path:
         node_config += f' data-path="{t.data_path.format(k=k)}"'
+    if t.data_sha256:
+        node_config += f' data-sha256="{t.data_sha256[k]}"'
     args = ["flower-supernode", "--superlink", t.superlink_address, "--isolation", "process",
             "--host", t.bind_host, "--port", str(t.supernode_ports[k]), "--node-config", node_config]
     if t.tls is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -31,9 +32,22 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
+    """Writes `data` to a new file created with its final mode (0600 for a private key: never readable by others, not
+    even between writing and a chmod), then renames it over `path`; refuses a `path` that is a link (a planted link
+    would otherwise lead the key elsewhere) or anything but a plain file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    path.chmod(0o600 if private else 0o644)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise SystemExit(f"{path}: is a link or not a plain file; refusing to write a key or certificate there")
+    mode = 0o600 if private else 0o644
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)  # exactly `mode`, whatever the umask
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def generate(out: Path, nodes: int, hosts: list[str]) -> None:

@@ -23,7 +23,7 @@ from common.data import to_normalized_tensor
 from common.models import build_model
 from common.records import load_record_into, model_to_record
 from common.runtime import pick_device
-from common.protocol import DATA_PATH_KEY, read_experiment, read_partition
+from common.protocol import DATA_PATH_KEY, DATA_SHA256_KEY, read_experiment, read_partition
 from edge_client.shard import Shard, load_shard
 from common.training import evaluate, settings_from_config, train_local
 
@@ -59,7 +59,8 @@ def _unpack(content: RecordDict, node_config: Mapping[str, Any]) -> tuple[Experi
         raise ValueError("the message lacks the global model's ArrayRecord 'arrays'")
     cfg = read_experiment(config)
     partition_id = read_partition(node_config, cfg.split.num_clients)
-    shard = load_shard(cfg, partition_id, node_config.get(DATA_PATH_KEY) or None)
+    shard = load_shard(cfg, partition_id, node_config.get(DATA_PATH_KEY) or None,
+                       str(node_config[DATA_SHA256_KEY]) if node_config.get(DATA_SHA256_KEY) else None)
     model = build_model(shard.num_classes, shard.channels, shard.image_size, cfg.model.width, cfg.model.depth, cfg.model.norm)
     try:
         load_record_into(model, arrays)

@@ -8,6 +8,7 @@ keyed by everything that selects them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from common.config import ExperimentConfig
 from common.data import CIFAR10_CLASSES, DataError, Normalization, load_dataset, resolve_data_path
 from common.holdings import decide_holdings, split_seed
 from common.node_data import holdings_sha256, is_node_archive, load_node_archive
-from common.protocol import DATA_PATH_KEY
+from common.protocol import DATA_PATH_KEY, DATA_SHA256_KEY
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,17 @@ def shard_key(cfg: ExperimentConfig, partition_id: int, data_path: str | None) -
     )
 
 
-def shard_from_archive(cfg: ExperimentConfig, partition_id: int, path: Path) -> Shard:
+def shard_from_archive(cfg: ExperimentConfig, partition_id: int, path: Path, sha256: str | None = None) -> Shard:
     """This node's own archive (feddistill partition) as its whole shard: no global split is computed or read.
 
-    DataError when the archive belongs to another client, was cut for another data/split config, or has classes
-    other than the configured dataset's."""
+    DataError when its sha256 is not `sha256` (node_config data-sha256, from manifest.json: without it the node can
+    only trust what the archive says of itself), or it belongs to another client, was cut for another data/split
+    config, or has classes other than the configured dataset's."""
+    if sha256 is not None:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if digest != sha256.strip().lower():
+            raise DataError(f"{path}: sha256 {digest[:12]}... is not node_config {DATA_SHA256_KEY}={sha256[:12]!r}... "
+                            "(another or a changed archive; manifest.json gives each node's)")
     node = load_node_archive(path)
     if node.role != "client" or node.partition_id != partition_id:
         raise DataError(f"{path}: the archive of {node.role} {node.partition_id}, not of client {partition_id} "
@@ -75,7 +82,8 @@ def shard_from_archive(cfg: ExperimentConfig, partition_id: int, path: Path) -> 
                  len(node.classes), node.normalization)
 
 
-def load_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | Path | None = None) -> Shard:
+def load_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | Path | None = None,
+               data_sha256: str | None = None) -> Shard:
     """Client `partition_id`'s shard, from the cache when this process loaded it before.
 
     `data_path` (a node's own data location) wins over cfg.data.path and $FEDDISTILL_DATA. When it is the node's
@@ -87,7 +95,7 @@ def load_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | Path |
     path = str(data_path) if data_path else None
     key = shard_key(cfg, partition_id, path)
     if key not in _SHARDS and path and is_node_archive(Path(path)):
-        _SHARDS[key] = shard_from_archive(cfg, partition_id, Path(path))
+        _SHARDS[key] = shard_from_archive(cfg, partition_id, Path(path), data_sha256)
     if key not in _SHARDS:
         data_cfg = cfg.data.model_copy(update={"path": path}) if path else cfg.data
         fallback = None if path or cfg.data.name == "tiny" or cfg.data.download else resolve_data_path(cfg.data.path)

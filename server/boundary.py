@@ -29,9 +29,10 @@ from torch import nn
 TRAIN_METRICS = frozenset({"num-examples", "train_loss", "train_accuracy", "train_seconds"})
 EVALUATE_METRICS = frozenset({"num-examples", "eval_loss", "eval_accuracy"})
 # Metrics with a known range (inclusive); the rest only need to be finite.
+MAX_LOSS = 100.0  # a cross-entropy this high means logit gaps of ~100: no trained model reports it; larger skews the curves
 METRIC_RANGES = {
-    "train_loss": (0.0, math.inf),
-    "eval_loss": (0.0, math.inf),
+    "train_loss": (0.0, MAX_LOSS),
+    "eval_loss": (0.0, MAX_LOSS),
     "train_accuracy": (0.0, 1.0),
     "eval_accuracy": (0.0, 1.0),
     "train_seconds": (0.0, math.inf),
@@ -256,13 +257,19 @@ class Screened:
 
 
 def screen_replies(replies: Iterable[Message], spec: ModelSpec | None) -> Screened:
-    """Splits replies into kept / rejected / failed; `spec` None screens evaluate replies (metrics only).
+    """Splits replies into kept / rejected / failed; `spec` None screens evaluate replies (metrics only). Only a
+    node's first reply of the round is screened; any further one is rejected.
 
     No reply can raise out of here: a content the checks above do not foresee is rejected by its error type.
     """
     kept, rejected, failed = [], [], []
+    seen: set[int] = set()
     for msg in replies:
         node = msg.metadata.src_node_id
+        if node in seen:  # one node, one reply per round: a second one neither aggregates nor counts
+            rejected.append((node, "a second reply from this node in the round (only its first counts)"))
+            continue
+        seen.add(node)
         try:
             if msg.has_error():
                 failed.append((node, client_reason(msg.error.reason)))

@@ -138,6 +138,7 @@ def round_line(
         "replies": train.kept if train else 0,
         "rejected": len(train.rejected) if train else 0,
         "failed": len(train.failed) if train else 0,
+        "clipped": train.clipped if train else 0,
     }
     for key in ("train_loss", "train_accuracy", "train_seconds"):
         line[key] = train.metrics.get(key) if train else None

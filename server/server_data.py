@@ -68,8 +68,11 @@ def from_node_data(cfg: ExperimentConfig, folder: Path) -> ServerData:
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise DataError(f"{folder / MANIFEST}: unreadable ({type(err).__name__}); run feddistill partition") from None
+    problem = manifest_problem(manifest, cfg.split.num_clients)
+    if problem:
+        raise DataError(f"{folder / MANIFEST}: malformed ({problem}); run feddistill partition")
     if manifest.get("holdings_sha256") != holdings_sha256(cfg):
         raise ConfigError(f"{folder / MANIFEST}: cut for another data/split config than this run's; "
                           "run feddistill partition with this config")
@@ -96,3 +99,23 @@ def from_node_data(cfg: ExperimentConfig, folder: Path) -> ServerData:
             raise DataError(f"{folder / MANIFEST}: no client-{k} (split.num_clients={cfg.split.num_clients})")
         counts.append((list(entry["train_per_class"]), list(entry["test_per_class"])))
     return ServerData(classes, nodes["public"].train, nodes["test"].test, counts, nodes["public"].normalization)
+
+
+def manifest_problem(manifest: object, num_clients: int) -> str | None:
+    """What is wrong with the layout of a manifest.json for `num_clients` clients (None: nothing)."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("archives"), dict):
+        return "not an object with 'archives'"
+    archives = manifest["archives"]
+    for name in ("public", "test", *(f"client-{k}" for k in range(num_clients))):
+        entry = archives.get(name)
+        if entry is None:
+            return f"no {name!r} archive" + (f" (split.num_clients={num_clients})" if name.startswith("client") else "")
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not isinstance(entry.get("sha256"), str):
+            return f"archive {name!r} needs 'file' and 'sha256' strings"
+        if "/" in entry["file"] or entry["file"] in ("", ".", ".."):
+            return f"archive {name!r}: 'file' must be a file name beside the manifest"
+        for key in ("train_per_class", "test_per_class"):
+            counts = entry.get(key)
+            if not isinstance(counts, list) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                return f"archive {name!r}: {key!r} must be a list of counts >= 0"
+    return None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,7 +21,7 @@ from common.runtime import FederationError
 from server.aggregators import build_aggregator
 from server.boundary import ModelSpec, model_spec, screen_replies
 from server.traffic import Traffic
-from server.update_guard import GuardLimits, guard_evaluations, guard_updates
+from server.update_guard import GuardLimits, clip_to_median, guard_evaluations, guard_updates
 
 log = logging.getLogger("flwr.feddistill")
 
@@ -36,6 +38,7 @@ class RoundReplies:
     rejected: list[tuple[int, str]] = field(default_factory=list)
     failed: list[tuple[int, str]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    clipped: int = 0  # kept updates scaled down to the round's median norm (federation.clip_to_median)
 
 
 class EdgeFedAvg(FedAvg):
@@ -79,8 +82,11 @@ class EdgeFedAvg(FedAvg):
         max_eval = max(h for _, h in slice_sizes) if slice_sizes else None
         self.limits = GuardLimits(
             max_train, max_eval, fed.max_update_norm_ratio, fed.max_update_global_ratio, fed.round_timeout,
-            fed.dp_clipping_norm if dp_enabled(cfg) else None,
+            fed.dp_clipping_norm if dp_enabled(cfg) else None, min_cosine=fed.min_update_cosine,
         )
+        # FedAvg only, and not under DP (a bound that depends on the other clients' updates would void its guarantee).
+        self.clip = fed.clip_to_median and fed.aggregator == "fedavg" and not dp_enabled(cfg)
+        self.round_sent: dict[int, float] = {}  # time.monotonic() when each round's training messages went out
         self.global_arrays: dict[int, ArrayRecord] = {}  # the model each round's clients started from
         self.train_replies: dict[int, RoundReplies] = {}
         self.evaluate_replies: dict[int, RoundReplies] = {}
@@ -101,6 +107,7 @@ class EdgeFedAvg(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.clients_sampled[server_round] = len(messages)
         self.traffic.sent(server_round, messages)
+        self.round_sent[server_round] = time.monotonic()
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -114,7 +121,8 @@ class EdgeFedAvg(FedAvg):
         server_round += self.first_round
         replies = self._observe(server_round, "train", replies)
         screened = screen_replies(replies, self.spec)
-        kept, guarded = guard_updates(screened.kept, self.global_arrays.get(server_round), self.limits)
+        reference = self.global_arrays.get(server_round)
+        kept, guarded = guard_updates(screened.kept, reference, self._round_limits(server_round))
         rejected = screened.rejected + guarded
         record = self._log(server_round, "train", len(replies), kept, rejected, screened.failed)
         self.train_replies[server_round] = record
@@ -124,6 +132,8 @@ class EdgeFedAvg(FedAvg):
                 f"round {server_round}: {record.kept} usable training replies of {len(replies)}, fewer than "
                 f"federation.min_clients={min_clients_of(self.cfg)} ({reasons})"
             )
+        if self.clip and reference is not None:
+            record.clipped = clip_to_median(kept, reference)
         if dp_enabled(self.cfg):  # the noise is calibrated for a plain mean of clipped updates: weigh clients equally
             for msg in kept:
                 msg.content["metrics"] = MetricRecord({**msg.content["metrics"], "num-examples": 1})
@@ -147,6 +157,19 @@ class EdgeFedAvg(FedAvg):
         if metrics is not None:
             record.metrics = dict(metrics)
         return metrics
+
+    def _round_limits(self, server_round: int) -> GuardLimits:
+        """The guard's limits, with train_seconds bounded by the time since this round's messages went out (a client
+        cannot have trained longer than that; 5 % + 1 s slack for the clocks)."""
+        sent = self.round_sent.get(server_round)
+        if sent is None:
+            return self.limits
+        elapsed = time.monotonic() - sent
+        bound = 1.05 * elapsed + 1.0
+        if bound >= self.limits.max_seconds:
+            return self.limits
+        return dataclasses.replace(self.limits, max_seconds=bound,
+                                   seconds_source=f"the {bound:.4g} s since the round's messages went out")
 
     def _observe(self, server_round: int, kind: str, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)

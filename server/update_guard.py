@@ -10,7 +10,14 @@ well-formed but implausible:
     so that the median means something);
   - an update norm above `max_global_ratio` x ||w_global|| (any number of replies: with 2, the median
     cannot tell the honest update from the other);
+  - an update whose cosine with the round's coordinate-wise median update is below `min_cosine` (with >= 3
+    replies): a reversed update (the sign-flip poisoning attack) points away from what most clients agree on;
+  - a weight array the global model has non-zero that comes back all zeros (a wiped model);
   - with DP on, an update norm above the clipping norm (the client skipped fixedclipping_mod).
+
+`clip_to_median` then bounds every kept update's norm by the round's (lower) median update norm before FedAvg
+(federation.clip_to_median), so that no reply that passed weighs more than a typical one; with 2 replies that is the
+smaller of the two norms.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
 
 from server.boundary import decode_array
 
@@ -36,8 +43,10 @@ class GuardLimits:
     max_eval_examples: int | None  # the largest client held-out slice; None: no upper bound
     max_norm_ratio: float  # federation.max_update_norm_ratio (against the round's median)
     max_global_ratio: float  # federation.max_update_global_ratio (against the global model's norm)
-    max_seconds: float = math.inf  # federation.round_timeout
+    max_seconds: float = math.inf  # federation.round_timeout, or the seconds since the round's messages went out
     clipping_norm: float | None = None  # federation.dp_clipping_norm when DP is on
+    min_cosine: float | None = None  # federation.min_update_cosine; None: no direction check
+    seconds_source: str | None = None  # what max_seconds is, for the reason; None: federation.round_timeout
 
 
 def model_norm(arrays: ArrayRecord) -> float:
@@ -46,18 +55,28 @@ def model_norm(arrays: ArrayRecord) -> float:
     return math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in values if v.dtype.kind == "f"))
 
 
+def flat_update(arrays: ArrayRecord, reference: ArrayRecord) -> np.ndarray:
+    """w - w_ref over the floating-point arrays, flattened into one float64 vector (`arrays` passed the boundary)."""
+    parts = []
+    for name, ref in reference.items():
+        ref_value = ref.numpy()
+        if ref_value.dtype.kind == "f":
+            value = decode_array(arrays[name], ref_value.shape, str(ref_value.dtype))
+            parts.append((value.astype(np.float64) - ref_value.astype(np.float64)).ravel())
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
 def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
     """||w - w_ref||_2 over the floating-point arrays (integer buffers such as BatchNorm counters are left out).
 
     `arrays` must have passed server/boundary.py (it is decoded strictly, against `reference`'s shapes and dtypes).
     """
-    total = 0.0
-    for name, ref in reference.items():
-        ref_value = ref.numpy()
-        if ref_value.dtype.kind == "f":
-            value = decode_array(arrays[name], ref_value.shape, str(ref_value.dtype))
-            total += float(np.sum((value.astype(np.float64) - ref_value.astype(np.float64)) ** 2))
-    return math.sqrt(total)
+    return float(np.linalg.norm(flat_update(arrays, reference)))
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The lower median: the middle value of an odd count, the smaller middle one of an even count."""
+    return float(sorted(values)[(len(values) - 1) // 2])
 
 
 def guard_updates(
@@ -68,20 +87,77 @@ def guard_updates(
     `reference` is the global model the clients started from; without it only the metrics are checked.
     """
     kept, rejected = [], []
-    norms = [update_norm(msg.content["arrays"], reference) if reference is not None else 0.0 for msg in replies]
-    median = float(np.median(norms)) if reference is not None and len(norms) >= MIN_REPLIES_FOR_RATIO else None
+    updates = [flat_update(msg.content["arrays"], reference) for msg in replies] if reference is not None else []
+    norms = [float(np.linalg.norm(u)) for u in updates] or [0.0] * len(replies)
+    enough = reference is not None and len(replies) >= MIN_REPLIES_FOR_RATIO
+    median = float(np.median(norms)) if enough else None
     global_norm = model_norm(reference) if reference is not None else None
-    for msg, norm in zip(replies, norms, strict=True):
+    cosines = _median_cosines(updates) if enough and limits.min_cosine is not None else [None] * len(replies)
+    for msg, norm, cosine in zip(replies, norms, cosines, strict=True):
         metrics = msg.content["metrics"]
         reason = _examples_problem(int(metrics["num-examples"]), limits.max_train_examples, "train")
         if reason is None and metrics["train_seconds"] > limits.max_seconds:
-            reason = f"metric 'train_seconds'={metrics['train_seconds']:.4g} exceeds federation.round_timeout={limits.max_seconds:g}"
+            source = limits.seconds_source or f"federation.round_timeout={limits.max_seconds:g}"
+            reason = f"metric 'train_seconds'={metrics['train_seconds']:.4g} exceeds {source}"
         reason = reason or _norm_problem(norm, median, global_norm, limits)
+        if reason is None and cosine is not None and cosine < limits.min_cosine:
+            reason = (
+                f"update points away from the round's coordinate-wise median update (cosine {cosine:.3f} < "
+                f"federation.min_update_cosine={limits.min_cosine:g})"
+            )
+        if reason is None and reference is not None:
+            reason = _wiped_array(msg.content["arrays"], reference)
         if reason:
             rejected.append((msg.metadata.src_node_id, reason))
         else:
             kept.append(msg)
     return kept, rejected
+
+
+def _median_cosines(updates: Sequence[np.ndarray]) -> list[float]:
+    """Each update's cosine similarity with the coordinate-wise median of all of them (0 for a zero vector)."""
+    median = np.median(np.stack(updates), axis=0)
+    median_norm = float(np.linalg.norm(median))
+    out = []
+    for u in updates:
+        denominator = float(np.linalg.norm(u)) * median_norm
+        out.append(float(u @ median) / denominator if denominator > 0 else 0.0)
+    return out
+
+
+def _wiped_array(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
+    for name, ref in reference.items():
+        ref_value = ref.numpy()
+        if ref_value.dtype.kind == "f" and np.any(ref_value):
+            value = decode_array(arrays[name], ref_value.shape, str(ref_value.dtype))
+            if not np.any(value):
+                return f"array {name!r} is all zeros (the global model's is not)"
+    return None
+
+
+def clip_to_median(replies: Sequence[Message], reference: ArrayRecord) -> int:
+    """Scales every update ||w - w_ref|| above the replies' lower median norm down to it, in place (the
+    floating-point arrays; integer buffers stay); returns how many were scaled."""
+    norms = [update_norm(msg.content["arrays"], reference) for msg in replies]
+    if not norms:
+        return 0
+    bound = lower_median(norms)
+    clipped = 0
+    for msg, norm in zip(replies, norms, strict=True):
+        if norm <= bound:
+            continue
+        scale = bound / norm
+        arrays = msg.content["arrays"]
+        out = {}
+        for name, ref in reference.items():
+            ref_value = ref.numpy()
+            value = arrays[name].numpy()
+            if ref_value.dtype.kind == "f":
+                value = (ref_value.astype(np.float64) + scale * (value.astype(np.float64) - ref_value)).astype(ref_value.dtype)
+            out[name] = Array(np.ascontiguousarray(value))
+        msg.content["arrays"] = ArrayRecord(out)
+        clipped += 1
+    return clipped
 
 
 def guard_evaluations(replies: Sequence[Message], limits: GuardLimits) -> tuple[list[Message], list[tuple[int, str]]]:

@@ -96,6 +96,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from common.methods import method
     from common.models import model_from_config
     from common.runtime import pick_device
+    from server.distill.artifacts import check_resumable
     from server.distill.run import run_distillation
     from simulations.progress import progress_for
 
@@ -128,6 +129,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
             f"distill.method={cfg.distill.method!r} with init={cfg.distill.init!r} needs the received model: "
             "pass --model received_model.pt"
         )
+    check_resumable(out_dir, config_to_dict(cfg))  # before invocation.json is rewritten
     save_json(out_dir / INVOCATION, {"config": config_to_dict(cfg), "model": model_path})
     norm = dataset.normalization
     with progress_for(console, args.progress_every) as progress:

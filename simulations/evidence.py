@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from common.atomic import atomic_write, load_torch, save_json
-from common.config import ConfigError, ExperimentConfig, load_config, parse_overrides
+from common.config import ConfigError, ExperimentConfig, load_config, parse_overrides, same_configuration
 from common.data import Dataset, ImageArrays, to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data, split_seed
 from common.methods import METHODS
@@ -358,39 +358,17 @@ def run_cells(ctx: Context, stage: str, cells: list[tuple[str, ExperimentConfig,
     return write_results(stage_dir)
 
 
-def same_configuration(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether a cell recorded as `old` ran what `new` runs: every key `old` has is equal in `new`, and a key `old`
-    lacks (added since) has its default in `new`, which keeps the old behaviour; a nested split at
-    pipc = private_pipc is the plain split of that pipc."""
-    from common.config import config_to_dict
-
-    defaults = config_to_dict(ExperimentConfig())
-    old, new = (plain_split(c) for c in (old, new))
-    model_free = not METHODS[new["distill"]["method"]].needs_model(new["distill"]["init"])
-    for section, values in new.items():
-        if not isinstance(values, dict):
-            if old.get(section, values) != values:
-                return False
-            continue
-        for key, value in values.items():
-            if model_free and (section == "federation" or (section == "split" and key in PRIVATE_ONLY)):
-                continue  # what only the received model depends on: a method without it ran the same
-            if old.get(section, {}).get(key, defaults[section][key]) != value:
-                return False
-    return True
-
-
 # Split keys that decide only how the private pool is partitioned over clients (never the public subset, the
 # validation slice or the dataset slice): only the received model depends on them.
-PRIVATE_ONLY = {"num_clients", "partition", "alpha", "classes_per_client", "min_partition_size", "client_holdout"}
+PRIVATE_ONLY = ("num_clients", "partition", "alpha", "classes_per_client", "min_partition_size", "client_holdout")
 
 
-def plain_split(config: dict[str, Any]) -> dict[str, Any]:
-    """A recorded config with a nested split at pipc = private_pipc written as the plain split it equals."""
-    split = config.get("split", {})
-    if split.get("private_pipc") is not None and split["private_pipc"] == split.get("pipc"):
-        return {**config, "split": {**split, "private_pipc": None}}
-    return config
+def model_independent_keys(cfg: ExperimentConfig) -> set[str]:
+    """The keys a cell of `cfg` does not depend on: what only the received model depends on (the federation and how
+    the private pool is partitioned) when its method never reads the model; none otherwise."""
+    if METHODS[cfg.distill.method].needs_model(cfg.distill.init):
+        return set()
+    return {f"split.{k}" for k in PRIVATE_ONLY} | {f"federation.{k}" for k in type(cfg.federation).model_fields}
 
 
 REUSED_FILES = ("result.json", "seed_0/result.json", "seed_0/history.jsonl", "seed_0/synthetic.json")
@@ -407,7 +385,7 @@ def reuse_cell(ctx: Context, stage: str, name: str, cfg: ExperimentConfig, cell_
     if not (source / "result.json").is_file():
         return False
     old = json.loads((source / "result.json").read_text())
-    if not same_configuration(old["config"], config_to_dict(cfg)):
+    if not same_configuration(old["config"], config_to_dict(cfg), model_independent_keys(cfg)):
         return False
     for relative in ("cell.json", *REUSED_FILES[1:]):
         if (source / relative).is_file():

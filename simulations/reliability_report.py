@@ -33,6 +33,26 @@ Notes on the comparisons:
   in the synthetic images and the model after a resume; compare there with an absolute tolerance of 1e-3.
 - DP noise and client training are seeded per round (`edge_client/client_app.py` `_round_seed`,
   `server/strategy.py`), so a resumed DP run adds the same noise as an uninterrupted one.
+
+## Threat model: what the checks do and do not stop
+
+The server checks every reply before it is aggregated, logged or stored: the privacy boundary
+(`server/boundary.py`: exactly the model's arrays in np.save's exact encoding, finite; exactly the named scalar
+metrics, in range; one reply per node and round) and the update guard (`server/update_guard.py`: plausible
+num-examples and train_seconds, update norms against the round's median and the global model, the direction against
+the round's coordinate-wise median update, no wiped weights), then FedAvg clips every update to the round's median
+norm. The poisoning attacks measured against these rules are in docs/benchmarks.md ("Poisoning").
+
+What a reply that passes every check can still carry: the checks bound *how much* a client can send and how far it
+can move the model, not *what* its numbers mean. A malicious ClientApp can hide data in the low mantissa bits of its
+weights: ConvNet-3 (width 128) has 320,010 float32 weights; changing the low 4 bits of each changes a weight by less
+than 2^-19 of itself, far below SGD's own noise and any norm or direction check, and carries ~160 kB per reply (the
+adversarial probe measured ~147 kB usable: ~48 CIFAR-10 images per reply and round). The four training metrics add
+~30 bytes per round in their low digits. So "private images never leave the edge" holds for **honest ClientApp code**
+(the code in `edge_client/`, which sends only the trained weights and four scalars); it is not a guarantee against a
+client whose code is hostile. Against that, only secure aggregation or DP noise added on the client (not the
+server-side noise of `federation.dp_noise_multiplier`, which is added after the server has seen each reply) would
+help; neither is implemented.
 """
 
 

@@ -107,16 +107,18 @@ def simulate(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     observer: Callable[[str, Any], None] | None = None,
     resume: str | Path | None = None,
+    client_app: Any = None,
 ) -> SimulationOutcome:
     """Runs the federation described by `cfg` in-process; returns the run folder and the per-round records.
 
     `resume`: a run folder of the same config to continue after its last complete round (checked before Ray starts).
+    `client_app`: another ClientApp than the edge one (a measurement's attacker, simulations/poisoning.py).
     """
     quiet_environment()
     import torch
     from flwr.simulation import run_simulation
 
-    from edge_client.client_app import app as client_app
+    from edge_client.client_app import app as edge_app
     from server.federation import resolve_run_dir
     from server.resume import find_resume_point
     from server.server_app import make_server_app
@@ -173,7 +175,7 @@ def simulate(
         with live:
             run_simulation(
                 server_app=server_app,
-                client_app=client_app,
+                client_app=client_app or edge_app,
                 num_supernodes=cfg.split.num_clients,
                 backend_config=backend_config,
                 verbose_logging=verbose,

@@ -255,6 +255,10 @@ def run_sweep(
     save_json(out_dir / "sweep.json", sweep.model_dump(mode="json") | {"extra_overrides": extra or {}})
     for cell, reason in skipped:
         console.print(f"[yellow]skipped[/] {cell.name}: {reason}", highlight=False)
+    from server.distill.artifacts import check_resumable
+
+    for cell in todo:  # a started or finished cell counts only for the same configuration: refused before any work
+        check_resumable(out_dir / "cells" / cell.name, config_to_dict(cell_config(sweep, cell, extra)))
     finished = [c for c in todo if (out_dir / "cells" / c.name / "result.json").exists()]
     if finished:
         console.print(f"resuming: {len(finished)} of {len(todo)} cells already finished")

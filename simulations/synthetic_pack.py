@@ -14,7 +14,6 @@ pack and the dataset's test split alone: on the CPU with the same seeds it repro
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from common.atomic import check_folder, load_torch, save_json, save_torch
-from common.config import ConfigError, ExperimentConfig, build_config
+from common.config import KNOWN_NUM_CLASSES, ConfigError, ExperimentConfig, build_config, config_hash
 from common.data import DataError, Normalization, to_normalized_tensor
 from common.holdings import load_experiment_data
 from common.models import parse_architecture
@@ -69,10 +68,6 @@ class Pack:
     @property
     def config(self) -> ExperimentConfig:
         return build_config(self.meta["config"])
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def _seed_dir(run_dir: Path, seed_index: int) -> Path:
@@ -133,7 +128,7 @@ def _pack_contents(run_dir: Path, seed_index: int) -> dict[str, Any]:
         "iteration": info.get("iteration"),
         "dataset": cfg.data.name,
         "config": info["config"],
-        "config_sha256": config_hash(info["config"]),
+        "config_sha256": config_hash(info["config"], ignore=()),
         "commit": git_commit(),
         "evaluation": {
             "protocol": cfg.evaluation.model_dump(mode="json"),
@@ -176,17 +171,39 @@ def load_pack(path: Path) -> Pack:
         meta = json.loads(saved["meta"])
     except (TypeError, json.JSONDecodeError):
         raise DataError(f"{path}: its meta is not JSON") from None
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    images, labels = saved["images"], saved["labels"]
-    if images.dim() != 4 or labels.shape != (images.shape[0],):
-        raise DataError(f"{path}: images {tuple(images.shape)} and labels {tuple(labels.shape)} do not pair up")
-    norm = Normalization(tuple(saved["mean"].tolist()), tuple(saved["std"].tolist()))
-    if norm.channels != images.shape[1] or len(norm.std) != norm.channels:
-        raise DataError(f"{path}: mean/std have {norm.channels} values for images of {images.shape[1]} channels")
-    if config_hash(meta["config"]) != meta["config_sha256"]:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
+    if not isinstance(meta.get("config"), dict) or meta.get("config_sha256") != config_hash(meta["config"], ignore=()):
         raise DataError(f"{path}: the config does not match its sha256 (edited?)")
+    images, labels = saved["images"], saved["labels"]
+    problem = _tensor_problem(images, labels, saved["mean"], saved["std"], KNOWN_NUM_CLASSES.get(meta["config"].get("data", {}).get("name")))
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    try:
+        norm = Normalization.from_json({"mean": saved["mean"].tolist(), "std": saved["std"].tolist()})
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
     return Pack(images, labels, norm, meta)
+
+
+def _tensor_problem(images: object, labels: object, mean: object, std: object, num_classes: int | None) -> str | None:
+    """What makes a pack's tensors unusable (None: nothing): shapes, dtypes, label range, non-finite pixels."""
+    if not all(isinstance(t, torch.Tensor) for t in (images, labels, mean, std)):
+        return "images, labels, mean and std must be tensors"
+    if images.dim() != 4 or not images.is_floating_point() or labels.shape != (images.shape[0],):
+        return f"images {tuple(images.shape)} ({images.dtype}) and labels {tuple(labels.shape)} do not pair up as (N, C, H, W) floats and (N,)"
+    if images.shape[0] == 0 or images.shape[2] != images.shape[3] or images.shape[2] < 2:
+        return f"images {tuple(images.shape)}: need N >= 1 square images of at least 2x2 pixels"
+    if mean.shape != (images.shape[1],) or std.shape != (images.shape[1],):
+        return f"mean/std of shapes {tuple(mean.shape)}/{tuple(std.shape)} for images of {images.shape[1]} channels"
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        return f"labels are {labels.dtype}, not integers"
+    limit = num_classes if num_classes is not None else images.shape[0]  # each class has at least one image
+    if int(labels.min()) < 0 or int(labels.max()) >= limit:
+        return f"labels span {int(labels.min())}..{int(labels.max())}, outside 0..{limit - 1}"
+    if not torch.isfinite(images).all():
+        return "images hold NaN or infinite values"
+    return None
 
 
 def pack_test_set(pack: Pack, data: str | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

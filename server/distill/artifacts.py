@@ -6,6 +6,9 @@
 <dir>/result.json  accuracies, mean, std, method, ipc, seed, timings
 <dir>/checkpoint.pt   the synthetic set so far plus what resuming needs (iteration, optimizer and RNG states)
 <dir>/checkpoint.json method, seed, ipc, iteration, full config
+
+Every JSON that records the config also records its hash (config_sha256); `check_resumable` lets a call continue in a
+folder only when the config recorded there is the one it runs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from common.atomic import atomic_write, load_torch, save_json, save_torch
+from common.config import RESUME_NEUTRAL, config_differences, config_hash
 from common.data import CIFAR10_NORMALIZATION, Normalization, denormalize
 from server.distill.methods import DistillState, SyntheticSet
 
@@ -38,7 +42,8 @@ def save_synthetic(
     path = save_torch(out_dir / f"{name}.pt", tensors)
     ipc = int(torch.bincount(syn.labels).max()) if syn.labels.numel() else 0
     meta = {"method": syn.method, "seed": syn.seed, "ipc": ipc, "iteration": iteration,
-            "normalization": normalization.to_json(), "config": syn.config}
+            "normalization": normalization.to_json(), "config": syn.config,
+            **({"config_sha256": config_hash(syn.config)} if isinstance(syn.config, dict) else {})}
     save_json(out_dir / f"{name}.json", meta)
     return path
 
@@ -83,8 +88,39 @@ def save_checkpoint(state: DistillState, labels: torch.Tensor, out_dir: Path, me
     if state.lambdas is not None:
         tensors["lambdas"] = state.lambdas
     path = save_torch(out_dir / f"{CHECKPOINT}.pt", tensors)
-    save_json(out_dir / f"{CHECKPOINT}.json", {**meta, "iteration": state.iteration})
+    save_json(out_dir / f"{CHECKPOINT}.json", {**meta, "config_sha256": config_hash(meta["config"]), "iteration": state.iteration})
     return path
+
+
+def check_resumable(out_dir: Path, config: dict[str, Any]) -> None:
+    """ValueError (one line, naming the keys that differ) when a folder of `run_distillation` holds a run of another
+    resolved config (config_to_dict) than `config`: its result.json, or a seed's synthetic.json or checkpoint.json.
+
+    A recorded config_sha256 equal to the config's hash matches; otherwise (a different hash, or a record from before
+    the hash) the recorded config is compared key by key, a key added since counting as its default
+    (common.config.config_differences). Keys that do not change a seed's result (RESUME_NEUTRAL) are not compared."""
+    out_dir = Path(out_dir)
+    digest = config_hash(config)
+    records = [out_dir / "result.json", *sorted(out_dir.glob("seed_*/synthetic.json")), *sorted(out_dir.glob(f"seed_*/{CHECKPOINT}.json"))]
+    for path in records:
+        if not path.is_file():
+            continue
+        try:
+            meta = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({type(err).__name__}); remove it to start over") from None
+        recorded = meta.get("config") if isinstance(meta, dict) else None
+        if not isinstance(recorded, dict):
+            raise ValueError(f"{path}: records no config; remove {out_dir} or use another output folder")
+        if meta.get("config_sha256") == digest:
+            continue
+        differ = config_differences(recorded, config, ignore=RESUME_NEUTRAL)
+        if differ:
+            shown = "; ".join(differ[:5]) + (f"; {len(differ) - 5} more" if len(differ) > 5 else "")
+            raise ValueError(
+                f"{out_dir} holds a run of another configuration ({shown}); it resumes only the same configuration: "
+                "use another output folder or remove this one"
+            )
 
 
 def load_checkpoint(out_dir: Path, method: str, seed: int) -> DistillState | None:

@@ -11,12 +11,19 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_write
-from common.config import ExperimentConfig, config_to_dict
+from common.config import ExperimentConfig, config_hash, config_to_dict
 from common.data import Normalization
 from common.methods import method
 from common.progress import NoProgress, Progress, format_metrics
 from common.runtime import git_commit, pick_device
-from server.distill.artifacts import load_checkpoint, save_checkpoint, save_grid, save_result, save_synthetic
+from server.distill.artifacts import (
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+    save_grid,
+    save_result,
+    save_synthetic,
+)
 from server.distill.evaluate import evaluate_synthetic, mean_std
 from server.distill.methods import DistillState, SyntheticSet, distill
 
@@ -66,8 +73,10 @@ def run_distillation(
     num_classes defaults to max test label + 1; `progress` receives the iterations and evaluations (silent if None).
 
     Resumes what an interrupted call with the same arguments left: a seed with its result.json is kept, a seed
-    with a checkpoint continues from it (same final images as an uninterrupted run on the CPU)."""
+    with a checkpoint continues from it (same final images as an uninterrupted run on the CPU). A folder that holds
+    a run of another configuration is refused (ValueError naming the keys that differ, artifacts.check_resumable)."""
     out_dir = Path(out_dir)
+    check_resumable(out_dir, config_to_dict(cfg))
     device = pick_device(cfg.device)
     num_classes = int(test_y.max()) + 1 if num_classes is None else num_classes
     progress = progress or NoProgress()
@@ -169,6 +178,7 @@ def _summarise(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], out_dir: P
         "device": str(device),
         "commit": git_commit(),
         "config": config_to_dict(cfg),
+        "config_sha256": config_hash(config_to_dict(cfg)),
     }
     save_result(out_dir / "result.json", result)
     return result

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import stat
+
+import pytest
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,3 +33,38 @@ def test_node_keys_are_openssh_ec_pairs(tmp_path):
         public = load_ssh_public_key((tmp_path / "keys" / f"node{k}.pub").read_bytes())
         assert isinstance(private, ec.EllipticCurvePrivateKey)
         assert private.public_key().public_numbers() == public.public_numbers()
+
+
+def test_private_keys_are_0600_from_their_first_byte(tmp_path, monkeypatch, reliability):
+    created: dict[str, int] = {}
+    real_open = os.open
+
+    def spy(path, flags, mode=0o777, *args, **kwargs) -> int:  # the mode of each file when it is created, still empty
+        fd = real_open(path, flags, mode, *args, **kwargs)
+        created[os.path.basename(path)] = stat.S_IMODE(os.fstat(fd).st_mode)
+        return fd
+
+    monkeypatch.setattr(os, "open", spy)
+    old = os.umask(0)  # a permissive umask must not matter
+    try:
+        generate(tmp_path, nodes=1, hosts=["localhost"])
+    finally:
+        os.umask(old)
+    private = {name: mode for name, mode in created.items() if name.startswith((".ca.key.", ".server.key.", ".node1.")) and ".pub." not in name}
+    assert len(private) == 3 and set(private.values()) == {0o600}, created
+    for name in ("ca.key", "server.key", "keys/node1"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "ca.crt").stat().st_mode) == 0o644
+    reliability("Deployment", "dev_certs writes private keys under umask 000",
+                "each key file is created 0600 while still empty, written, then renamed into place")
+
+
+def test_a_link_planted_at_a_key_path_is_refused(tmp_path, reliability):
+    target = tmp_path / "elsewhere"
+    target.write_text("not yours")
+    tmp_path.joinpath("out").mkdir()
+    (tmp_path / "out" / "ca.key").symlink_to(target)
+    with pytest.raises(SystemExit, match="is a link or not a plain file"):
+        generate(tmp_path / "out", nodes=1, hosts=["localhost"])
+    assert target.read_text() == "not yours"
+    reliability("Deployment", "a symlink planted at ca.key before dev_certs runs", "refused; the link's target untouched")

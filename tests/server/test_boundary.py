@@ -364,8 +364,22 @@ def test_absurd_metric_numbers_are_rejected_with_a_short_reason(value):
 
 
 @pytest.mark.parametrize("key, value", [("train_accuracy", 1.5), ("train_accuracy", -0.1), ("train_loss", -1.0),
-                                        ("train_seconds", -3.0)])
+                                        ("train_seconds", -3.0), ("train_loss", 1e308), ("train_loss", 101.0)])
 def test_metrics_outside_their_range_are_rejected(key, value):
     reply = good_reply()
     reply["metrics"][key] = value
     assert any(f"metric {key!r}" in p and "outside" in p for p in train_reply_problems(reply, SPEC))
+
+
+def test_a_second_reply_from_one_node_is_rejected_and_only_the_first_counts(reliability):
+    first, second = FakeReply(good_reply(), 7), FakeReply(good_reply(), 7)
+    screened = screen_replies([first, FakeReply(good_reply(), 8), second], SPEC)
+    assert screened.kept == [first, screened.kept[1]] and len(screened.kept) == 2
+    assert screened.rejected == [(7, "a second reply from this node in the round (only its first counts)")]
+    reliability("Privacy boundary (server)", "two train replies from one node in a round",
+                "the first is screened and counts once; the second is rejected")
+
+
+def test_an_eval_loss_beyond_the_cross_entropy_bound_is_rejected():
+    metrics = MetricRecord({"num-examples": 4, "eval_loss": 1e308, "eval_accuracy": 0.5})
+    assert any("'eval_loss'" in p and "outside [0, 100]" in p for p in evaluate_reply_problems(RecordDict({"metrics": metrics})))

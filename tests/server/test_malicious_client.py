@@ -165,3 +165,27 @@ def test_flowers_own_log_records_are_one_bounded_line_in_feddistill_simulate():
         logger.removeHandler(lines)
     assert len(lines.records) == 2
     assert all("\n" not in x and len(x) <= MAX_REASON_CHARS and "QUFB" * 100 not in x for x in lines.records)
+
+
+def test_a_reversed_and_boosted_update_in_a_real_simulation_is_rejected_under_the_default_rule(tmp_path, monkeypatch, reliability):
+    """The sign-flip attack of simulations/poisoning.py (1 client of 4 reverses its update x5) in Ray: the default
+    rule's direction check rejects it in the first round, from a fresh model, when the honest updates agree most."""
+    import ray.cloudpickle
+
+    import simulations.poisoning as poisoning
+    from simulations.simulate import simulate
+
+    monkeypatch.setenv(poisoning.POISON_ENV, "3,5.0")  # read by the Ray workers this run starts
+    cfg = build_config({**CFG, "split": {"pipc": 2, "num_clients": 4}, "federation": {**CFG["federation"], "rounds": 2}})
+    ray.cloudpickle.register_pickle_by_value(poisoning)
+    try:
+        outcome = simulate(cfg, output_dir=tmp_path, client_app=poisoning.app)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(poisoning)
+    first = outcome.rounds[1]
+    assert (first["replies"], first["rejected"]) == (3, 1), first
+    assert len(outcome.rounds) == 3 and (outcome.run_dir / "received_model.pt").is_file()
+    reliability("One malicious client of four (real simulation, default federation settings)",
+                "its own update reversed and scaled x5 (under max_update_norm_ratio=10)",
+                "round 1: rejected by the direction check (cosine with the coordinate-wise median update < 0); the run "
+                "finished; later rounds: rejected or clipped to the median norm (docs/benchmarks.md, Poisoning)")

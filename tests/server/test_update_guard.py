@@ -11,7 +11,7 @@ from common.config import build_config
 from common.models import build_model
 from server.privacy import dp_epsilon, privacy_report
 from server.strategy import EdgeFedAvg
-from server.update_guard import GuardLimits, guard_updates, model_norm, update_norm
+from server.update_guard import GuardLimits, guard_updates, lower_median, model_norm, update_norm
 from tests.server.test_boundary import FakeReply, good_metrics
 
 pytestmark = pytest.mark.reliability
@@ -32,6 +32,27 @@ def client_state(seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
     """The global model plus a small seeded update (an honest client)."""
     g = torch.Generator().manual_seed(seed)
     return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in GLOBAL.items()}
+
+
+def clipped_mean(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """FedAvg (equal weights) of `states` with every update clipped to their lower median norm."""
+    norms = [update_norm(ArrayRecord(st), ArrayRecord(GLOBAL)) for st in states]
+    bound = lower_median(norms)
+    return {k: sum(GLOBAL[k] + (st[k] - GLOBAL[k]) * min(1.0, bound / n) for st, n in zip(states, norms)) / len(states)
+            for k in GLOBAL}
+
+
+def shared_update(seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
+    """An honest client of a federation whose clients agree on a direction: a common update plus its own noise."""
+    common, own = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(seed)
+    return {k: v + scale * (torch.randn(v.shape, generator=common) + 0.5 * torch.randn(v.shape, generator=own))
+            for k, v in GLOBAL.items()}
+
+
+def reversed_update(seed: int, factor: float) -> dict[str, torch.Tensor]:
+    """The sign-flip attack: the client's own update reversed and scaled by `factor`."""
+    own = shared_update(seed)
+    return {k: GLOBAL[k] - factor * (own[k] - GLOBAL[k]) for k in GLOBAL}
 
 
 def reply(state: dict[str, torch.Tensor], n: int = 40) -> RecordDict:
@@ -110,9 +131,9 @@ def test_a_malformed_update_is_rejected_with_its_reason_and_the_round_aggregates
     assert record.kept == 3 and [node for node, _ in record.rejected] == [99]
     assert reason in record.rejected[0][1]
     assert "node 99" in caplog.text and reason in caplog.text
-    got = arrays.to_torch_state_dict()
+    got, expected = arrays.to_torch_state_dict(), clipped_mean(honest)
     for name in GLOBAL:
-        assert torch.allclose(got[name], sum(h[name] for h in honest) / 3, atol=1e-6)
+        assert torch.allclose(got[name], expected[name], atol=1e-6)
     reliability("Update guard (server)", f"train reply with {kind}", f"rejected ({record.rejected[0][1]}); the other 3 aggregated")
 
 
@@ -241,3 +262,89 @@ def test_more_noise_gives_a_smaller_epsilon_and_dp_off_reports_none():
     assert privacy_report(cfg_with()) is None
     report = privacy_report(cfg_with(**{"federation.dp_noise_multiplier": 1.0, "federation.dp_clipping_norm": 1.0}))
     assert 0 < report["epsilon"] < float("inf") and report["delta"] == 1e-5 and report["sampling_rate"] == 1.0
+
+
+@pytest.mark.parametrize("clients, factor", [(4, 5.0), (3, 9.5)])
+def test_a_reversed_and_scaled_update_is_rejected_by_the_direction_check(clients, factor, reliability):
+    strategy = EdgeFedAvg(cfg_with(**{"split.num_clients": clients, "federation.min_clients": 2}), build_model(width=WIDTH),
+                          slice_sizes=SLICES)
+    strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
+    honest = [shared_update(s) for s in range(1, clients)]
+    replies = [FakeReply(reply(st), n) for n, st in enumerate(honest, start=1)] + [FakeReply(reply(reversed_update(9, factor)), 9)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    [(node, reason)] = strategy.train_replies[1].rejected
+    assert node == 9 and "points away from the round's coordinate-wise median update" in reason
+    expected = clipped_mean(honest)
+    assert all(torch.allclose(arrays.to_torch_state_dict()[k], expected[k], atol=1e-6) for k in GLOBAL)
+    reliability("Update guard (server)", f"1 client of {clients} sends its own update reversed and scaled x{factor:g} "
+                "(within max_update_norm_ratio)", f"rejected ({reason}); the honest ones aggregated")
+
+
+def test_the_direction_check_is_configurable_and_needs_three_replies():
+    replies = [FakeReply(reply(shared_update(s)), s) for s in (1, 2)] + [FakeReply(reply(reversed_update(9, 2.0)), 9)]
+    on = GuardLimits(None, None, 10.0, 3.0, min_cosine=0.0)
+    assert [n for n, _ in guard_updates(replies, ArrayRecord(GLOBAL), on)[1]] == [9]
+    assert not guard_updates(replies, ArrayRecord(GLOBAL), GuardLimits(None, None, 10.0, 3.0, min_cosine=-1.0))[1]
+    assert not guard_updates(replies[1:], ArrayRecord(GLOBAL), on)[1]  # two replies: no median to agree with
+
+
+def test_fedavg_clips_a_boosted_update_to_the_rounds_median_norm(reliability):
+    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), slice_sizes=SLICES)
+    strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
+    honest = [shared_update(s) for s in (1, 2, 3)]
+    boosted = {k: GLOBAL[k] + 5 * (shared_update(4)[k] - GLOBAL[k]) for k in GLOBAL}  # same direction, 5x the norm
+    arrays, _ = strategy.aggregate_train(1, [FakeReply(reply(st), n) for n, st in enumerate([*honest, boosted])])
+    record = strategy.train_replies[1]
+    assert record.kept == 4 and not record.rejected and record.clipped >= 1
+    expected = clipped_mean([*honest, boosted])
+    assert all(torch.allclose(arrays.to_torch_state_dict()[k], expected[k], atol=1e-6) for k in GLOBAL)
+    norms = sorted(update_norm(ArrayRecord(st), ArrayRecord(GLOBAL)) for st in [*honest, boosted])
+    aggregate_norm = update_norm(arrays, ArrayRecord(GLOBAL))
+    assert aggregate_norm <= norms[1] + 1e-6  # no more than one typical update, whatever the boosted one claimed
+    reliability("Update guard (server)", "1 of 4 updates boosted 5x in the honest direction (passes every check)",
+                f"FedAvg clipped it to the round's median update norm (federation.clip_to_median); aggregate norm "
+                f"{aggregate_norm:.3g} <= the median {norms[1]:.3g}")
+
+
+def test_with_two_replies_the_larger_update_is_clipped_to_the_smaller(reliability):
+    strategy = EdgeFedAvg(cfg_with(**{"federation.min_clients": 1}), build_model(width=WIDTH), slice_sizes=SLICES)
+    strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
+    small, big = client_state(1), client_state(2, scale=0.02)  # big: 2x the norm, under the 3x global-norm bound
+    arrays, _ = strategy.aggregate_train(1, [FakeReply(reply(small), 1), FakeReply(reply(big), 2)])
+    assert strategy.train_replies[1].clipped == 1
+    expected = clipped_mean([small, big])
+    assert all(torch.allclose(arrays.to_torch_state_dict()[k], expected[k], atol=1e-6) for k in GLOBAL)
+    reliability("Update guard (server)", "2 replies, one update 2x the other's norm (under the 3x global-norm bound)",
+                "FedAvg clipped the larger to the smaller norm before averaging")
+
+
+def test_all_zero_weights_are_rejected(reliability):
+    strategy = EdgeFedAvg(cfg_with(**{"federation.min_clients": 1}), build_model(width=WIDTH), slice_sizes=SLICES)
+    strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
+    zeros = {k: torch.zeros_like(v) for k, v in GLOBAL.items()}  # update norm = ||w_global||: under the 3x bound
+    strategy.aggregate_train(1, [FakeReply(reply(client_state(1)), 1), FakeReply(reply(zeros), 9)])
+    [(node, reason)] = strategy.train_replies[1].rejected
+    assert node == 9 and "is all zeros (the global model's is not)" in reason
+    reliability("Update guard (server)", "2 replies, one with all weights zero (its update norm is 1x the global model's)",
+                f"rejected ({reason})")
+
+
+def test_a_second_reply_of_one_node_does_not_count_toward_min_clients():
+    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), slice_sizes=SLICES)  # min_clients 3
+    strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
+    replies = [FakeReply(reply(client_state(1)), 1), FakeReply(reply(client_state(2)), 2), FakeReply(reply(client_state(3)), 2)]
+    with pytest.raises(RuntimeError, match="2 usable training replies of 3.*a second reply from this node"):
+        strategy.aggregate_train(1, replies)
+
+
+def test_a_train_time_longer_than_the_round_has_lasted_is_rejected(reliability):
+    strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), slice_sizes=SLICES)
+    strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
+    strategy.round_sent[1] = __import__("time").monotonic()  # the messages went out just now
+    slow = reply(client_state(4))
+    slow["metrics"]["train_seconds"] = 3000.0  # under round_timeout=3600, but the round is seconds old
+    strategy.aggregate_train(1, [FakeReply(reply(client_state(s)), s) for s in (1, 2, 3)] + [FakeReply(slow, 9)])
+    [(node, reason)] = strategy.train_replies[1].rejected
+    assert node == 9 and "since the round's messages went out" in reason
+    reliability("Update guard (server)", "train_seconds = 3000 in a round that started a second ago",
+                f"rejected ({reason})")

@@ -147,7 +147,7 @@ USAGE_ERRORS = [
      "device=cuda: this machine has no CUDA device"),
     ("distill: device=cuda without CUDA", lambda t: ["distill", *TINY, "device=cuda", "distill.method=random",
                                                      "--out", str(t / "runs")], "device=cuda: this machine has no CUDA device"),
-    ("--config naming a directory", lambda t: ["simulate", "--config", str(t), *TINY], "not a file (a directory?)"),
+    ("--config naming a directory", lambda t: ["simulate", "--config", str(t), *TINY], "not a file (a directory)"),
     ("--config naming a missing file (a bundled config has its name)",
      lambda t: ["simulate", "--config", str(t / "quickstart.yaml"), *TINY], "quickstart.yaml': no such file"),
     ("--config naming a missing file whose name is console markup", lambda t: ["simulate", "--config", str(t / "[/x].yaml")],
@@ -212,3 +212,52 @@ def test_a_tampered_resume_file_is_one_line_naming_it(kind, argv, words, tmp_pat
     lines = [line.replace(str(tmp_path), "<tmp>") for line in error_lines(capsys)]
     assert code == 2 and len(lines) == 1 and words in lines[0], lines
     reliability("Crash and resume", f"--resume with a {kind}", f"exit 2: `{lines[0]}`")
+
+
+DEEP = "a:\n" + "".join("  " * i + "b:\n" for i in range(1, 600)) + "  " * 600 + "c: 1\n"
+BAD_YAML = [
+    ("YAML nested 600 levels", DEEP, "nested too deeply"),
+    ("YAML flow lists nested 1000 levels", "[" * 1000 + "]" * 1000 + "\n", "nested too deeply"),
+    ("an integer of 5000 digits", "federation:\n  rounds: " + "9" * 5000 + "\n", "line 2: 'rounds' is an integer of 5000 digits"),
+    ("a float key given a 400-digit integer", "federation:\n  lr: " + "9" * 400 + "\n", "federation.lr=(an integer of 400 digits)"),
+]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("kind, text, words", BAD_YAML, ids=[b[0] for b in BAD_YAML])
+def test_a_pathological_yaml_is_one_line_naming_the_problem(kind, text, words, tmp_path, capsys, reliability):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["data", "--config", str(path)]) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and words in lines[0] and len(lines[0]) < 300, lines
+    reliability("Bad command line (feddistill)", f"config file: {kind}", f"exit 2: `{lines[0]}`")
+
+
+def test_a_device_given_as_config_is_not_called_a_directory(capsys):
+    assert main(["data", "--config", "/dev/null"]) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "not a file (a device, pipe or socket)" in lines[0] and "directory" not in lines[0], lines
+
+
+def test_a_full_disk_while_saving_names_the_file(tmp_path, monkeypatch, capsys, reliability):
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, "/dev/full"))  # the real ENOSPC failure
+    out = tmp_path / "out"
+    assert main(["distill", "--config", "quickstart", *TINY, "distill.method=random", "evaluation.epochs=1",
+                 "evaluation.num_nets=1", "--out", str(out)]) == 2
+    lines = [line for line in error_lines(capsys) if not line[:4].isdigit()]  # progress lines start with the date
+    assert len(lines) == 1 and str(out / "seed_0" / "synthetic.pt") in lines[0] and "a full disk?" in lines[0], lines
+    reliability("Bad command line (feddistill)", "the disk fills while torch.save writes a result (/dev/full)",
+                f"exit 2: `{lines[0]}`")
+
+
+def test_a_full_disk_during_simulate_names_the_file(tmp_path, monkeypatch, capsys, reliability):
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, "/dev/full"))  # the ServerApp's thread too
+    code = main(["simulate", *TINY, "split.num_clients=2", "federation.rounds=1", "distill.enabled=false",
+                 "--output-dir", str(tmp_path)])
+    lines = [line for line in error_lines(capsys) if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "round_0000.pt: cannot be written" in lines[0], lines
+    reliability("Bad command line (feddistill)", "the disk fills during `simulate` (torch.save to /dev/full)",
+                f"exit 2: `{lines[0]}`")

@@ -118,3 +118,36 @@ def test_a_truncated_distillation_checkpoint_is_a_one_line_error(tmp_path, capsy
     lines = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
     assert len(lines) == 1 and "checkpoint.pt: cannot be loaded as a weights-only torch file" in lines[0], lines
     reliability("Loading safety", "truncated distillation checkpoint.pt given to `distill --resume`", f"exit 2: `{lines[0]}`")
+
+
+@pytest.mark.parametrize("change, key", [
+    (["distill.ipc=2", "split.pipc=4"], "distill.ipc: 1 -> 2"),
+    (["evaluation.epochs=3"], "evaluation.epochs: 2 -> 3"),
+    (["distill.lr_img=0.5"], "distill.lr_img: 1.0 -> 0.5"),
+])
+def test_distill_into_a_used_out_with_another_configuration_is_a_one_line_error(change, key, tmp_path, capsys, reliability):
+    out = tmp_path / "out"
+    assert main(["distill", *DISTILL, "distill.iterations=20", "--out", str(out)]) == 0
+    before = (out / "result.json").read_bytes()
+    capsys.readouterr()
+    assert main(["distill", *DISTILL, "distill.iterations=20", *change, "--out", str(out)]) == 2
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert len(lines) == 1 and key in lines[0] and "holds a run of another configuration" in lines[0], lines
+    assert (out / "result.json").read_bytes() == before  # nothing rewritten
+    assert json.loads((out / "invocation.json").read_text())["config"]["distill"]["iterations"] == 20
+    assert main(["distill", *DISTILL, "distill.iterations=20", "distill.log_every=5", "--out", str(out)]) == 0  # same run
+    reliability("Resume safety", f"`distill` re-run into a used --out with {' '.join(change)}", f"exit 2: `{lines[0]}`")
+
+
+def test_a_killed_distillation_relaunched_with_another_lr_img_is_refused(tmp_path, capsys, reliability):
+    out = tmp_path / "out"
+    assert main(["distill", *DISTILL, "distill.iterations=20", "--out", str(out)]) == 0
+    for finished in ("result.json", "seed_0/result.json", "seed_0/synthetic.pt", "seed_0/synthetic.json"):
+        (out / finished).unlink()  # what a kill after the checkpoint leaves
+    capsys.readouterr()
+    assert main(["distill", *DISTILL, "distill.iterations=20", "distill.lr_img=0.5", "--out", str(out)]) == 2
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert len(lines) == 1 and "distill.lr_img: 1.0 -> 0.5" in lines[0], lines
+    assert json.loads((out / "seed_0" / "checkpoint.json").read_text())["config_sha256"]
+    reliability("Resume safety", "a killed `distill` re-launched into its folder with another distill.lr_img",
+                f"exit 2 before touching the checkpoint: `{lines[0]}`")

@@ -148,3 +148,106 @@ def test_partition_writes_each_clients_label_distribution_for_every_partitioner(
         assert client["held_out"] == np.bincount(dataset.train.labels[held], minlength=10).tolist()
     assert distribution["public"] == np.bincount(dataset.train.labels[holdings.public], minlength=10).tolist()
     assert (tmp_path / "label_distribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _tar(path, members: list[tuple[str, bytes]]):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, blob in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def _members(archive) -> list[tuple[str, bytes]]:
+    with tarfile.open(archive, "r:gz") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+@pytest.mark.reliability
+def test_a_decompression_bomb_is_refused_before_it_is_unpacked(tmp_path, reliability):
+    from common.data import MAX_EXPANSION, MAX_MEMBER_BYTES
+
+    bomb = _tar(tmp_path / "bomb.tar.gz", [("holding.json", b"{}"), ("train/a/0.png", bytes(200 * 2**20))])
+    assert bomb.stat().st_size < 2**20  # 200 MiB of zeros compress to ~200 kB
+    with pytest.raises(DataError, match="beyond the limits") as err:
+        load_node_archive(bomb)
+    assert str(MAX_MEMBER_BYTES) in str(err.value) and f"{MAX_EXPANSION}x" in str(err.value)
+    many = _tar(tmp_path / "many.tar.gz", [("holding.json", b"{}")] + [(f"train/a/{i}.png", bytes(8 * 2**20)) for i in range(12)])
+    with pytest.raises(DataError, match="beyond the limits"):  # each member small, the total is not
+        load_node_archive(many)
+    reliability("Loading safety", "a node archive that unpacks to 200 MiB from ~200 kB (and one of many 8 MiB members)",
+                f"refused on the declared sizes before unpacking: `{str(err.value)[:160]}...`")
+
+
+@pytest.mark.reliability
+def test_a_repeated_member_name_is_refused(nodes, tmp_path, reliability):
+    out, _ = nodes
+    members = _members(out / "client-0.tar.gz")
+    name, _ = members[1]
+    twice = _tar(tmp_path / "twice.tar.gz", [*members, (name, members[2][1])])  # a second copy that would win
+    with pytest.raises(DataError, match="appears twice") as err:
+        load_node_archive(twice)
+    reliability("Loading safety", "a node archive with a repeated member name", f"refused: `{err.value}`")
+
+
+HOLDINGS = [
+    ("holding.json that is a list", lambda h: [1, 2], "is not a feddistill-holding/1 description"),
+    ("classes that are not names", lambda h: {**h, "classes": [1, 2]}, "'classes' must be a non-empty list"),
+    ("train names that are not paths", lambda h: {**h, "train": [3]}, "'train' must be a list"),
+    ("a negative partition id", lambda h: {**h, "partition_id": -1}, "'partition_id' must be null"),
+    ("normalization std 0", lambda h: {**h, "normalization": {"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}}, "has an entry <= 0"),
+    ("normalization of text", lambda h: {**h, "normalization": {"mean": "a", "std": "b"}}, "normalization: must be"),
+    ("deeply nested holding.json", lambda h: "[" * 100_000 + "]" * 100_000, "no readable holding.json"),
+]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("kind, change, words", HOLDINGS, ids=[h[0] for h in HOLDINGS])
+def test_a_malformed_holding_json_is_a_one_line_error(kind, change, words, nodes, tmp_path, reliability):
+    out, _ = nodes
+    members = _members(out / "client-0.tar.gz")
+    holding = change(json.loads(members[0][1]))
+    text = holding if isinstance(holding, str) else json.dumps(holding)
+    archive = _tar(tmp_path / "bad.tar.gz", [("holding.json", text.encode()), *members[1:]])
+    with pytest.raises(DataError, match=words) as err:
+        load_node_archive(archive)
+    assert "\n" not in str(err.value)
+    reliability("Loading safety", f"a node archive with {kind}", f"refused: `{str(err.value)[:200]}`")
+
+
+MANIFESTS = [
+    ("a list", lambda m: [], "not an object with 'archives'"),
+    ("no client-2", lambda m: {**m, "archives": {k: v for k, v in m["archives"].items() if k != "client-2"}}, "no 'client-2'"),
+    ("a file path outside the folder", lambda m: {**m, "archives": {**m["archives"], "public": {**m["archives"]["public"], "file": "../x"}}},
+     "'file' must be a file name"),
+    ("counts that are text", lambda m: {**m, "archives": {**m["archives"], "client-0": {**m["archives"]["client-0"], "train_per_class": "9"}}},
+     "'train_per_class' must be a list"),
+]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("kind, change, words", MANIFESTS, ids=[m[0] for m in MANIFESTS])
+def test_a_malformed_manifest_is_a_one_line_error(kind, change, words, nodes, tmp_path, reliability):
+    out, cfg = nodes
+    folder = tmp_path / "server"
+    folder.mkdir()
+    for name in ("public.tar.gz", "test.tar.gz"):
+        (folder / name).write_bytes((out / name).read_bytes())
+    (folder / "manifest.json").write_text(json.dumps(change(json.loads((out / "manifest.json").read_text()))))
+    with pytest.raises(DataError, match=words) as err:
+        from_node_data(cfg, folder)
+    reliability("Loading safety", f"the server's manifest.json: {kind}", f"refused: `{err.value}`")
+
+
+@pytest.mark.reliability
+def test_a_node_checks_its_archive_against_the_manifests_sha256(nodes, reliability):
+    out, cfg = nodes
+    manifest = json.loads((out / "manifest.json").read_text())
+    clear_cache()
+    shard = shard_from_archive(cfg, 1, out / "client-1.tar.gz", manifest["archives"]["client-1"]["sha256"])
+    assert len(shard.train_labels) > 0
+    with pytest.raises(DataError, match="is not node_config data-sha256") as err:
+        shard_from_archive(cfg, 0, out / "client-0.tar.gz", manifest["archives"]["client-1"]["sha256"])
+    reliability("Loading safety", "a node given another archive than manifest.json's sha256 for it (node_config data-sha256)",
+                f"refused: `{err.value}`")

@@ -111,3 +111,18 @@ def test_a_bad_sweep_file_is_one_config_error_naming_the_key(tmp_path, text, wor
     with pytest.raises(ConfigError, match="^sweep .*grid.yaml: ") as info:
         load_sweep(str(path))
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_sweep_rerun_with_other_overrides_refuses_its_finished_cells_before_any_work(tmp_path):
+    from common.atomic import save_json
+    from common.config import config_hash, config_to_dict
+    from simulations.sweep import cell_config, run_sweep
+
+    sweep = load_sweep("tiny")
+    cell = cells(sweep)[0][0]
+    recorded = config_to_dict(cell_config(sweep, cell))
+    save_json(tmp_path / "cells" / cell.name / "result.json",
+              {"config": recorded, "config_sha256": config_hash(recorded), "mean": 0.1, "std": 0.0, "accuracies": [0.1]})
+    with pytest.raises(ValueError, match=r"holds a run of another configuration \(distill.lr_img: 1.0 -> 0.5\)"):
+        run_sweep(sweep, tmp_path, {"distill.lr_img": 0.5})
+    assert not (tmp_path / "edge_models").exists()  # refused before training any edge model

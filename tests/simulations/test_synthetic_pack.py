@@ -130,3 +130,32 @@ def test_an_unknown_mode_is_a_one_line_error(pack, capsys):
     assert cli_main(["evaluate", str(pack), "--mode", "fp16"]) == 2
     out = capsys.readouterr().out.strip()
     assert out.startswith("error: evaluation mode 'fp16'") and "compile+bf16" in out and "\n" not in out
+
+
+def _damaged(pack: Path, tmp_path: Path, name: str, **changes) -> Path:
+    saved = load_torch(pack)
+    saved.update(changes)
+    return save_torch(tmp_path / f"{name}.pt", saved)
+
+
+MALFORMED = [
+    ("NaN images", lambda s: {"images": torch.full_like(s["images"], float("nan"))}, "images hold NaN or infinite values"),
+    ("std 0", lambda s: {"std": torch.zeros_like(s["std"])}, "has an entry <= 0"),
+    ("a label near 10^8", lambda s: {"labels": torch.full_like(s["labels"], 99_999_999)}, "labels span 99999999..99999999, outside 0..9"),
+    ("a negative label", lambda s: {"labels": -s["labels"] - 1}, "outside 0..9"),
+    ("float labels", lambda s: {"labels": s["labels"].float()}, "not integers"),
+    ("1-pixel images", lambda s: {"images": s["images"][:, :, :1, :1].contiguous()}, "at least 2x2 pixels"),
+    ("images that are not a tensor", lambda s: {"images": [1, 2, 3]}, "must be tensors"),
+    ("meta that is a list", lambda s: {"meta": "[1, 2]"}, "format None"),
+]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("kind, change, words", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_a_malformed_pack_is_a_one_line_error_before_any_training(kind, change, words, pack, tmp_path, capsys, reliability):
+    damaged = _damaged(pack, tmp_path, "damaged", **change(load_torch(pack)))
+    capsys.readouterr()
+    assert cli_main(["evaluate", str(damaged)]) == 2
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert len(lines) == 1 and words in lines[0], lines
+    reliability("Loading safety", f"`feddistill evaluate` of a pack with {kind}", f"exit 2: `{lines[0]}`")

@@ -1,0 +1,56 @@
+"""A distillation folder resumes only the configuration recorded there: by hash, or key by key for older records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.config import build_config, config_differences, config_hash, config_to_dict, same_configuration
+from server.distill.artifacts import check_resumable
+
+RAW = {"data": {"name": "tiny"}, "split": {"pipc": 2}, "model": {"width": 8}, "distill": {"ipc": 1, "method": "dm"}}
+
+
+def recorded(tmp_path, config: dict, with_hash: bool) -> None:
+    meta = {"method": "dm", "seed": 0, "config": config, **({"config_sha256": config_hash(config)} if with_hash else {})}
+    (tmp_path / "seed_0").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "seed_0" / "checkpoint.json").write_text(json.dumps(meta))
+
+
+def test_the_same_configuration_resumes_and_neutral_keys_do_not_count(tmp_path):
+    cfg = config_to_dict(build_config(RAW))
+    recorded(tmp_path, cfg, with_hash=True)
+    check_resumable(tmp_path, cfg)
+    moved = config_to_dict(build_config(RAW, {"name": "renamed", "output_dir": "/elsewhere", "distill.num_seeds": 3,
+                                              "distill.log_every": 1, "distill.checkpoint_every": 7}))
+    assert config_hash(moved) == config_hash(cfg)
+    check_resumable(tmp_path, moved)
+
+
+@pytest.mark.parametrize("with_hash", [True, False])
+def test_another_configuration_is_refused_naming_each_key(tmp_path, with_hash):
+    recorded(tmp_path, config_to_dict(build_config(RAW)), with_hash)
+    other = config_to_dict(build_config(RAW, {"distill.lr_img": 0.5, "evaluation.epochs": 3, "seed": 4}))
+    with pytest.raises(ValueError) as err:
+        check_resumable(tmp_path, other)
+    text = str(err.value)
+    assert "\n" not in text and all(k in text for k in ("distill.lr_img: 1.0 -> 0.5", "evaluation.epochs: 1000 -> 3", "seed: 0 -> 4"))
+
+
+def test_a_record_from_before_a_key_existed_matches_that_key_at_its_default(tmp_path):
+    old = config_to_dict(build_config(RAW))
+    del old["evaluation"]["precision"]  # a key added since: the old run behaved as its default
+    recorded(tmp_path, old, with_hash=False)
+    check_resumable(tmp_path, config_to_dict(build_config(RAW)))
+    with pytest.raises(ValueError, match="evaluation.precision"):
+        check_resumable(tmp_path, config_to_dict(build_config(RAW, {"evaluation.precision": "bf16"})))
+    assert same_configuration(old, config_to_dict(build_config(RAW)))
+    assert config_differences(old, config_to_dict(build_config(RAW, {"evaluation.precision": "bf16"}))) == [
+        'evaluation.precision: "fp32" -> "bf16"']
+
+
+def test_an_unreadable_record_is_a_one_line_error(tmp_path):
+    (tmp_path / "result.json").write_text("{not json")
+    with pytest.raises(ValueError, match="result.json: not valid JSON"):
+        check_resumable(tmp_path, config_to_dict(build_config(RAW)))
