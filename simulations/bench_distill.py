@@ -85,6 +85,14 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def shown(row: Row) -> Row:
+    """`row`, printed as soon as it is measured (a long run that is stopped keeps what it printed)."""
+    rate = "failed" if row.rate is None else f"{row.rate:.3g} {row.unit}"
+    console.print(f"row  {row.section} | {row.variant} | {rate} | " + ("" if row.ratio is None else f"{row.ratio:.2f}x | ")
+                  + row.note)
+    return row
+
+
 @contextlib.contextmanager
 def whole_batches() -> Iterator[None]:
     """The plain path, every pass over the whole batch (the CPU fast path off): the "before" rows."""
@@ -208,7 +216,7 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
         ref = rate_of(
             lambda: reference_dm_step(public_x, class_indices, syn, opt, sizes, gen, cpu_gen), args.iters, args.warmup, device
         )
-        rows.append(Row(section, "reference loop (fp32)", ref, "it/s", 1.0, peak_mb(device)))
+        rows.append(shown(Row(section, "reference loop (fp32)", ref, "it/s", 1.0, peak_mb(device))))
 
         baseline_loss = None
         for variant in ("whole batch", "ours", "cpu estimator", *variants):
@@ -247,7 +255,7 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
                 name = {"ours": "ours (dm_loss, fp32)", "whole batch": "ours, whole batch (no CPU chunks)",
                         "cpu estimator": f"ours, batch_real {sizes.cpu_batch_real} (CPU protocol)"}.get(
                     variant, f"ours + {variant}")
-                rows.append(Row(section, name, r, "it/s", r / ref, peak_mb(device), note))
+                rows.append(shown(Row(section, name, r, "it/s", r / ref, peak_mb(device), note)))
             except Exception as err:  # noqa: BLE001 - an optional variant may not run on this stack; report it
                 rows.append(Row(section, f"ours + {variant}", None, "it/s", note=f"failed: {type(err).__name__}: {err}"[:120]))
         if per_class == sizes.pipc and variants:  # the exact step's arithmetic ceiling
@@ -256,8 +264,8 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
             opt = torch.optim.SGD([syn], lr=1.0, momentum=0.5)
             pool = PublicPool(public_x, public_y, sizes.classes, sizes.batch_real)
             gen = torch.Generator(device=device).manual_seed(7)
-            rows.append(ceiling_row(section, "the exact step", lambda: our_dm_step(module, pool, syn, syn_y, opt, sizes, gen),
-                                    ref, device))
+            rows.append(shown(ceiling_row(section, "the exact step",
+                                          lambda: our_dm_step(module, pool, syn, syn_y, opt, sizes, gen), ref, device)))
     return rows
 
 
@@ -474,18 +482,18 @@ def bench_full_iteration(sizes: Sizes, args: argparse.Namespace, device: torch.d
     bf16, compile+bf16), its fp32 ceiling; then the fp32 iteration at big_ipc."""
     section = f"DM+DKKT iteration (methods.distill), pipc {sizes.pipc}"
     base, peak, _ = distill_rate(sizes, sizes.ipc, args.iters, args.warmup, device)
-    rows = [Row(section, f"ipc {sizes.ipc}", base, "it/s", 1.0, peak)]
+    rows = [shown(Row(section, f"ipc {sizes.ipc}", base, "it/s", 1.0, peak))]
     for variant in (v for v in variants if v in ("compile", "bf16", "compile+bf16")):
         mode = {"compile": "compile" in variant, "precision": "bf16" if "bf16" in variant else "fp32"}
         try:
             r, peak, _ = distill_rate(sizes, sizes.ipc, args.iters, args.warmup, device, mode)
-            rows.append(Row(section, f"ipc {sizes.ipc} + distill.{variant}", r, "it/s", r / base, peak))
+            rows.append(shown(Row(section, f"ipc {sizes.ipc} + distill.{variant}", r, "it/s", r / base, peak)))
         except Exception as err:  # noqa: BLE001 - an optional mode may not run on this stack; report it
             rows.append(Row(section, f"ipc {sizes.ipc} + distill.{variant}", None, "it/s",
                             note=f"failed: {type(err).__name__}: {err}"[:120]))
     if variants:
-        rows.append(ceiling_row(section, f"the exact ipc-{sizes.ipc} iteration", iteration_flops(sizes, device), base,
-                                device))
+        rows.append(shown(ceiling_row(section, f"the exact ipc-{sizes.ipc} iteration", iteration_flops(sizes, device),
+                                      base, device)))
     r, peak, _ = distill_rate(sizes, sizes.big_ipc, max(args.iters // 5, 1), min(args.warmup, 2), device)
     rows.append(Row(section, f"ipc {sizes.big_ipc}", r, "it/s", None, peak))
     return rows
