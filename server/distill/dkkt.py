@@ -115,7 +115,7 @@ def kkt_loss(
 ) -> dict[str, torch.Tensor]:
     """{'kkt': L_stat + primal_weight * L_prim, 'stat': L_stat, 'primal': L_prim}."""
     stat, logits = stationarity_and_logits(model, x, y, lambdas, compile)
-    prim = primal_loss(logits.float(), y)
+    prim = primal_loss(logits.to(x.dtype), y)  # the images' dtype: bf16 logits under autocast
     return {"kkt": stat + primal_weight * prim, "stat": stat, "primal": prim}
 
 
