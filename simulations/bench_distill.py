@@ -201,6 +201,7 @@ def our_dm_step(
 def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, variants: Sequence[str]) -> list[Row]:
     rows = []
     pools = {f"pipc {sizes.pipc}": sizes.pipc, f"batch_real {sizes.batch_real}": 2 * sizes.batch_real}
+    pools = {label: n for label, n in pools.items() if label.split()[0] in args.dm_pools.split(",")}
     for label, per_class in pools.items():
         public_x, public_y = class_data(sizes, per_class, device)
         syn0 = public_x[torch.arange(sizes.classes, device=device) * per_class].repeat_interleave(sizes.ipc, 0)
@@ -569,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of bf16,channels_last,compile,compile+bf16 (default: all but compile+bf16 on CUDA, "
                         "none on CPU; 'none' for none)")
     p.add_argument("--sections", default="dm,dkkt,eval,distill", help="comma list of dm,dkkt,eval,distill")
+    p.add_argument("--dm-pools", default="pipc,batch_real",
+                   help="the DM step's pools: pipc (real batch = pipc per class), batch_real (256 of 512 per class)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--full", action="store_true", help="also run 20k DM+DKKT iterations + a 5-net evaluation for real")
     p.add_argument("--json", default=None, metavar="PATH", help="write all rows and the estimate as JSON")
