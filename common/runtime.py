@@ -1,13 +1,14 @@
-"""Seeding, device selection and torch.compile switches: the one place for each."""
+"""Seeding, device selection, and the torch.compile and bfloat16 autocast switches: the one place for each."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,16 @@ def compiled(fn: Callable[..., torch.Tensor], enabled: bool, device: torch.devic
         raise ConfigError(f"{key}=true: torch.compile on the CPU needs a C++ compiler (g++ or clang++) on PATH and none "
                           f"was found; install one or set {key}=false")
     return torch.compile(fn, dynamic=False)
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """bfloat16 autocast for precision 'bf16' (weights and images stay fp32), nothing for 'fp32'."""
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
 
 
 def describe_machine(device: torch.device) -> str:

@@ -9,13 +9,16 @@ On CIFAR-shaped random tensors (10 classes, 3x32x32, ConvNet-3 width 128), same 
             loop `naive_stationarity_loss` against the batched `stationarity_loss`; iterations/s.
   eval      the evaluation protocol (--epochs, 1000 by default): `train_and_test` one net after another
             against `train_and_test_batched` with --nets nets at once; nets/s.
-  distill   a full DM+DKKT iteration through `methods.distill` at --ipc (rate) and at ipc 50 (peak memory).
+  distill   a full DM+DKKT iteration through `methods.distill` at --ipc (rate) and at ipc 50 (peak memory); with
+            --variants compile / bf16 / compile+bf16 also at --ipc in that distillation mode (distill.compile,
+            distill.precision) against the fp32 iteration.
   estimate  20,000 DM+DKKT iterations at --ipc plus a 5-net evaluation, from the measured rates
             (--full runs it for real).
 On CUDA, bf16 autocast, channels_last and torch.compile variants of our DM step and of the batched evaluation
 are timed too (--variants), each with its loss / accuracy difference to fp32; peak memory per row. The compile
 and bf16 variants also time `train_and_test` with `evaluation.compile` and `evaluation.precision=bf16` (the one-off
-compile reported, not timed); on the CPU: --variants compile,bf16.
+compile reported, not timed); on the CPU: --variants compile,bf16. With variants, the DM step at pipc 50 and the
+ipc-10 iteration also get an fp32 ceiling row: their FLOPs (torch.utils.flop_counter) at the measured fp32 matmul rate.
 
   python -m simulations.bench_distill                         # everything, default sizes, auto device
   python -m simulations.bench_distill --device cuda --json bench_distill.json
@@ -41,7 +44,7 @@ from common.atomic import save_json
 from common.config import DistillConfig, EvaluationConfig, ModelConfig
 import common.models as models
 from common.models import build_model
-from common.runtime import describe_machine, pick_device
+from common.runtime import autocast, describe_machine, pick_device
 from server.distill.dkkt import freeze_model, naive_stationarity_loss, stationarity_loss
 from server.distill.dm import PublicPool, dm_loss, randomize_
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
@@ -80,6 +83,14 @@ class Row:
     peak_mb: float | None = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def shown(row: Row) -> Row:
+    """`row`, printed as soon as it is measured (a long run that is stopped keeps what it printed)."""
+    rate = "failed" if row.rate is None else f"{row.rate:.3g} {row.unit}"
+    console.print(f"row  {row.section} | {row.variant} | {rate} | " + ("" if row.ratio is None else f"{row.ratio:.2f}x | ")
+                  + row.note)
+    return row
 
 
 @contextlib.contextmanager
@@ -172,14 +183,14 @@ def our_dm_step(
     opt: torch.optim.Optimizer,
     sizes: Sizes,
     gen: torch.Generator,
-    autocast: bool,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """The DM part of one `methods.distill` iteration (same calls, same order)."""
+    """The DM part of one `methods.distill` iteration (same calls, same order, `distill.precision` as there)."""
     families = parse_strategy(DEFAULT_STRATEGY)
     randomize_(module)
     real_x, real_groups = pool.sample(gen)
     per_class = sample_dsa(families, sizes.classes, gen, syn.device)
-    with torch.autocast(syn.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with autocast(syn.device, precision):
         loss = dm_loss(module, real_x, real_groups, syn, syn_y, sizes.classes, per_class)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -190,6 +201,7 @@ def our_dm_step(
 def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, variants: Sequence[str]) -> list[Row]:
     rows = []
     pools = {f"pipc {sizes.pipc}": sizes.pipc, f"batch_real {sizes.batch_real}": 2 * sizes.batch_real}
+    pools = {label: n for label, n in pools.items() if label.split()[0] in args.dm_pools.split(",")}
     for label, per_class in pools.items():
         public_x, public_y = class_data(sizes, per_class, device)
         syn0 = public_x[torch.arange(sizes.classes, device=device) * per_class].repeat_interleave(sizes.ipc, 0)
@@ -205,7 +217,7 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
         ref = rate_of(
             lambda: reference_dm_step(public_x, class_indices, syn, opt, sizes, gen, cpu_gen), args.iters, args.warmup, device
         )
-        rows.append(Row(section, "reference loop (fp32)", ref, "it/s", 1.0, peak_mb(device)))
+        rows.append(shown(Row(section, "reference loop (fp32)", ref, "it/s", 1.0, peak_mb(device))))
 
         baseline_loss = None
         for variant in ("whole batch", "ours", "cpu estimator", *variants):
@@ -221,21 +233,21 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
                 module = module.to(device).train().requires_grad_(False)
                 if variant == "channels_last":
                     module = module.to(memory_format=torch.channels_last)
-                if variant == "compile":  # the module itself (cpu_chunk reads its layers), its embed compiled
+                if "compile" in variant.split("+"):  # the module itself (cpu_chunk reads its layers), embed compiled
                     module.embed = torch.compile(module.embed, dynamic=False)
-                autocast = variant == "bf16"
+                precision = "bf16" if "bf16" in variant.split("+") else "fp32"
                 # The loss of one fixed draw, for the difference to fp32.
                 torch.manual_seed(1)
                 with whole_batches() if variant == "whole batch" else contextlib.nullcontext():
                     first = our_dm_step(module, pool, syn, syn_y, opt, sizes,
-                                        torch.Generator(device=device).manual_seed(7), autocast)
+                                        torch.Generator(device=device).manual_seed(7), precision)
                 loss_value = float(first.detach())
                 baseline_loss = loss_value if variant == "whole batch" else baseline_loss
                 gen = torch.Generator(device=device).manual_seed(0)
                 reset_peak(device)
                 with whole_batches() if variant == "whole batch" else contextlib.nullcontext():
                     r = rate_of(
-                        lambda: our_dm_step(module, pool, syn, syn_y, opt, sizes, gen, autocast),
+                        lambda: our_dm_step(module, pool, syn, syn_y, opt, sizes, gen, precision),
                         args.iters, args.warmup, device,
                     )
                 note = "" if variant == "whole batch" else f"loss rel. diff {abs(loss_value - baseline_loss) / max(abs(baseline_loss), 1e-12):.1e}"
@@ -244,10 +256,34 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
                 name = {"ours": "ours (dm_loss, fp32)", "whole batch": "ours, whole batch (no CPU chunks)",
                         "cpu estimator": f"ours, batch_real {sizes.cpu_batch_real} (CPU protocol)"}.get(
                     variant, f"ours + {variant}")
-                rows.append(Row(section, name, r, "it/s", r / ref, peak_mb(device), note))
+                rows.append(shown(Row(section, name, r, "it/s", r / ref, peak_mb(device), note)))
             except Exception as err:  # noqa: BLE001 - an optional variant may not run on this stack; report it
                 rows.append(Row(section, f"ours + {variant}", None, "it/s", note=f"failed: {type(err).__name__}: {err}"[:120]))
+        if per_class == sizes.pipc and variants:  # the exact step's arithmetic ceiling
+            module = build_model(sizes.classes, sizes.channels, sizes.size, sizes.width).to(device).requires_grad_(False)
+            syn = syn0.clone().requires_grad_(True)
+            opt = torch.optim.SGD([syn], lr=1.0, momentum=0.5)
+            pool = PublicPool(public_x, public_y, sizes.classes, sizes.batch_real)
+            gen = torch.Generator(device=device).manual_seed(7)
+            rows.append(shown(ceiling_row(section, "the exact step",
+                                          lambda: our_dm_step(module, pool, syn, syn_y, opt, sizes, gen), ref, device)))
     return rows
+
+
+def ceiling_row(section: str, what: str, step: Callable[[], Any], baseline: float, device: torch.device) -> Row:
+    """The rate `step` would reach if all its FLOPs (counted by torch.utils.flop_counter, fp32) ran at the measured
+    fp32 matmul rate: the most any exact fp32 path can do; its ratio is to `baseline`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops, peak = counter.get_total_flops(), matmul_gflops(device)
+    peak_bf16 = matmul_gflops(device, torch.bfloat16, n=512)  # small: a CPU without bf16 units takes seconds per call
+    ceiling = peak * 1e9 / flops
+    return Row(section, f"fp32 ceiling: {what}'s FLOPs at the measured fp32 matmul rate", ceiling, "it/s",
+               ceiling / baseline, None, f"{flops / 1e9:.1f} GFLOP per step at {peak:.0f} GFLOP/s (bf16 matmul, n=512: "
+               f"{peak_bf16:.1f} GFLOP/s)", {"gflop_per_step": flops / 1e9, "matmul_gflops_fp32": peak,
+                                               "matmul_gflops_bf16_n512": peak_bf16})
 
 
 # ----------------------------------------------------------------------------------------------- DKKT term
@@ -410,13 +446,14 @@ def bench_eval(sizes: Sizes, args: argparse.Namespace, device: torch.device, var
 
 
 def distill_rate(
-    sizes: Sizes, ipc: int, iterations: int, warmup: int, device: torch.device
+    sizes: Sizes, ipc: int, iterations: int, warmup: int, device: torch.device, mode: dict[str, Any] | None = None,
 ) -> tuple[float, float | None, float]:
-    """(DM+DKKT iterations/s through `methods.distill`, peak MB, seconds of the whole call) at `ipc`, pipc pool."""
+    """(DM+DKKT iterations/s through `methods.distill`, peak MB, seconds of the whole call) at `ipc`, pipc pool;
+    `mode`: distill.compile / distill.precision (the compile happens in the untimed warm-up)."""
     public_x, public_y = class_data(sizes, max(sizes.pipc, ipc), device, seed=4)
     model = build_model(sizes.classes, sizes.channels, sizes.size, sizes.width)
     cfg = DistillConfig(method="dm+dkkt", ipc=ipc, iterations=warmup + iterations, batch_real=sizes.batch_real,
-                        log_every=max(warmup, 1), checkpoint_every=10**9)
+                        log_every=max(warmup, 1), checkpoint_every=10**9, **(mode or {}))
     marks: dict[int, float] = {}
 
     def on_iteration(it: int, metrics: dict[str, float], current: Any) -> None:
@@ -431,12 +468,35 @@ def distill_rate(
     return rate, peak_mb(device), total
 
 
-def bench_full_iteration(sizes: Sizes, args: argparse.Namespace, device: torch.device) -> list[Row]:
-    rows = []
-    r, peak, _ = distill_rate(sizes, sizes.ipc, args.iters, args.warmup, device)
-    rows.append(Row(f"DM+DKKT iteration (methods.distill), pipc {sizes.pipc}", f"ipc {sizes.ipc}", r, "it/s", None, peak))
+def iteration_flops(sizes: Sizes, device: torch.device) -> Callable[[], Any]:
+    """One exact fp32 `dm+dkkt` iteration at ipc, pipc pool, through `methods.distill` (no multiplier fit)."""
+    public_x, public_y = class_data(sizes, max(sizes.pipc, sizes.ipc), device, seed=4)
+    model = build_model(sizes.classes, sizes.channels, sizes.size, sizes.width)
+    cfg = DistillConfig(method="dm+dkkt", ipc=sizes.ipc, iterations=1, batch_real=sizes.batch_real, lambda_fit_steps=0,
+                        checkpoint_every=10**9)
+    return lambda: distill(model, public_x, public_y, cfg, model_of(sizes), sizes.classes, 0, device)
+
+
+def bench_full_iteration(sizes: Sizes, args: argparse.Namespace, device: torch.device, variants: Sequence[str]
+                         ) -> list[Row]:
+    """A whole exact `dm+dkkt` iteration at ipc (fp32: today's), in each distillation mode of `variants` (compile,
+    bf16, compile+bf16), its fp32 ceiling; then the fp32 iteration at big_ipc."""
+    section = f"DM+DKKT iteration (methods.distill), pipc {sizes.pipc}"
+    base, peak, _ = distill_rate(sizes, sizes.ipc, args.iters, args.warmup, device)
+    rows = [shown(Row(section, f"ipc {sizes.ipc}", base, "it/s", 1.0, peak))]
+    for variant in (v for v in variants if v in ("compile", "bf16", "compile+bf16")):
+        mode = {"compile": "compile" in variant, "precision": "bf16" if "bf16" in variant else "fp32"}
+        try:
+            r, peak, _ = distill_rate(sizes, sizes.ipc, args.iters, args.warmup, device, mode)
+            rows.append(shown(Row(section, f"ipc {sizes.ipc} + distill.{variant}", r, "it/s", r / base, peak)))
+        except Exception as err:  # noqa: BLE001 - an optional mode may not run on this stack; report it
+            rows.append(Row(section, f"ipc {sizes.ipc} + distill.{variant}", None, "it/s",
+                            note=f"failed: {type(err).__name__}: {err}"[:120]))
+    if variants:
+        rows.append(shown(ceiling_row(section, f"the exact ipc-{sizes.ipc} iteration", iteration_flops(sizes, device),
+                                      base, device)))
     r, peak, _ = distill_rate(sizes, sizes.big_ipc, max(args.iters // 5, 1), min(args.warmup, 2), device)
-    rows.append(Row(f"DM+DKKT iteration (methods.distill), pipc {sizes.pipc}", f"ipc {sizes.big_ipc}", r, "it/s", None, peak))
+    rows.append(Row(section, f"ipc {sizes.big_ipc}", r, "it/s", None, peak))
     return rows
 
 
@@ -456,6 +516,10 @@ def ratio_summary(rows: list[Row]) -> dict[str, float | None]:
                 out[f"{r.section}: ours / ours on whole batches (the CPU fast path)"] = r.rate / whole.rate
         if r.section.startswith("DM step") and "(CPU protocol)" in r.variant:
             out[f"{r.section}: {r.variant} / reference"] = r.ratio
+        if r.section.startswith("DM step") and r.variant.startswith(("ours + ", "fp32 ceiling")) and r.ratio:
+            out[f"{r.section}: {r.variant} / reference"] = r.ratio
+        if r.section.startswith("DM+DKKT") and r.ratio and r.ratio != 1.0:
+            out[f"{r.section}: {r.variant} / today's fp32 iteration"] = r.ratio
         if r.section.startswith("DKKT") and r.variant == "batched (default path)":
             out[f"{r.section}: default / whole batch"] = r.ratio
         if r.section.startswith("DKKT") and "(CPU protocol)" in r.variant:
@@ -503,8 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nets", type=int, default=FULL_NETS, help="nets trained at once by the batched evaluation")
     p.add_argument("--seq-nets", type=int, default=1, help="nets trained one after another for the sequential rate")
     p.add_argument("--variants", default=None,
-                   help="comma list of bf16,channels_last,compile (default: all on CUDA, none on CPU; 'none' for none)")
+                   help="comma list of bf16,channels_last,compile,compile+bf16 (default: all but compile+bf16 on CUDA, "
+                        "none on CPU; 'none' for none)")
     p.add_argument("--sections", default="dm,dkkt,eval,distill", help="comma list of dm,dkkt,eval,distill")
+    p.add_argument("--dm-pools", default="pipc,batch_real",
+                   help="the DM step's pools: pipc (real batch = pipc per class), batch_real (256 of 512 per class)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--full", action="store_true", help="also run 20k DM+DKKT iterations + a 5-net evaluation for real")
     p.add_argument("--json", default=None, metavar="PATH", help="write all rows and the estimate as JSON")
@@ -545,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "eval" in sections:
         rows += bench_eval(sizes, args, device, variants)
     if "distill" in sections:
-        rows += bench_full_iteration(sizes, args, device)
+        rows += bench_full_iteration(sizes, args, device, variants)
     print_table(rows, device)
 
     summary = ratio_summary(rows)

@@ -13,12 +13,16 @@ so that the loss is differentiable w.r.t. the images and lambda. This is exact b
 samples independently (instance norm, or batch norm in eval mode), and it never materialises the n x P
 per-sample gradients that vmap(grad) would (500 images x 320k parameters = 160M floats, all of which the
 backward of the lambda-weighted sum would have to keep). `naive_stationarity_loss` is the per-sample loop
-used as the correctness guard.
+used as the correctness guard. With `distill.compile` each chunk's gradient runs through torch.compile (inductor
+traces the double backward too; the same values to float rounding); with `distill.precision=bf16` the caller runs the
+term under bfloat16 autocast (`methods.distill`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +31,7 @@ from torch.func import functional_call, grad
 
 from common.config import DistillConfig
 from common.models import cpu_chunk
+from common.runtime import compiled
 from server.distill.dsa import DSAParams, apply_dsa
 
 
@@ -45,21 +50,34 @@ def _stationarity_distance(params: dict[str, torch.Tensor], weighted_grads: dict
     return sum((params[k] + weighted_grads[k]).abs().sum() for k in params) / total
 
 
+def _weighted_ce(params: dict[str, torch.Tensor], model: nn.Module, buffers: dict[str, torch.Tensor], xs: torch.Tensor,
+                 ys: torch.Tensor, ls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = functional_call(model, (params, buffers), (xs,))
+    return (ls * F.cross_entropy(logits, ys, reduction="none")).sum(), logits
+
+
+def _chunk_grads(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], xs: torch.Tensor,
+                 ys: torch.Tensor, ls: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(sum_j lambda_j g_j over the chunk, its logits), both differentiable w.r.t. the images and lambda."""
+    return grad(_weighted_ce, has_aux=True)(params, model, buffers, xs, ys, ls)
+
+
+@functools.cache
+def _compiled_chunk_grads(device_type: str) -> Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    return compiled(_chunk_grads, True, torch.device(device_type), "distill.compile")
+
+
 def stationarity_and_logits(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, compile: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_stat for candidates (x, y) with multipliers `lambdas`, and the logits f(x; theta*) (both differentiable)."""
+    """L_stat for candidates (x, y) with multipliers `lambdas`, and the logits f(x; theta*) (both differentiable);
+    `compile`: each chunk's gradient through torch.compile (the same values to float rounding)."""
     params = _flat_params(model)
     buffers = dict(model.named_buffers())
-
-    def weighted_ce(p: dict[str, torch.Tensor], xs: torch.Tensor, ys: torch.Tensor, ls: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = functional_call(model, (p, buffers), (xs,))
-        return (ls * F.cross_entropy(logits, ys, reduction="none")).sum(), logits
-
+    chunk_grads = _compiled_chunk_grads(x.device.type) if compile else _chunk_grads
     # On the CPU, sum the chunks' weighted gradients (cache-sized activations; the same sum to float rounding).
     chunk = cpu_chunk(model, x) or x.shape[0]
-    parts = [grad(weighted_ce, has_aux=True)(params, xs, ys, ls)
+    parts = [chunk_grads(model, params, buffers, xs, ys, ls)
              for xs, ys, ls in zip(x.split(chunk), y.split(chunk), lambdas.split(chunk))]
     if len(parts) == 1:
         weighted_grads, logits = parts[0]
@@ -93,11 +111,11 @@ def primal_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def kkt_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, primal_weight: float
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, primal_weight: float, compile: bool = False
 ) -> dict[str, torch.Tensor]:
     """{'kkt': L_stat + primal_weight * L_prim, 'stat': L_stat, 'primal': L_prim}."""
-    stat, logits = stationarity_and_logits(model, x, y, lambdas)
-    prim = primal_loss(logits, y)
+    stat, logits = stationarity_and_logits(model, x, y, lambdas, compile)
+    prim = primal_loss(logits.to(x.dtype), y)  # the images' dtype: bf16 logits under autocast
     return {"kkt": stat + primal_weight * prim, "stat": stat, "primal": prim}
 
 
@@ -126,7 +144,7 @@ def dkkt_parts(
     for suffix, (weight, view) in views.items():
         if weight == 0:
             continue
-        kkt = kkt_loss(model, apply_dsa(x, aug) if view is None else view, y, lambdas, cfg.primal_weight)
+        kkt = kkt_loss(model, apply_dsa(x, aug) if view is None else view, y, lambdas, cfg.primal_weight, cfg.compile)
         terms.update({f"stat{suffix}": kkt["stat"], f"primal{suffix}": kkt["primal"]})
         parts.update({f"stat{suffix}": weight * cfg.stat_weight * kkt["stat"],
                       f"primal{suffix}": weight * cfg.primal_weight * kkt["primal"]})

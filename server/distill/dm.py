@@ -7,6 +7,8 @@ the real and the synthetic images of class c. All classes go through one forward
 (no_grad: real embeddings are constants, as in the reference) and one for the synthetic batch, which is
 also what the reference does for its BatchNorm variant; the class means are segment means. On the CPU each
 forward runs over cache-sized chunks of images (`common.models.cpu_chunk`; the same values to float rounding).
+Under bf16 autocast (`distill.precision`, decided in `methods.distill`) the embeddings are bf16, the means in the
+images' dtype (fp32).
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ def dm_loss(
     chunk = cpu_chunk(embedder, real_x)
     with torch.no_grad():
         real = in_chunks(embedder.embed, apply_dsa(real_x, params, real_groups), chunk)
-    real_mean = segment_mean(real, real_groups, num_classes)
-    syn_mean = segment_mean(in_chunks(embedder.embed, apply_dsa(syn_x, params, syn_groups), chunk), syn_groups, num_classes)
+    # The means in the images' dtype (under bf16 autocast the embeddings are bf16; a no-op otherwise).
+    real_mean = segment_mean(real.to(syn_x.dtype), real_groups, num_classes)
+    syn_embedded = in_chunks(embedder.embed, apply_dsa(syn_x, params, syn_groups), chunk).to(syn_x.dtype)
+    syn_mean = segment_mean(syn_embedded, syn_groups, num_classes)
     return ((real_mean - syn_mean) ** 2).sum()
 
 

@@ -19,10 +19,9 @@ the same number of kernel launches as one net, which is where a GPU spends the t
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from common.config import EvaluationConfig, ModelConfig
 from common.models import cpu_chunk, in_chunks, model_from_config
-from common.runtime import compiled
+from common.runtime import autocast, compiled
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
 
 TEST_BATCH = 1000
@@ -50,7 +49,7 @@ def net_forward(net: nn.Module, eval_cfg: EvaluationConfig, device: torch.device
         return forward
 
     def autocast_forward(x: torch.Tensor) -> torch.Tensor:
-        with _autocast(device, eval_cfg.precision):
+        with autocast(device, eval_cfg.precision):
             return forward(x).float()
 
     return autocast_forward
@@ -183,7 +182,7 @@ def train_nets_batched(
 
     def step_loss(p: dict, b: dict, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         """xb (K, B, C, H, W), yb (K, B) -> sum over nets of each net's mean cross-entropy."""
-        with _autocast(device, eval_cfg.precision):
+        with autocast(device, eval_cfg.precision):
             logits = vmap(nets)(p, b, xb)
         ce = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="none")
         return ce.view(k, -1).mean(1).sum()
@@ -239,16 +238,6 @@ def train_and_test_batched(
     return _batched_accuracy(nets, test_x.to(device), test_y.to(device), device, eval_cfg.precision)
 
 
-@contextlib.contextmanager
-def _autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """bfloat16 autocast for precision 'bf16', nothing for 'fp32'."""
-    if precision == "bf16":
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            yield
-    else:
-        yield
-
-
 @torch.no_grad()
 def _batched_accuracy(
     nets: StackedNets,
@@ -266,7 +255,7 @@ def _batched_accuracy(
     batch_size = max(batch_size // k, 1)
     correct = torch.zeros(k, dtype=torch.long, device=y.device)
     for start in range(0, x.shape[0], batch_size):
-        with _autocast(device, precision):
+        with autocast(device, precision):
             logits = vmap(nets, in_dims=(0, 0, None))(nets.params, nets.buffers, x[start : start + batch_size])
         correct += (logits.argmax(2) == y[start : start + batch_size]).sum(1)
     return [c / max(x.shape[0], 1) for c in correct.tolist()]

@@ -2,7 +2,8 @@
 
 Images are optimised with SGD(lr_img, momentum_img) as in DM; the DKKT multipliers lambda (one per
 synthetic image) with their own Adam and a projection onto lambda >= 0 (see docs/method.md).
-Everything stays on `device`; no DataLoader.
+Everything stays on `device`; no DataLoader. `distill.compile` compiles the DM embedder and the DKKT term's per-chunk
+gradient; `distill.precision=bf16` runs both losses under bfloat16 autocast (decided here, `common.runtime.autocast`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from common.config import DistillConfig, ModelConfig
 from common.methods import method
 from common.models import model_from_config
-from common.runtime import compiled, seed_everything
+from common.runtime import autocast, compiled, seed_everything
 from server.distill.balance import DkktWeight
 from server.distill.dkkt import dkkt_loss, freeze_model
 from server.distill.lambdas import Multipliers, fitted_multipliers, flat_parameters
@@ -187,13 +188,15 @@ def distill(
             randomize_(embedder)
             real_x, real_groups = pool.sample(gen)
             per_class = sample_dsa(families, num_classes, gen, device)  # one draw per class, real and synthetic
-            terms["dm"] = dm_loss(embedder, real_x, real_groups, syn, syn_y, num_classes, per_class)
+            with autocast(device, cfg.precision):
+                terms["dm"] = dm_loss(embedder, real_x, real_groups, syn, syn_y, num_classes, per_class)
             (grad_img,) = torch.autograd.grad(terms["dm"], syn)
             terms["grad_dm"] = grad_img.norm()
         if dkkt_on:
             x, y, lam = dkkt_candidates(syn, syn_y, multipliers.values, cfg.dkkt_candidates, gen)
             aug = sample_dsa(families, x.shape[0], gen, device)  # one independent draw per candidate
-            terms["dkkt"], dkkt_terms = dkkt_loss(frozen, x, y, lam, cfg, aug)
+            with autocast(device, cfg.precision):
+                terms["dkkt"], dkkt_terms = dkkt_loss(frozen, x, y, lam, cfg, aug)
             terms.update(dkkt_terms)
             grad_dkkt, multipliers.values.grad = torch.autograd.grad(terms["dkkt"], [syn, multipliers.values])
             dkkt_norm = grad_dkkt.norm()

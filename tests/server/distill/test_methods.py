@@ -180,7 +180,7 @@ def test_dm_then_dkkt_runs_dm_alone_first_then_refits_lambda_and_resumes_exactly
 
 @pytest.mark.skipif(not shutil.which("g++") and not shutil.which("clang++"), reason="torch.compile on the CPU needs g++")
 def test_distill_compile_gives_the_eager_images(theta_star):
-    """distill.compile compiles the DM embedder only (the DKKT term stays eager): the same images to float rounding."""
+    """distill.compile compiles the DM embedder and the DKKT term's per-chunk gradient: the same images to float rounding."""
     public_x, public_y = data(PIPC, seed=1)
     cfg = DistillConfig(method="dm+dkkt", ipc=IPC, iterations=4, batch_real=4, lambda_fit_steps=2)
     eager = distill(theta_star, public_x, public_y, cfg, ModelConfig(width=8), C, 5, "cpu")
