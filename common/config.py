@@ -485,6 +485,8 @@ def build_config(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = N
     """Validates a nested dict (plus dotted overrides) into an ExperimentConfig, or raises ConfigError."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config: the top level must be a mapping of sections, got {type(raw).__name__}")
+    if _depth(raw) > MAX_DEPTH:
+        raise ConfigError("config: nested too deeply (a config has two levels: section.key)")
     try:
         merged = apply_overrides(dict(raw), overrides or {})
         return ExperimentConfig.model_validate(merged)
@@ -492,6 +494,27 @@ def build_config(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = N
         raise ConfigError(_format_error(err)) from None
     except RecursionError:
         raise ConfigError("config: nested too deeply (a config has two levels: section.key)") from None
+
+
+MAX_DEPTH = 8  # section -> key -> a value that may be a list of lists: far below this; the check needs no recursion
+
+
+def _depth(value: Any) -> int:
+    """How deeply mappings and lists nest in `value` (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, Mapping):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+        else:
+            deepest = max(deepest, level)
+            continue
+        deepest = max(deepest, level + 1)
+        if deepest > MAX_DEPTH:
+            break
+    return deepest
 
 
 def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:

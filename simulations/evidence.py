@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from common.atomic import atomic_write, load_torch, save_json
-from common.config import ConfigError, ExperimentConfig, load_config, parse_overrides, same_configuration
+from common.config import ConfigError, ExperimentConfig, config_to_dict, load_config, parse_overrides, same_configuration
 from common.data import Dataset, ImageArrays, to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data, split_seed
 from common.methods import METHODS
@@ -377,8 +377,6 @@ REUSED_FILES = ("result.json", "seed_0/result.json", "seed_0/history.jsonl", "se
 def reuse_cell(ctx: Context, stage: str, name: str, cfg: ExperimentConfig, cell_dir: Path) -> bool:
     """Takes a finished cell of the same name and configuration from the reused protocol's folder: its results and
     history (the synthetic set stays there; cell.json says where). False when there is none."""
-    from common.config import config_to_dict
-
     if ctx.protocol.reuse is None:
         return False
     source = Path(ctx.protocol.reuse) / stage / "cells" / name
@@ -611,7 +609,7 @@ def dm_curve(ctx: Context, cfg: ExperimentConfig, dataset: Dataset, iterations: 
 
         def on_checkpoint(state: Any) -> None:
             labels = torch.arange(dataset.num_classes).repeat_interleave(dcfg.ipc)
-            save_checkpoint(state, labels, out, {"method": "dm", "seed": seed, "ipc": dcfg.ipc})
+            save_checkpoint(state, labels, out, {"method": "dm", "seed": seed, "ipc": dcfg.ipc, "config": config_to_dict(cfg)})
             for it, images in sorted(snapshots.items()):  # evaluate what the checkpoint now covers
                 accuracies = evaluate_synthetic(images, labels, val_x, val_y, cfg.evaluation, cfg.model,
                                                 eval_seeds(seed, cfg.evaluation.num_nets), device, dataset.num_classes,

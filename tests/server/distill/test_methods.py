@@ -142,11 +142,13 @@ def test_a_finished_checkpoint_from_another_device_is_evaluated_and_an_unfinishe
         result.unlink()
     again = run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path, CIFAR10_NORMALIZATION)
     assert again["accuracies"] == first["accuracies"]
-    longer = experiment("dm+dkkt", iterations=6)
+    saved["iteration"] = 2  # the same state as an unfinished checkpoint of the same configuration: it must continue
+    save_torch(path, saved)
     for result in tmp_path.rglob("result.json"):
         result.unlink()
+    (tmp_path / "seed_0" / "synthetic.pt").unlink()
     with pytest.raises(ValueError, match="random stream was drawn on another device type"):
-        run_distillation(longer, theta_star, public_x, public_y, test_x, test_y, tmp_path, CIFAR10_NORMALIZATION)
+        run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path, CIFAR10_NORMALIZATION)
 
 
 def test_dm_then_dkkt_runs_dm_alone_first_then_refits_lambda_and_resumes_exactly(theta_star):
