@@ -776,10 +776,28 @@ def fan_out(ctx: Context, preset: str, stage: str, workers: int, threads: int, o
         raise ConfigError(f"{stage}: worker exit codes {codes}")
 
 
+@dataclass(frozen=True)
+class TableFilter:
+    """Which of the table's cells a run takes (empty: all): by variant, ipc, pipc and seed."""
+
+    variants: tuple[str, ...] = ()
+    ipcs: tuple[int, ...] = ()
+    pipcs: tuple[int, ...] = ()
+    seeds: tuple[int, ...] = ()
+
+    def keeps(self, columns: dict[str, Any]) -> bool:
+        wanted = {"method": self.variants, "ipc": self.ipcs, "pipc": self.pipcs, "seed": self.seeds}
+        return all(not values or columns[key] in values for key, values in wanted.items())
+
+    def argv(self) -> list[str]:
+        """The same filter as command-line options (for the worker processes)."""
+        flags = {"--variants": self.variants, "--ipcs": self.ipcs, "--pipcs": self.pipcs, "--seeds": self.seeds}
+        return [arg for flag, values in flags.items() if values for arg in (flag, *map(str, values))]
+
+
 def run(preset: str, out: Path, stages: Sequence[str], overrides: Sequence[str], max_minutes: float | None,
-        workers: int = 1, shard: tuple[int, int] = (0, 1), threads: int = 2, only: Sequence[str] = (),
-        ipcs: Sequence[int] = ()) -> int:
-    """Runs `stages` of `preset` into `out`; `only` / `ipcs` restrict the table to those variants / ipcs."""
+        workers: int = 1, shard: tuple[int, int] = (0, 1), threads: int = 2, only: TableFilter = TableFilter()) -> int:
+    """Runs `stages` of `preset` into `out`; `only` restricts the table to the cells it keeps."""
     protocol = PRESETS[preset]
     extra = parse_overrides(list(overrides))
     ctx = Context(protocol, out.resolve(), time.time() + 60 * max_minutes if max_minutes else float("inf"), shard)
@@ -812,10 +830,8 @@ def run(preset: str, out: Path, stages: Sequence[str], overrides: Sequence[str],
             if ratio is None:
                 raise ConfigError("the table needs the calibrated dkkt_ratio: run the calibrate stage first")
             if workers > 1:
-                filters = [*(["--variants", *only] if only else []), *(["--ipcs", *map(str, ipcs)] if ipcs else [])]
-                fan_out(ctx, preset, "table", workers, threads, [*filters, *overrides])
-            cells = [c for c in table_cells(protocol, extra, ratio, conv)
-                     if (not only or c[2]["method"] in only) and (not ipcs or c[2]["ipc"] in ipcs)]
+                fan_out(ctx, preset, "table", workers, threads, [*only.argv(), *overrides])
+            cells = [c for c in table_cells(protocol, extra, ratio, conv) if only.keeps(c[2])]
             run_cells(ctx, "table", cells, model, dataset, dataset.test)
     except OutOfTime:
         ctx.log(f"stopped: --max-minutes {max_minutes} spent; run the same command again to continue")
@@ -848,6 +864,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help=argparse.SUPPRESS)  # set by --workers
     parser.add_argument("--variants", nargs="+", default=[], choices=sorted(VARIANTS), help="table: only these variants")
     parser.add_argument("--ipcs", nargs="+", type=int, default=[], help="table: only these ipcs")
+    parser.add_argument("--pipcs", nargs="+", type=int, default=[], help="table: only these pipcs")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[], help="table: only these distillation seeds")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every config (e.g. data.path=...)")
     args = parser.parse_args(argv)
     if args.workers < 1:
@@ -855,7 +873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         return run(args.preset, args.out, args.stages, args.overrides, args.max_minutes, args.workers, args.shard,
-                   args.threads, args.variants, args.ipcs)
+                   args.threads, TableFilter(tuple(args.variants), tuple(args.ipcs), tuple(args.pipcs), tuple(args.seeds)))
     except ConfigError as err:
         print(f"error: {err}")
         return 2

@@ -126,13 +126,25 @@ def test_split_ratio_protocol_nests_pipcs_on_one_model_chooses_dm_iterations_on_
     monkeypatch.setitem(evidence.PRESETS, "tiny-split", evidence.replace(evidence.PRESETS["tiny-split"], reuse=str(out)))
     again = tmp_path / "again"
     assert evidence.main(["--preset", "tiny-split", "--out", str(again), "--threads", "1", "--stages", "edge",
-                          "calibrate", "table", "report", "--variants", "random", "dm"]) == 0
+                          "calibrate", "table", "report", "--variants", "random", "dm", "--pipcs", "2",
+                          "--seeds", "0"]) == 0
+    # the filter took exactly the cells it names
+    assert sorted(p.name for p in (again / "table/cells").iterdir()) == ["pipc2-ipc1-dm-seed0", "pipc2-ipc1-random-seed0"]
     cell = again / "table/cells/pipc2-ipc1-dm-seed0"
     assert json.loads((cell / "cell.json").read_text())["reused_from"] and not (cell / "seed_0/synthetic.pt").exists()
     assert json.loads((cell / "result.json").read_text()) == json.loads((out / "table/cells/pipc2-ipc1-dm-seed0/result.json").read_text())
     from simulations.report import set_dir
     assert (set_dir(cell) / "seed_0/synthetic.pt").is_file()
     assert not (again / "edge").exists()  # the received model was found in the reused folder
+
+
+def test_table_filter_keeps_what_it_names_and_passes_itself_to_workers():
+    only = evidence.TableFilter(variants=("dm",), pipcs=(10, 50), seeds=(1,))
+    assert only.keeps({"method": "dm", "ipc": 10, "pipc": 50, "seed": 1})
+    assert not only.keeps({"method": "dm", "ipc": 10, "pipc": 20, "seed": 1})
+    assert not only.keeps({"method": "dm+dkkt", "ipc": 10, "pipc": 50, "seed": 1})
+    assert evidence.TableFilter().keeps({"method": "x", "ipc": 1, "pipc": 5, "seed": 9})
+    assert only.argv() == ["--variants", "dm", "--pipcs", "10", "50", "--seeds", "1"]
 
 
 def test_a_cell_is_reused_only_for_the_same_configuration_and_model_free_methods_ignore_the_partition():
