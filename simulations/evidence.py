@@ -117,6 +117,9 @@ class Protocol:
     # Folders of another protocol's finished results whose matching pieces are taken instead of run again: the
     # received model (edge stage), calibration.json, and table cells of the same name and configuration.
     reuse: str | None = None
+    # Folders of `feddistill audit` runs over this protocol's cells (their summary.csv rows, keyed by cell name, become
+    # the table's leakage columns).
+    audits: tuple[str, ...] = ()
 
     def cell_overrides(self, ipc: int, extra: dict[str, Any]) -> dict[str, Any]:
         """The preset's overrides, its scale at `ipc`, then the caller's key=value overrides (which win)."""
@@ -168,6 +171,7 @@ _SPLIT_RATIO_CPU = Protocol(
     curve={10: (150, 300, 600, 1200), 1: (200, 400, 800, 1600)},
     curve_pipcs=(50, 10),
     reuse="docs/results/cpu-pipc50",
+    audits=("docs/results/audit/cpu-pipc50-ipc10", "docs/results/audit/split-ratio-cpu"),
 )
 
 PRESETS = {
@@ -212,7 +216,7 @@ PRESETS = {
     "split-ratio-cpu-dirichlet": replace(
         _SPLIT_RATIO_CPU, overrides={**_SPLIT_RATIO_CPU.overrides, "split.partition": "dirichlet", "split.alpha": 0.1},
         table_ipcs=(10,), single_seed_ipcs=(), variants=("random", "dm", "dm@conv", "dm+dkkt"), pipcs=(10, 50, 100),
-        only_at={}, curve={}, curve_pipcs=(), reuse="docs/results/split-ratio-cpu",
+        only_at={}, curve={}, curve_pipcs=(), reuse="docs/results/split-ratio-cpu", audits=(),
     ),
     "tiny": Protocol(
         config="quickstart",
@@ -710,8 +714,49 @@ def variant_legend(protocol: Protocol) -> str:
     return "Columns: " + "; ".join(f"`{name}` = {changed[name]}" for name in protocol.variants if name in changed) + "."
 
 
+def edge_traffic(ctx: Context, edge: dict[str, Any]) -> tuple[int | None, str]:
+    """Bytes the server received from the edge in the received model's federation and where the figure comes from:
+    its metrics.jsonl, or (a run from before bytes were counted) the received model's tensors once per training reply."""
+    from server.traffic import bytes_received
+
+    run = ctx.out / edge["run"]
+    total = bytes_received(run)
+    if total is not None:
+        return total, f"recorded in `{edge['run']}/metrics.jsonl` (every reply of every round, deflated)"
+    weights = sum(t.numel() * t.element_size() for t in load_torch(run / "received_model.pt").values())
+    total = weights * edge["num_clients"] * edge["rounds"]
+    return total, (f"computed, not recorded (the federation predates byte counting): {weights / 1e6:.2f} MB of weights "
+                   f"(the received model's tensors) per training reply × {edge['num_clients']} clients × {edge['rounds']} rounds; the "
+                   "evaluation replies carry only metrics")
+
+
+def synthetic_sizes(table_dir: Path, results: pd.DataFrame) -> dict[int, dict[str, int]]:
+    """ipc -> the size of one distilled set of that ipc (the first dm+dkkt cell's seed; every method's set of an ipc
+    has the same shape)."""
+    from server.distill.artifacts import synthetic_bytes
+    from simulations.report import set_dir
+
+    sizes = {}
+    for _, row in results[results["method"] == "dm+dkkt"].iterrows():
+        seed_dir = set_dir(table_dir / "cells" / row["cell"]) / f"seed_{row['seed']}"
+        if int(row["ipc"]) not in sizes and (seed_dir / "synthetic.pt").is_file():
+            sizes[int(row["ipc"])] = synthetic_bytes(seed_dir)
+    return sizes
+
+
+def audit_summary(protocol: Protocol, results: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the protocol's audit folders (summary.csv) whose set is one of the table's cells (planted
+    controls included)."""
+    frames = [pd.read_csv(path) for d in protocol.audits if (path := Path(d) / "summary.csv").is_file()]
+    if not frames:
+        return pd.DataFrame()
+    summary = pd.concat(frames).drop_duplicates("set", keep="last")
+    return summary[summary["set"].str.split("+").str[0].isin(set(results["cell"]))]
+
+
 def report_stage(ctx: Context, preset: str, cfg: ExperimentConfig) -> None:
-    from simulations.report import markdown_table, paired_gains, plot_accuracy_vs_pipc, plot_history, plot_method_bars, render
+    from simulations.report import (audit_table, markdown_table, paired_gains, plot_accuracy_vs_pipc, plot_history,
+                                    plot_method_bars, render, traffic_table)
 
     table_dir = ctx.out / "table"
     results = write_results(table_dir)
@@ -731,12 +776,15 @@ def report_stage(ctx: Context, preset: str, cfg: ExperimentConfig) -> None:
     title = (f"DM + DKKT against DM at pipc {', '.join(map(str, sorted(protocol.pipcs)))}" if protocol.pipcs
              else f"DM + DKKT against DM with {cfg.split.pipc} public images per class")
     cpu_hours = (results["distill_s"].sum() + results["evaluate_s"].sum()) / 3600
+    audit = audit_summary(protocol, results)
     text = "\n\n".join(filter(None, [
         f"# {title} (preset `{preset}`)",
         protocol_header(protocol, preset, cfg, edge, ratio, sorted(table_dir.glob("cells/*/result.json"))),
         curve_statement(ctx.out),
         "Test accuracy (%):", markdown_table(results), variant_legend(protocol),
         paired_gains(results, "dm+dkkt", ("random", "dm", "dm@conv", "dm@step")),
+        audit_table(audit) if not audit.empty else None,
+        traffic_table(edge_traffic(ctx, edge), synthetic_sizes(table_dir, results)),
         f"Time per cell (with --workers, several cells shared the machine at once); {len(results)} cells, "
         f"{cpu_hours:.1f} hours of cell time in all:", "\n".join(timing),
     ])) + "\n"

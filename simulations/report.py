@@ -109,6 +109,45 @@ def paired_gains(results: pd.DataFrame, method: str, baselines: tuple[str, ...])
                                "seeds in which it was ahead.\n")
 
 
+def audit_table(summary: pd.DataFrame) -> str | None:
+    """Markdown: the leakage audit's statistics per (ipc, pipc, method), from `feddistill audit`'s summary.csv rows
+    (planted controls apart): in each space, the fraction of synthetic images whose nearest private image is closer
+    than their nearest held-out one (mean over sets; the widest 95 % interval; the null), the membership AUC, and the
+    sets whose interval excludes the null. None when no row is a plain set."""
+    plain = summary[~summary["set"].str.contains("+planted", regex=False)]
+    if plain.empty:
+        return None
+    lines = ["| ipc | pipc | method | sets | pixel: closer to private [95 % CI] (null) | pixel AUC | "
+             "feature: closer to private [95 % CI] (null) | feature AUC | sets beyond the null |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (ipc, pipc, method), g in plain.groupby(["ipc", "pipc", "method"]):
+        spaces, beyond = [], 0
+        for space in ("pixel", "feature"):
+            outside = (g[f"{space}_null_fraction"] < g[f"{space}_fraction_low"]) | (g[f"{space}_null_fraction"] > g[f"{space}_fraction_high"])
+            beyond = np.maximum(beyond, outside.to_numpy().astype(int))
+            spaces += [f"{g[f'{space}_fraction'].mean():.2f} [{g[f'{space}_fraction_low'].min():.2f}, "
+                       f"{g[f'{space}_fraction_high'].max():.2f}] ({g[f'{space}_null_fraction'].mean():.2f})",
+                       f"{g[f'{space}_auc'].mean():.3f}"]
+        lines.append(f"| {ipc} | {pipc} | {method} | {len(g)} | " + " | ".join(spaces) + f" | {int(np.sum(beyond))} |")
+    planted = summary[summary["set"].str.contains("+planted", regex=False)]
+    control = (f" Positive control (the same sets with private images planted): {int(planted['planted_flagged'].sum())} of "
+               f"{int(planted['planted'].sum())} planted images flagged." if not planted.empty else "")
+    return "\n".join(lines) + ("\n\nLeakage audit (`feddistill audit`, docs/audit.md): ~0.5 and an AUC ~0.5 when nothing "
+                               "leaks; a set is beyond the null when its 95 % interval excludes the null fraction in "
+                               "either space." + control + "\n")
+
+
+def traffic_table(received: tuple[int | None, str], synthetic: dict[int, dict[str, int]]) -> str:
+    """Markdown: bytes the server received from the edge (with where the figure comes from) beside the size of the
+    synthetic set it made at each ipc (float32 as stored, and as 8-bit images)."""
+    total, source = received
+    got = f"{total / 1e6:.1f} MB" if total is not None else "not recorded"
+    lines = ["| ipc | bytes received from the edge | synthetic set (float32) | synthetic set (uint8) |", "|---|---|---|---|"]
+    lines += [f"| {ipc} | {got} | {size['stored'] / 1e3:.1f} kB | {size['uint8'] / 1e3:.1f} kB |"
+              for ipc, size in sorted(synthetic.items())]
+    return "\n".join(lines) + f"\n\nBytes received: {source}.\n"
+
+
 def plot_accuracy_vs_pipc(results: pd.DataFrame, path: Path, reference: tuple[str, float] | None = None) -> Path:
     """Accuracy against pipc (log x), one panel per ipc, one line per method with ± std bars; `reference` (label,
     accuracy %) is drawn as a horizontal line (e.g. the received model's test accuracy)."""

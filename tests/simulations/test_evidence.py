@@ -31,6 +31,7 @@ def test_tiny_protocol_runs_every_stage_resumes_and_reports(tmp_path):
     table = (out / "table.md").read_text()
     assert "Preset `tiny`" in table and "dkkt_ratio" in table and "evaluation epochs" not in table.split("\n")[0]
     assert "`dm+dkkt@late` = dm+dkkt with dkkt_from=0.5" in table
+    assert "Bytes received: recorded in" in table  # the federation counted its bytes
     late = out / "table/cells/pipc2-ipc1-dm_dkkt-at-late-seed0/seed_0/history.jsonl"
     late_lines = [json.loads(x) for x in late.read_text().splitlines()]  # 4 iterations: DKKT joins at the 3rd
     assert "share_dkkt" not in late_lines[0] and 0 < late_lines[1]["share_dkkt"] < 1

@@ -113,3 +113,37 @@ def test_a_run_folder_gets_its_round_curve_and_each_methods_loss_and_share_curve
     for path in written.values():
         with Image.open(path) as img:
             assert img.size[0] > 100
+
+
+def _audit_row(name, method, pipc, fraction, low, high, planted=None, planted_flagged=None):
+    row = {"set": name, "method": method, "ipc": 10, "pipc": pipc, "seed": 0, "images": 100,
+           "planted": planted, "planted_flagged": planted_flagged}
+    for space in ("pixel", "feature"):
+        row |= {f"{space}_fraction": fraction, f"{space}_fraction_low": low, f"{space}_fraction_high": high,
+                f"{space}_null_fraction": 0.5, f"{space}_auc": 0.5}
+    return row
+
+
+def test_audit_table_counts_sets_whose_interval_excludes_the_null_and_the_planted_control():
+    from simulations.report import audit_table
+
+    summary = pd.DataFrame([
+        _audit_row("pipc10-ipc10-dm_dkkt-seed0", "dm+dkkt", 10, 0.52, 0.45, 0.60),
+        _audit_row("pipc10-ipc10-dm_dkkt-seed1", "dm+dkkt", 10, 0.70, 0.62, 0.78),  # beyond the null
+        _audit_row("pipc10-ipc10-dm_dkkt-seed0+planted5", "dm+dkkt", 10, 0.6, 0.5, 0.7, planted=10, planted_flagged=9),
+    ])
+    table = audit_table(summary)
+    row = next(line for line in table.splitlines() if line.startswith("| 10 | 10 | dm+dkkt"))
+    assert row.split("|")[4].strip() == "2"  # two plain sets; the planted control is not one of them
+    assert row.rstrip(" |").endswith("1")  # one set beyond the null
+    assert "0.61 [0.45, 0.78] (0.50)" in row
+    assert "9 of 10 planted images flagged" in table
+    assert audit_table(summary[summary["set"].str.contains("planted")]) is None
+
+
+def test_traffic_table_states_where_the_bytes_come_from():
+    from simulations.report import traffic_table
+
+    table = traffic_table((153_600_000, "computed"), {10: {"stored": 1_229_600, "uint8": 307_300}})
+    assert "| 10 | 153.6 MB | 1229.6 kB | 307.3 kB |" in table and "Bytes received: computed." in table
+    assert "not recorded" in traffic_table((None, "no metrics"), {1: {"stored": 1, "uint8": 1}})
