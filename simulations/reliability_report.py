@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.atomic import atomic_write
+
 RELIABILITY_ENV = "FEDDISTILL_RELIABILITY_JSON"
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "docs" / "reliability.md"
@@ -97,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("the tests recorded nothing (see pytest's output above)", file=sys.stderr)
                 return code or 1
             rows = json.loads(path.read_text())
-    args.out.write_text(render(rows))
+    text = render(rows)
+    atomic_write(args.out, lambda tmp: tmp.write_text(text))
     print(f"{len(rows)} rows -> {args.out}" + (f" (pytest exit code {code})" if code else ""))
     return code
 
