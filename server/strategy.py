@@ -21,7 +21,7 @@ from common.runtime import FederationError
 from server.aggregators import build_aggregator
 from server.boundary import ModelSpec, model_spec, screen_replies
 from server.traffic import Traffic
-from server.update_guard import GuardLimits, clip_to_median, guard_evaluations, guard_updates
+from server.update_guard import GuardLimits, clip_to_median, guard_evaluations, guard_updates, model_step
 
 log = logging.getLogger("flwr.feddistill")
 
@@ -88,6 +88,7 @@ class EdgeFedAvg(FedAvg):
         self.clip = fed.clip_to_median and fed.aggregator == "fedavg" and not dp_enabled(cfg)
         self.round_sent: dict[int, float] = {}  # time.monotonic() when each round's training messages went out
         self.global_arrays: dict[int, ArrayRecord] = {}  # the model each round's clients started from
+        self.previous_step: np.ndarray | None = None  # the global model's step in the previous round (None: unknown)
         self.train_replies: dict[int, RoundReplies] = {}
         self.evaluate_replies: dict[int, RoundReplies] = {}
         self.clients_online: dict[int, int] = {}  # connected edge clients when each round started
@@ -96,7 +97,7 @@ class EdgeFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.first_round
-        self.global_arrays = {server_round: arrays}
+        self.start_round(server_round, arrays)
         online = len(list(grid.get_node_ids()))
         self.clients_online[server_round] = online
         if online < self.cfg.split.num_clients:
@@ -110,6 +111,12 @@ class EdgeFedAvg(FedAvg):
         self.round_sent[server_round] = time.monotonic()
         return messages
 
+    def start_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Keeps the model this round's clients start from and the step it took since the previous round's."""
+        last = self.global_arrays.get(server_round - 1)
+        self.previous_step = model_step(arrays, last) if last is not None else None
+        self.global_arrays = {server_round: arrays}
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.first_round
         config = ConfigRecord({**config, **round_config(self.cfg, server_round)})
@@ -122,7 +129,7 @@ class EdgeFedAvg(FedAvg):
         replies = self._observe(server_round, "train", replies)
         screened = screen_replies(replies, self.spec)
         reference = self.global_arrays.get(server_round)
-        kept, guarded = guard_updates(screened.kept, reference, self._round_limits(server_round))
+        kept, guarded = guard_updates(screened.kept, reference, self._round_limits(server_round), self.previous_step)
         rejected = screened.rejected + guarded
         record = self._log(server_round, "train", len(replies), kept, rejected, screened.failed)
         self.train_replies[server_round] = record

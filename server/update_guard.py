@@ -10,8 +10,10 @@ well-formed but implausible:
     so that the median means something);
   - an update norm above `max_global_ratio` x ||w_global|| (any number of replies: with 2, the median
     cannot tell the honest update from the other);
-  - an update whose cosine with the round's coordinate-wise median update is below `min_cosine` (with >= 3
-    replies): a reversed update (the sign-flip poisoning attack) points away from what most clients agree on;
+  - an update whose cosine with the round's coordinate-wise median update, or with the previous round's aggregate
+    update (the step the global model took last round), is below `min_cosine` (with >= 3 replies): a reversed
+    update (the sign-flip poisoning attack) points away from what most clients agree on, and from where training was
+    going; the second reference is one an attacker in this round cannot pull;
   - a weight array the global model has non-zero that comes back all zeros (a wiped model);
   - with DP on, an update norm above the clipping norm (the client skipped fixedclipping_mod).
 
@@ -79,12 +81,21 @@ def lower_median(values: Sequence[float]) -> float:
     return float(sorted(values)[(len(values) - 1) // 2])
 
 
+def model_step(new: ArrayRecord, old: ArrayRecord) -> np.ndarray:
+    """new - old over the floating-point arrays of two server-made records, flattened (float64): the step the global
+    model took in a round."""
+    parts = [(new[name].numpy().astype(np.float64) - ref.numpy().astype(np.float64)).ravel()
+             for name, ref in old.items() if ref.numpy().dtype.kind == "f"]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
 def guard_updates(
-    replies: Sequence[Message], reference: ArrayRecord | None, limits: GuardLimits
+    replies: Sequence[Message], reference: ArrayRecord | None, limits: GuardLimits, previous_step: np.ndarray | None = None
 ) -> tuple[list[Message], list[tuple[int, str]]]:
     """(kept, [(node id, reason), ...]) for train replies that already passed server/boundary.py.
 
     `reference` is the global model the clients started from; without it only the metrics are checked.
+    `previous_step` is the previous round's aggregate update (`model_step`), None in a run's first round.
     """
     kept, rejected = [], []
     updates = [flat_update(msg.content["arrays"], reference) for msg in replies] if reference is not None else []
@@ -92,8 +103,11 @@ def guard_updates(
     enough = reference is not None and len(replies) >= MIN_REPLIES_FOR_RATIO
     median = float(np.median(norms)) if enough else None
     global_norm = model_norm(reference) if reference is not None else None
-    cosines = _median_cosines(updates) if enough and limits.min_cosine is not None else [None] * len(replies)
-    for msg, norm, cosine in zip(replies, norms, cosines, strict=True):
+    direction = enough and limits.min_cosine is not None
+    cosines = _median_cosines(updates) if direction else [None] * len(replies)
+    onward = ([_cosine(u, previous_step) for u in updates] if direction and previous_step is not None and np.any(previous_step)
+              else [None] * len(replies))
+    for msg, norm, cosine, step_cosine in zip(replies, norms, cosines, onward, strict=True):
         metrics = msg.content["metrics"]
         reason = _examples_problem(int(metrics["num-examples"]), limits.max_train_examples, "train")
         if reason is None and metrics["train_seconds"] > limits.max_seconds:
@@ -105,6 +119,11 @@ def guard_updates(
                 f"update points away from the round's coordinate-wise median update (cosine {cosine:.3f} < "
                 f"federation.min_update_cosine={limits.min_cosine:g})"
             )
+        if reason is None and step_cosine is not None and step_cosine < limits.min_cosine:
+            reason = (
+                f"update points away from the previous round's aggregate update (cosine {step_cosine:.3f} < "
+                f"federation.min_update_cosine={limits.min_cosine:g})"
+            )
         if reason is None and reference is not None:
             reason = _wiped_array(msg.content["arrays"], reference)
         if reason:
@@ -114,15 +133,16 @@ def guard_updates(
     return kept, rejected
 
 
+def _cosine(u: np.ndarray, v: np.ndarray) -> float:
+    """Cosine similarity (0 when either is a zero vector)."""
+    denominator = float(np.linalg.norm(u)) * float(np.linalg.norm(v))
+    return float(u @ v) / denominator if denominator > 0 else 0.0
+
+
 def _median_cosines(updates: Sequence[np.ndarray]) -> list[float]:
-    """Each update's cosine similarity with the coordinate-wise median of all of them (0 for a zero vector)."""
+    """Each update's cosine similarity with the coordinate-wise median of all of them."""
     median = np.median(np.stack(updates), axis=0)
-    median_norm = float(np.linalg.norm(median))
-    out = []
-    for u in updates:
-        denominator = float(np.linalg.norm(u)) * median_norm
-        out.append(float(u @ median) / denominator if denominator > 0 else 0.0)
-    return out
+    return [_cosine(u, median) for u in updates]
 
 
 def _wiped_array(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:

@@ -11,7 +11,7 @@ from common.config import build_config
 from common.models import build_model
 from server.privacy import dp_epsilon, privacy_report
 from server.strategy import EdgeFedAvg
-from server.update_guard import GuardLimits, guard_updates, lower_median, model_norm, update_norm
+from server.update_guard import GuardLimits, guard_updates, lower_median, model_norm, model_step, update_norm
 from tests.server.test_boundary import FakeReply, good_metrics
 
 pytestmark = pytest.mark.reliability
@@ -286,6 +286,37 @@ def test_the_direction_check_is_configurable_and_needs_three_replies():
     assert [n for n, _ in guard_updates(replies, ArrayRecord(GLOBAL), on)[1]] == [9]
     assert not guard_updates(replies, ArrayRecord(GLOBAL), GuardLimits(None, None, 10.0, 3.0, min_cosine=-1.0))[1]
     assert not guard_updates(replies[1:], ArrayRecord(GLOBAL), on)[1]  # two replies: no median to agree with
+
+
+def test_an_update_against_the_previous_rounds_step_is_rejected_even_when_the_median_agrees_with_it(reliability):
+    """Late in training honest updates decorrelate and, with 3 replies, the coordinate-wise median follows the attacker
+    in many coordinates; the step the global model took last round is a reference the attacker cannot pull."""
+    gen = torch.Generator().manual_seed(7)
+    other = {k: torch.randn(v.shape, generator=gen) for k, v in GLOBAL.items()}  # what this round's clients agree on
+    step = {k: torch.randn(v.shape, generator=gen) for k, v in GLOBAL.items()}  # where training went last round
+    noise = {k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in GLOBAL.items()}
+    honest = [{k: GLOBAL[k] + 0.01 * (other[k] + 0.3 * step[k]) for k in GLOBAL},
+              {k: GLOBAL[k] + 0.01 * (other[k] + 0.3 * step[k] + noise[k]) for k in GLOBAL}]
+    against = {k: GLOBAL[k] + 0.01 * (other[k] - 0.3 * step[k]) for k in GLOBAL}
+    replies = [FakeReply(reply(st), n) for n, st in enumerate(honest, start=1)] + [FakeReply(reply(against), 9)]
+    limits = GuardLimits(None, None, 10.0, 3.0, min_cosine=0.0)
+    assert not guard_updates(replies, ArrayRecord(GLOBAL), limits)[1]  # the median alone lets it through
+    previous = model_step(ArrayRecord({k: GLOBAL[k] + step[k] for k in GLOBAL}), ArrayRecord(GLOBAL))
+    kept, rejected = guard_updates(replies, ArrayRecord(GLOBAL), limits, previous)
+    [(node, reason)] = rejected
+    assert node == 9 and "previous round's aggregate update" in reason and len(kept) == 2
+    assert not guard_updates(replies, ArrayRecord(GLOBAL), limits, np.zeros_like(previous))[1]  # no step: no check
+    # The strategy keeps the step between rounds: round 2's clients started from round 1's model plus the step.
+    strategy = EdgeFedAvg(cfg_with(**{"split.num_clients": 3, "federation.min_clients": 2}), build_model(width=WIDTH),
+                          slice_sizes=SLICES)
+    strategy.start_round(1, ArrayRecord({k: GLOBAL[k] - step[k] for k in GLOBAL}))
+    assert strategy.previous_step is None  # a run's first round has no step yet
+    strategy.start_round(2, ArrayRecord(GLOBAL))
+    assert np.allclose(strategy.previous_step, previous, atol=1e-5)
+    strategy.aggregate_train(2, replies)
+    assert [n for n, _ in strategy.train_replies[2].rejected] == [9]
+    reliability("Update guard (server)", "1 client of 3 sends an update that agrees with the round's median but "
+                "points against the step the global model took last round", f"rejected ({reason})")
 
 
 def test_fedavg_clips_a_boosted_update_to_the_rounds_median_norm(reliability):
