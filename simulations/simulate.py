@@ -266,7 +266,7 @@ def simulate(
         # Flower raises here when its engine fails (Ray cannot start, ...) but leaves the ServerApp thread waiting
         # for replies (round_timeout per round; the process would not exit): stop its grid, let it leave, and stop
         # the Ray processes that were started.
-        control.end(ENGINE_STOP_WAIT_S)
+        control.end(ENGINE_STOP_WAIT_S if isinstance(err, Exception) else 0)  # Ctrl-C: no wait
         stop_engine(before)
         message = engine_failure(err) if isinstance(err, Exception) else None
         if message is not None:
