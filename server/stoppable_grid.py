@@ -48,21 +48,21 @@ class StoppableGrid(Grid):
         if self._stop.is_set():
             raise GridStopped("the simulation engine stopped; the ServerApp stops waiting for its nodes")
 
-    def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run
+    def set_run(self, run) -> None:
         self._inner.set_run(run)
 
     @property
-    def run(self):  # noqa: ANN201 - flwr's Run
+    def run(self):
         return self._inner.run
 
-    def create_message(self, *args, **kwargs) -> Message:  # noqa: ANN002, ANN003 - as the inner grid's
+    def create_message(self, *args, **kwargs) -> Message:
         return self._inner.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> Iterable[int]:
         self._check()
         return self._inner.get_node_ids()
 
-    def get_nodes(self):  # noqa: ANN201 - flwr's NodeInfo list
+    def get_nodes(self):
         self._check()
         return self._inner.get_nodes()
 

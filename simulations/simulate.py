@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markdown import Markdown
 from rich.live import Live
+from rich.markdown import Markdown
 from rich.table import Table
 
 from common.config import ExperimentConfig
@@ -98,8 +98,8 @@ def stop_engine(before: set[int]) -> list[int]:
         import ray
 
         ray.shutdown()
-    except Exception:  # noqa: BLE001 - a half-started Ray may fail to shut down; its processes are killed below
-        pass
+    except Exception as err:  # noqa: BLE001 - a half-started Ray may fail to shut down; its processes are killed below
+        logging.getLogger(__name__).debug("ray.shutdown() after the engine failed: %s", err)
     left = [p for p in descendants(os.getpid()) if p not in before and "ray" in _cmdline(p)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in left:

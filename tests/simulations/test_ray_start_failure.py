@@ -73,7 +73,7 @@ def test_simulate_with_an_unusable_ray_temp_dir_exits_2_with_one_line_and_leaves
 def test_a_ray_node_that_times_out_at_startup_ends_simulate_and_stops_the_ray_processes(tmp_path, monkeypatch, reliability):
     """The benchmark's failure: Ray starts its processes, then its node never registers ("timed out during startup",
     after Ray's fixed 30 s); simulate raises FederationError, its ServerApp thread ends and Ray's processes are gone."""
-    import ray._private.services as services
+    from ray._private import services
 
     def never_registered(*args, **kwargs):
         raise RuntimeError("node info not available (injected by the test)")
@@ -95,8 +95,8 @@ def test_a_ray_node_that_times_out_at_startup_ends_simulate_and_stops_the_ray_pr
     watcher.start()
     start = time.monotonic()
     try:
-        with pytest.raises(FederationError) as caught:
-            simulate(cfg, output_dir=tmp_path, console=Console(file=open(tmp_path / "console.txt", "w")))
+        with open(tmp_path / "console.txt", "w") as log, pytest.raises(FederationError) as caught:
+            simulate(cfg, output_dir=tmp_path, console=Console(file=log))
     finally:
         watching.set()
         watcher.join()
