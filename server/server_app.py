@@ -24,6 +24,7 @@ from common.config import ConfigError, ExperimentConfig, load_config, parse_over
 from server.federation import RoundCallback, resolve_run_dir, run_federation
 from server.resume import ResumePoint
 from server.server_data import from_node_data
+from server.stoppable_grid import ServerAppControl, StoppableGrid
 from server.strategy import ReplyObserver
 
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {"config": "quickstart", "overrides": "", "output-dir": "", "run-dir": "", "node-data": ""}
@@ -51,18 +52,28 @@ def make_server_app(
     on_round: RoundCallback | None = None,
     observer: ReplyObserver | None = None,
     resume: ResumePoint | None = None,
+    control: ServerAppControl | None = None,
 ) -> ServerApp:
     """A ServerApp; with `cfg` (and `run_dir`) it ignores the run config (run_simulation passes an empty one).
-    `resume` continues `run_dir` after its last complete round."""
+    `resume` continues `run_dir` after its last complete round. `control`: the ServerApp records there when it starts
+    and ends, and once `control.stop` is set its next grid call raises (server/stoppable_grid.py), so a driver whose
+    simulation engine failed can end it."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_config = {**RUN_CONFIG_DEFAULTS, **context.run_config}
-        experiment = cfg if cfg is not None else config_from_run_config(run_config)
-        folder = run_dir or resolve_run_dir(experiment, run_config["output-dir"] or None, run_config["run-dir"] or None)
-        data = from_node_data(experiment, Path(run_config["node-data"])) if run_config["node-data"] else None
-        run_federation(grid, experiment, folder, on_round=on_round, observer=observer, resume=resume, data=data)
+        if control is not None:
+            control.started.set()
+            grid = StoppableGrid(grid, control.stop)
+        try:
+            run_config = {**RUN_CONFIG_DEFAULTS, **context.run_config}
+            experiment = cfg if cfg is not None else config_from_run_config(run_config)
+            folder = run_dir or resolve_run_dir(experiment, run_config["output-dir"] or None, run_config["run-dir"] or None)
+            data = from_node_data(experiment, Path(run_config["node-data"])) if run_config["node-data"] else None
+            run_federation(grid, experiment, folder, on_round=on_round, observer=observer, resume=resume, data=data)
+        finally:
+            if control is not None:
+                control.finished.set()
 
     return server_app
 

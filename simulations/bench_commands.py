@@ -1,7 +1,7 @@
 """Memory and wall time of the main `feddistill` commands at their embedded defaults (the README's hardware table).
 
     python -m simulations.bench_commands --out docs/results/hardware-cpu.json [--only data simulate ...]
-        [--model RUN/received_model.pt] [--timeout SECONDS] [--append]
+        [--model RUN/received_model.pt] [--distill DIST_DIR] [--timeout SECONDS] [--append]
 
 Each command runs in a fresh process under `/usr/bin/time -v` (its "Maximum resident set size": the largest single
 process among the command and the children it waited for) while this script samples, every 0.2 s, the summed RSS
@@ -38,10 +38,12 @@ def commands(work: Path) -> dict[str, list[str]]:
         "partition": fd + ["partition", "--out", str(work / "nodes")],
         "simulate": fd + ["simulate", "--output-dir", str(work / "runs")],
         "distill": fd + ["distill", "--model", "{run}/received_model.pt", "--out", str(work / "distill")],
-        "export": fd + ["export", str(work / "distill"), "--out", str(work / "set.pt")],
-        "export-ddranking": fd + ["export", str(work / "distill"), "--format", "ddranking", "--out", str(work / "ddr")],
+        "export": fd + ["export", "{distill}", "--out", str(work / "set.pt")],
+        "export-ddranking": fd + ["export", "{distill}", "--format", "ddranking", "--out", str(work / "ddr")],
         "evaluate": fd + ["evaluate", str(work / "set.pt")],
+        "audit": fd + ["audit", str(work / "set.pt"), "--out", str(work / "audit")],
         "report": fd + ["report", "{run}", "--out", str(work / "report")],
+        "sweep": fd + ["sweep", "--out", str(work / "sweep")],  # its embedded default: configs/sweeps/tiny.yaml
     }
 
 
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the JSON to write")
     parser.add_argument("--only", nargs="*", default=None, help="a subset of the commands (they depend on each other)")
     parser.add_argument("--model", default=None, help="received_model.pt for distill/report when simulate is not run")
+    parser.add_argument("--distill", default=None, metavar="DIST_DIR",
+                        help="a distill folder (feddistill distill --out) for export when distill is not run")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per command before it is killed")
     parser.add_argument("--append", action="store_true", help="add to the invocations already in --out")
     args = parser.parse_args(argv)
@@ -142,14 +146,16 @@ def main(argv: list[str] | None = None) -> int:
             if name in ("distill", "report") and not run_dir:
                 runs = sorted((work / "runs").glob("*")) if (work / "runs").is_dir() else []
                 run_dir = str(runs[-1]) if runs else str(Path(args.model).resolve().parent) if args.model else ""
-            command = [c.replace("{run}", run_dir) for c in command]
+            distill_dir = str(Path(args.distill).resolve()) if args.distill and "distill" not in results else str(work / "distill")
+            command = [c.replace("{run}", run_dir).replace("{distill}", distill_dir) for c in command]
             results[name] = measure(command, env, root, work / f"{name}.log", args.timeout)
             print(name, results[name], flush=True)
             if results[name]["exit_code"]:
                 print((work / f"{name}.log").read_text()[-2000:], file=sys.stderr)
                 break
         invocation = {"date": date, "commit": commit, "machine": machine(), "niceness": os.nice(0),
-                      "data": os.environ.get("FEDDISTILL_DATA"), "model": args.model, "commands": results}
+                      "data": os.environ.get("FEDDISTILL_DATA"), "model": args.model, "distill": args.distill,
+                      "commands": results}
         out = Path(args.out)
         earlier = json.loads(out.read_text())["invocations"] if args.append and out.is_file() else []
         save_json(out, {"invocations": [*earlier, invocation]})

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markdown import Markdown
 from rich.live import Live
+from rich.markdown import Markdown
 from rich.table import Table
 
 from common.config import ExperimentConfig
@@ -56,6 +58,83 @@ def client_resources(cfg: ExperimentConfig, cuda_available: bool) -> dict[str, f
         parallel = max(1, min(cfg.split.num_clients, int((os.cpu_count() or 1) // max(cpus, 1e-9))))
         gpus = round(1.0 / parallel, 4)
     return {"num_cpus": cpus, "num_gpus": gpus}
+
+
+ENGINE_STOP_WAIT_S = 120.0  # after the engine failed: the longest wait for the ServerApp thread (it may be evaluating)
+CHILD_STOP_WAIT_S = 5.0  # SIGTERM, then this long, then SIGKILL for the Ray processes left behind
+CAUSE_CHARS = 300  # of the engine's own error message in ours
+
+
+def descendants(root: int) -> list[int]:
+    """The pids of every process below `root` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def stop_engine(before: set[int]) -> list[int]:
+    """After the simulation engine failed: ray.shutdown(), then SIGTERM (SIGKILL after CHILD_STOP_WAIT_S) to every
+    Ray process this process started since `before` (its descendants whose command line names ray) that is still
+    there. Returns the pids signalled."""
+    try:
+        import ray
+
+        ray.shutdown()
+    except Exception as err:  # noqa: BLE001 - a half-started Ray may fail to shut down; its processes are killed below
+        logging.getLogger(__name__).debug("ray.shutdown() after the engine failed: %s", err)
+    left = [p for p in descendants(os.getpid()) if p not in before and "ray" in _cmdline(p)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + CHILD_STOP_WAIT_S
+        while sig == signal.SIGTERM and time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in left):
+            time.sleep(0.1)
+    for pid in left:  # reap the ones that were our own children
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    return left
+
+
+def engine_failure(err: BaseException) -> str | None:
+    """One line for an exception that Flower's simulation engine (not the ServerApp) raised, naming its root cause;
+    None for any other exception. "Ray could not start" when the chain passes through Flower's Ray backend init."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    frames = {f.name for e in chain for f in traceback.extract_tb(e.__traceback__)}
+    if not frames & {"start_vce", "run_api", "init_ray"}:
+        return None
+    root = chain[-1]
+    cause = bounded_text(f"{type(root).__name__}: {root}", CAUSE_CHARS)
+    if "init_ray" in frames:
+        return (f"Ray could not start, so no edge client ran ({cause}); check that RAY_TMPDIR / TMPDIR is a short "
+                "writable path, that /dev/shm and memory have room for Ray's object store, that ports are free and "
+                "that the machine is not overloaded (--verbose shows Ray's log)")
+    return f"Flower's simulation engine stopped before the federation ended ({cause}); --verbose shows its log"
 
 
 def rounds_table(lines: list[dict[str, Any]], title: str = "Federated training") -> Table:
@@ -122,6 +201,7 @@ def simulate(
     from server.federation import resolve_run_dir
     from server.resume import find_resume_point
     from server.server_app import make_server_app
+    from server.stoppable_grid import ServerAppControl
 
     console = console or Console()
     pick_device(cfg.device)  # device=cuda without CUDA fails here, before Ray starts
@@ -170,7 +250,9 @@ def simulate(
         if on_round is not None:
             on_round(line)
 
-    server_app = make_server_app(cfg, run_dir, on_round=round_done, observer=observer, resume=point)
+    control = ServerAppControl()
+    server_app = make_server_app(cfg, run_dir, on_round=round_done, observer=observer, resume=point, control=control)
+    before = set(descendants(os.getpid()))
     try:
         with live:
             run_simulation(
@@ -180,6 +262,16 @@ def simulate(
                 backend_config=backend_config,
                 verbose_logging=verbose,
             )
+    except BaseException as err:
+        # Flower raises here when its engine fails (Ray cannot start, ...) but leaves the ServerApp thread waiting
+        # for replies (round_timeout per round; the process would not exit): stop its grid, let it leave, and stop
+        # the Ray processes that were started.
+        control.end(ENGINE_STOP_WAIT_S if isinstance(err, Exception) else 0)  # Ctrl-C: no wait
+        stop_engine(before)
+        message = engine_failure(err) if isinstance(err, Exception) else None
+        if message is not None:
+            raise FederationError(message) from err
+        raise
     finally:
         for f in filters:
             flwr_logger.removeFilter(f)
