@@ -140,8 +140,9 @@ class FederationConfig(_Section):
     # ... and, with any number of replies, one whose norm exceeds this multiple of ||w_global|| (honest updates
     # measured at most 1.9x, at lr 0.2 and 10 local epochs from a fresh model; 0.1x at the quickstart settings).
     max_update_global_ratio: float = Field(3.0, gt=0.0)
-    # ... and, with >= 3 replies, one whose cosine similarity with the round's coordinate-wise median update is below
-    # this: a reversed (sign-flipped) update scores about -1 (docs/reliability.md, "Poisoning"); -1 turns it off.
+    # ... and, with >= 3 replies, one whose cosine similarity with the round's coordinate-wise median update, or with
+    # the previous round's aggregate step, is below this: a reversed (sign-flipped) update scores below 0
+    # (docs/benchmarks.md, "Poisoning"); -1 turns both off.
     min_update_cosine: float = Field(0.0, ge=-1.0, lt=1.0)
     # FedAvg without DP: scale every kept update whose norm exceeds the round's (lower) median update norm down to
     # it before averaging, so that no reply weighs more than a typical one (with 2 replies: the smaller norm).

@@ -160,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for other in args.merge:
         merged = json.loads(Path(other).read_text())
         for name, record in merged["cases"].items():
-            saved["cases"].setdefault(name, {**record, "measured": {k: merged[k] for k in ("machine", "date", "commit")}})
+            saved["cases"].setdefault(name, record if "measured" in record else
+                                      {**record, "measured": {k: merged[k] for k in ("machine", "date", "commit")}})
         save_json(out, saved)
     for name in args.cases:
         if name in saved["cases"]:
@@ -173,9 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name}: attempt {attempt + 1} failed\n{child.stderr[-3000:]}", file=sys.stderr)
         else:
             return 1
-        saved["cases"][name] = json.loads(child.stdout.strip().splitlines()[-1])
-        saved.update(machine=describe_machine(torch.device("cpu")), date=time.strftime("%Y-%m-%d"), commit=git_commit(),
-                     command="nice -n 10 python -m simulations.poisoning --out " + args.out, base_overrides=BASE)
+        measured = {"machine": describe_machine(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"),
+                    "commit": git_commit(), "command": f"python -m simulations.poisoning --out {args.out} --cases {name}"}
+        saved["cases"][name] = {**json.loads(child.stdout.strip().splitlines()[-1]), "measured": measured}
+        saved["base_overrides"] = BASE
         save_json(out, saved)
         record = saved["cases"][name]
         print(f"{name}: test accuracy {record['test_accuracy']}, rejected {record['rejected']}, "
