@@ -687,7 +687,10 @@ def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge
         f"edge clients on the whole private pool, {edge['rounds']} rounds, test accuracy {100 * edge['test_accuracy']:.2f} %.",
         f"Scale (reduced, not the paper's 20k iterations / 1000 epochs): {scale}; {cfg.evaluation.num_nets} evaluation nets "
         f"per seed; mean ± std over every net of every seed (seeds {', '.join(map(str, protocol.seeds))}; "
-        f"ipc {', '.join(map(str, protocol.single_seed_ipcs))}: seed {protocol.seeds[0]} only).",
+        f"ipc {', '.join(map(str, protocol.single_seed_ipcs))}: seed {protocol.seeds[0]} only). Distillation in "
+        f"{cfg.distill.precision}{', compiled' if cfg.distill.compile else ', eager'}, evaluation in "
+        f"{cfg.evaluation.precision}{', compiled' if cfg.evaluation.compile else ', eager'} (docs/benchmarks.md, "
+        "\"Distillation modes\": on a CPU without bf16 units bf16 is a slowdown).",
         f"dkkt_weight auto, dkkt_ratio {ratio:g} (chosen on the validation slice, calibration.json)" if ratio is not None
         else "dkkt_ratio: not calibrated yet",
     ])
