@@ -23,6 +23,7 @@ import torch
 from common.config import DistillConfig
 
 EMA_DECAY = 0.9
+MIN_GRAD_NORM = 1e-30  # a DKKT gradient norm at or below this counts as none (its weight stays finite above it)
 
 
 class DkktWeight:
@@ -43,7 +44,12 @@ class DkktWeight:
         if dm_norm is not None:
             self.ema.mul_(EMA_DECAY).add_((1 - EMA_DECAY) * dm_norm.detach())
         dm_avg = self.ema / (1 - EMA_DECAY**self.steps)
-        return self.ratio * dm_avg.clamp(min=self.floor) / dkkt_norm.detach().clamp(min=torch.finfo(dkkt_norm.dtype).tiny)
+        # A term without gradient this iteration (e.g. the primal cross-entropy alone, once every candidate is
+        # classified with probability 1.0 in float32) gets weight 0, not ratio / 0 = inf (and inf * 0 = NaN images).
+        norm = dkkt_norm.detach()
+        active = norm > MIN_GRAD_NORM
+        weight = (self.ratio * dm_avg.clamp(min=self.floor) / norm.clamp(min=MIN_GRAD_NORM)).clamp(max=torch.finfo(norm.dtype).max)
+        return torch.where(active, weight, 0.0)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"ema": self.ema.detach().cpu().clone(), "steps": self.steps.detach().cpu().clone()}

@@ -8,6 +8,7 @@ gradient; `distill.precision=bf16` runs both losses under bfloat16 autocast (dec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,18 +212,34 @@ def distill(
         if callback is not None and (it % cfg.log_every == 0 or it % cfg.checkpoint_every == 0 or it == cfg.iterations):
             terms["loss"] = terms.get("dm", 0.0) + (terms["dkkt_weight"] * terms["dkkt"] if dkkt_on else 0.0)
             if uses_dm and dkkt_on:
-                terms["share_dkkt"] = terms["grad_dkkt"] / (terms["grad_dm"] + terms["grad_dkkt"])
+                total = terms["grad_dm"] + terms["grad_dkkt"]
+                terms["share_dkkt"] = terms["grad_dkkt"] / total.clamp(min=torch.finfo(total.dtype).tiny)  # 0 when both are
             if uses_dkkt:
                 terms.update(multipliers.stats())
             values = torch.stack([v.detach().float() for v in terms.values()]).tolist()  # one device sync
+            _check_finite(it, dict(zip(terms, values)))
             lambdas = multipliers.values.detach().cpu().clone() if uses_dkkt else None
             current = SyntheticSet(syn.detach().cpu().clone(), syn_y.cpu(), lambdas, cfg.method, seed, config)
             callback(it, dict(zip(terms, values)), current)
         if checkpoint is not None and it % cfg.checkpoint_every == 0:
             checkpoint(_capture(it, syn, opt_img, multipliers if uses_dkkt else None, balance if uses_dkkt else None, gen, device))
 
+    if not bool(torch.isfinite(syn).all()):
+        raise DistillDiverged(f"{cfg.method}: the synthetic images are not finite after {cfg.iterations} iterations "
+                              "(log more often, distill.log_every, to see where); no set is saved")
     lambdas = multipliers.values.detach().cpu() if uses_dkkt else None
     return SyntheticSet(syn.detach().cpu(), syn_y.cpu(), lambdas, cfg.method, seed, config)
+
+
+class DistillDiverged(ValueError):
+    """The distillation produced non-finite losses or images: stopped with the iteration, not saved as a set."""
+
+
+def _check_finite(it: int, values: dict[str, float]) -> None:
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise DistillDiverged(f"distillation diverged at iteration {it}: {', '.join(bad)} not finite "
+                              f"({', '.join(f'{k}={values[k]:.4g}' for k in values if k in ('dm', 'dkkt', 'dkkt_weight'))})")
 
 
 def _capture(

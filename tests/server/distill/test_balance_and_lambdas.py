@@ -123,3 +123,31 @@ def test_lambda_fit_start_and_lambda_init_select_images(theta_star):
     random_start = distill(theta_star, public_x, public_y, cfg.model_copy(update={"init": "real", "iterations": 0}),
                            ModelConfig(width=8), C, 0, "cpu")
     assert not torch.equal(syn.images, random_start.images)
+
+
+def test_a_dkkt_term_without_gradient_weighs_nothing_instead_of_infinity():
+    cfg = DistillConfig(dkkt_ratio=1.0)
+    balance = DkktWeight(cfg, 100, "cpu")
+    assert balance.update(torch.tensor(1e30), torch.tensor(0.0)).item() == 0.0
+    assert balance.update(torch.tensor(1e30), torch.tensor(1e-35)).item() == 0.0
+    assert math.isfinite(balance.update(torch.tensor(1e30), torch.tensor(1e-20)).item())
+
+
+def test_the_primal_term_alone_saturates_without_poisoning_the_images(theta_star):
+    """dm+primal (stat_weight 0) drives its candidates to probability 1.0, where the cross-entropy's gradient is exactly
+    0 in float32: that iteration's DKKT weight is 0 (it was ratio x DM / tiny, 1e37 or inf, then NaN images)."""
+    hot = build_model(C, 3, SIZE, 8, 3)
+    hot.load_state_dict(theta_star.state_dict())
+    with torch.no_grad():
+        for p in list(hot.parameters())[-2:]:
+            p.mul_(1000.0)  # confident logits: the cross-entropy reaches exactly 0 within the run
+    rows = run(hot, DistillConfig(method="dm+dkkt", ipc=2, iterations=80, batch_real=6, log_every=1, stat_weight=0.0))
+    assert any(r["dkkt_weight"] == 0.0 for r in rows)
+    assert all(math.isfinite(v) and abs(v) < 1e30 for r in rows for v in r.values())
+
+
+def test_a_diverging_distillation_stops_with_the_iteration_instead_of_saving_nan_images(theta_star):
+    from server.distill.methods import DistillDiverged
+
+    with pytest.raises(DistillDiverged, match="diverged at iteration"):
+        run(theta_star, DistillConfig(method="dm", ipc=2, iterations=6, batch_real=6, log_every=1, lr_img=1e38))
