@@ -67,7 +67,7 @@ class Sizes:
     batch_real: int = 256
     big_ipc: int = 50
     test_images: int = 10_000
-    # The CPU evidence protocol's estimator savings (simulations/evidence.py preset `cpu`), timed as their own rows:
+    # The CPU evidence protocol's estimator savings (configs/grids/cpu.yaml), timed as their own rows:
     # real images per class per DM step, and DKKT candidates per iteration.
     cpu_batch_real: int = 16
     cpu_candidates: int = 20

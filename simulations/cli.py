@@ -18,6 +18,7 @@ from common.config import ConfigError, ExperimentConfig, build_config, load_conf
 from common.data import DataError
 from common.holdings import Holdings
 from common.runtime import FederationError
+from simulations.grid.command import add_grid_arguments
 
 console = Console()
 
@@ -87,17 +88,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distils from a received model and the config's public subset, then evaluates (no Flower)."""
-    import torch
-
-    from common.atomic import load_torch
     from common.config import config_to_dict
-    from common.data import to_normalized_tensor
-    from common.holdings import decide_holdings, load_experiment_data
     from common.methods import method
-    from common.models import model_from_config
     from common.runtime import pick_device
     from server.distill.artifacts import check_resumable
     from server.distill.run import run_distillation
+    from server.server_data import distill_inputs
     from simulations.progress import progress_for
 
     if args.resume:
@@ -110,19 +106,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         cfg, model_path = _load(args), args.model
         out_dir = Path(args.out or Path(cfg.output_dir) / f"{cfg.name}-distill-{cfg.distill.method.replace('+', '_')}").resolve()
         check_folder(out_dir, "--out" if args.out else "output_dir")
-    device = pick_device(cfg.device)
-    dataset = load_experiment_data(cfg)
-    labels = dataset.train.labels
-    public = decide_holdings(cfg, labels).public  # the subset the federation excluded from every shard
-    model = None
+    # the public subset: what the federation excluded from every shard
+    inputs = distill_inputs(cfg, "test", Path(model_path) if model_path else None, device=pick_device(cfg.device))
     if model_path:
-        model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
-        state = load_torch(model_path)
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as err:
-            detail = " ".join(str(err).split())[:300]
-            raise DataError(f"{model_path}: not a state_dict of the configured model.* ({detail})") from None
         model_path = str(Path(model_path).resolve())
     elif method(cfg.distill.method).needs_model(cfg.distill.init):
         raise ConfigError(
@@ -131,16 +117,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         )
     check_resumable(out_dir, config_to_dict(cfg))  # before invocation.json is rewritten
     save_json(out_dir / INVOCATION, {"config": config_to_dict(cfg), "model": model_path})
-    norm = dataset.normalization
     with progress_for(console, args.progress_every) as progress:
-        result = run_distillation(
-            cfg, model,
-            to_normalized_tensor(dataset.train.images[public], norm, device),
-            torch.as_tensor(labels[public], device=device),
-            to_normalized_tensor(dataset.test.images, norm, device),
-            torch.as_tensor(dataset.test.labels, device=device),
-            out_dir, norm, num_classes=dataset.num_classes, progress=progress,
-        )
+        result = run_distillation(cfg, inputs.model, inputs.public_x, inputs.public_y, inputs.eval_x, inputs.eval_y,
+                                  out_dir, inputs.normalization, num_classes=inputs.num_classes, progress=progress)
     console.print(
         f"{cfg.distill.method}, ipc {cfg.distill.ipc}: test accuracy [bold]{100 * result['mean']:.2f} ± "
         f"{100 * result['std']:.2f} %[/] over {len(result['accuracies'])} evaluations; results: {out_dir}"
@@ -166,13 +145,22 @@ def _distill_invocation(out_dir: Path) -> tuple[ExperimentConfig, str | None]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Runs (or resumes) a pipc x ipc x method x seed grid, then renders its report."""
+    """Runs (or resumes) a grid of configs/grids/: a sweep (pipc x ipc x method x seed, then its table) or a protocol
+    grid (`kind: protocol`: the evidence protocol's stages)."""
+    from simulations.grid.command import run_protocol
+    from simulations.grid.protocol import grid_path, load_protocol, read_grid
+    from simulations.grid.sweep import load_sweep, run_sweep
     from simulations.report import markdown_table
-    from simulations.sweep import load_sweep, run_sweep
 
-    sweep = load_sweep(args.config)
+    path = grid_path(args.config)
+    if read_grid(path).get("kind") == "protocol":
+        protocol = load_protocol(path)
+        out_dir = check_folder(args.out or Path("runs") / f"sweep-{protocol.name}", "--out" if args.out else "the grid folder")
+        return run_protocol(protocol, out_dir, args, args.overrides)
+    sweep = load_sweep(path)
     out_dir = check_folder(args.out or Path("runs") / f"sweep-{sweep.name}", "--out" if args.out else "the sweep folder")
-    table = run_sweep(sweep, out_dir, parse_overrides(args.overrides), console, args.progress_every)
+    table = run_sweep(sweep, out_dir, parse_overrides(args.overrides), console, args.progress_every, args.workers,
+                      args.address)
     console.print(markdown_table(table), highlight=False)
     console.print(f"results: {out_dir.resolve()}/results.csv; figures: feddistill report {out_dir}")
     return 0
@@ -281,11 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="OUT_DIR", help="continue an interrupted distill in its output folder")
     p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
                    help="outside a terminal: a progress line per task at most this often (default 30)")
-    p = add("sweep", cmd_sweep, "the split-ratio benchmark over a YAML grid (resumes finished cells)")
-    p.set_defaults(config="tiny")
-    p.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-<name>)")
+    p = add("sweep", cmd_sweep, "a benchmark grid of configs/grids/ (a sweep or the evidence protocol; resumes)")
+    p.set_defaults(config="tiny-sweep")
+    p.add_argument("--out", default=None, help="grid folder (default: runs/sweep-<name>)")
     p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
                    help="outside a terminal: a progress line per task at most this often (default 30)")
+    add_grid_arguments(p)
     p = sub.add_parser("export", help="pack a distilled set into one shareable file", description=cmd_export.__doc__)
     p.add_argument("run_dir", help="a distill folder (RUN/distill/<method>) or one of its seed_<k> folders")
     p.add_argument("--out", required=True, help="the pack file to write (.pt), or the folder with --format ddranking")

@@ -17,7 +17,7 @@ from common.data import CIFAR10_NORMALIZATION, Normalization
 from server.distill.artifacts import load_synthetic, save_synthetic
 from server.distill.methods import SyntheticSet
 from simulations.report import fft_magnitude, markdown_table, render
-from simulations.sweep import write_results
+from simulations.grid.sweep import write_results
 
 
 CONFIG = config_to_dict(load_config("quickstart"))
@@ -35,7 +35,8 @@ def _fake_sweep(root, grid, normalization=CIFAR10_NORMALIZATION):
         save_synthetic(syn, cell / "seed_0", normalization)
         save_json(cell / "cell.json", {"cell": name, "pipc": pipc, "ipc": ipc, "method": method, "seed": seed})
         save_json(cell / "result.json", {"accuracies": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
-                                         "config": CONFIG, "commit": "abc1234"})
+                                         "config": CONFIG, "commit": "abc1234",
+                                         "timings": {"distill_s": 1.0, "evaluate_s": 1.0}})
     return write_results(root)
 
 
