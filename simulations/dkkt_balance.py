@@ -24,15 +24,13 @@ from typing import Any
 
 import torch
 
-from common.atomic import load_torch, save_json
+from common.atomic import save_json
 from common.config import DistillConfig, load_config, parse_overrides
-from common.data import to_normalized_tensor
-from common.holdings import decide_holdings, load_experiment_data
-from common.models import model_from_config
 from server.distill.dkkt import dkkt_parts, freeze_model
 from server.distill.dsa import parse_strategy, sample_dsa
 from server.distill.lambdas import flat_parameters
 from server.distill.methods import SyntheticSet, distill
+from server.server_data import distill_inputs
 
 
 def measure(cfg, model, public_x, public_y, num_classes: int, ipc: int, iterations: int, skip: int, seed: int) -> dict[str, Any]:
@@ -151,15 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, parse_overrides(args.overrides))
-    dataset = load_experiment_data(cfg)
-    public = decide_holdings(cfg, dataset.train.labels).public
-    model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
-    model.load_state_dict(load_torch(args.model))
-    public_x = to_normalized_tensor(dataset.train.images[public], dataset.normalization)
-    public_y = torch.as_tensor(dataset.train.labels[public])
+    inputs = distill_inputs(cfg, model_path=args.model)
     results = []
     for ipc in args.ipc:
-        results.append(measure(cfg, model, public_x, public_y, dataset.num_classes, ipc, args.iterations, args.skip, args.seed))
+        results.append(measure(cfg, inputs.model, inputs.public_x, inputs.public_y, inputs.num_classes, ipc, args.iterations,
+                               args.skip, args.seed))
         print(gradient_table(results[-1:], cfg.distill.dkkt_ratio).splitlines()[-1], flush=True)
     table = markdown(results, cfg.distill.dkkt_ratio)
     print(table)
