@@ -275,6 +275,12 @@ class ExperimentConfig(_Section):
         return self
 
 
+def check_partition_id(partition_id: int, num_clients: int, source: str = "partition-id") -> None:
+    """ValueError naming `source` unless edge client `partition_id` is one of split.num_clients."""
+    if not 0 <= partition_id < num_clients:
+        raise ValueError(f"{source}={partition_id}: must be in 0..{num_clients - 1} (split.num_clients)")
+
+
 def check_classes(cfg: ExperimentConfig, num_classes: int) -> None:
     """Checks that need the number of classes; raises ValueError naming the key."""
     split = cfg.split

@@ -30,7 +30,7 @@ from PIL import Image
 
 from common.atomic import atomic_write
 from common.config import ExperimentConfig, config_to_dict
-from common.data import DataError, ImageArrays, Normalization, read_archive_files
+from common.data import CIFAR10_CLASSES, DataError, ImageArrays, Normalization, read_archive_files
 from common.holdings import split_seed
 
 FORMAT = "feddistill-holding/1"
@@ -55,6 +55,20 @@ def holdings_sha256(cfg: ExperimentConfig) -> str:
     split = {k: v for k, v in c["split"].items() if not (k == "private_pipc" and v is None)}  # the hash before nesting
     ident = {"data": {k: v for k, v in c["data"].items() if k != "path"}, "split": split, "split_seed": split_seed(cfg)}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def check_sha256(path: Path, expected: str, source: str) -> None:
+    """DataError when the file's sha256 is not `expected` (given by `source`: the manifest, a node_config key)."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if digest != expected.strip().lower():
+        raise DataError(f"{path}: sha256 {digest[:12]}... differs from {source}'s {expected[:12]}... (another or a "
+                        "changed archive; manifest.json gives each node's)")
+
+
+def check_dataset_classes(cfg: ExperimentConfig, classes: tuple[str, ...], where: Path) -> None:
+    """DataError when archives cut for a cifar10 config hold other classes."""
+    if cfg.data.name == "cifar10" and tuple(classes) != CIFAR10_CLASSES:
+        raise DataError(f"{where}: classes {list(classes)} differ from the configured dataset's {list(CIFAR10_CLASSES)}")
 
 
 def _png(image: np.ndarray) -> bytes:

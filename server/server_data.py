@@ -13,7 +13,6 @@ the evaluation split as normalised tensors, the normalisation and the received m
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,10 @@ from torch import nn
 
 from common.atomic import load_torch
 from common.config import ConfigError, ExperimentConfig
-from common.data import CIFAR10_CLASSES, DataError, Dataset, ImageArrays, Normalization, to_normalized_tensor
+from common.data import DataError, Dataset, ImageArrays, Normalization, to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data, split_seed
 from common.models import model_from_config
-from common.node_data import holdings_sha256, load_node_archive
+from common.node_data import check_dataset_classes, check_sha256, holdings_sha256, load_node_archive
 
 MANIFEST = "manifest.json"
 
@@ -152,13 +151,12 @@ def from_node_data(cfg: ExperimentConfig, folder: Path) -> ServerData:
         path = folder / archives[name]["file"]
         if not path.is_file():
             raise DataError(f"{path}: missing (the server needs public.tar.gz and test.tar.gz beside {MANIFEST})")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != archives[name]["sha256"]:
-            raise DataError(f"{path}: sha256 differs from {MANIFEST} (a changed or corrupt archive)")
+        check_sha256(path, archives[name]["sha256"], MANIFEST)
         nodes[name] = load_node_archive(path)
     classes = nodes["public"].classes
-    if nodes["test"].classes != classes or (cfg.data.name == "cifar10" and classes != CIFAR10_CLASSES):
-        raise DataError(f"{folder}: the archives' classes {list(nodes['test'].classes)} / {list(classes)} are not the "
-                        f"configured dataset's")
+    if nodes["test"].classes != classes:
+        raise DataError(f"{folder}: test.tar.gz's classes {list(nodes['test'].classes)} are not public.tar.gz's {list(classes)}")
+    check_dataset_classes(cfg, classes, folder)
     if nodes["test"].normalization != nodes["public"].normalization:
         raise DataError(f"{folder}: public.tar.gz and test.tar.gz record different normalisations; run feddistill "
                         "partition again")
