@@ -58,10 +58,10 @@ def holdings_table(labels: np.ndarray, holdings: Holdings, classes: Sequence[str
 
 def cmd_partition(args: argparse.Namespace) -> int:
     """Writes one archive per party (client-<k>, public, test) and manifest.json: each node gets only its own."""
-    from simulations.simulate import quiet_environment
+    from simulations.commands.simulate import quiet_environment
 
     quiet_environment()  # before flwr-datasets is imported (it reads FLWR_TELEMETRY_ENABLED then)
-    from simulations.partition import MANIFEST, partition
+    from simulations.commands.partition import MANIFEST, partition
 
     cfg = _load(args)
     out = check_folder(Path(args.out), "--out")
@@ -77,7 +77,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Runs the federation in-process (Flower simulation engine) and prints the per-round table."""
     from server.resume import load_run_config
-    from simulations.simulate import simulate
+    from simulations.commands.simulate import simulate
 
     if args.resume and args.overrides:
         raise ConfigError("--resume takes the config from RUN_DIR/config.yaml: drop the overrides " + " ".join(args.overrides))
@@ -94,7 +94,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from server.distill.artifacts import check_resumable
     from server.distill.run import run_distillation
     from server.server_data import distill_inputs
-    from simulations.progress import progress_for
+    from simulations.commands.progress import progress_for
 
     if args.resume:
         if args.overrides or args.out:
@@ -150,7 +150,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from simulations.grid.command import run_protocol
     from simulations.grid.protocol import grid_path, load_protocol, read_grid
     from simulations.grid.sweep import load_sweep, run_sweep
-    from simulations.report import markdown_table
+    from simulations.reports.report import markdown_table
 
     path = grid_path(args.config)
     if read_grid(path).get("kind") == "protocol":
@@ -169,7 +169,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Packs a distilled set (images, labels, normalisation, config and its hash, commit, accuracy) into one file, or
     writes it as DD-Ranking's evaluators read one (--format ddranking: a folder)."""
-    from simulations.synthetic_pack import export_ddranking, export_pack, load_pack
+    from simulations.commands.synthetic_pack import export_ddranking, export_pack, load_pack
 
     export = export_ddranking if args.format == "ddranking" else export_pack
     path = export(Path(args.run_dir), Path(args.out), args.seed_index)
@@ -185,7 +185,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Re-evaluates a pack on its dataset's test split, with its own protocol or other epochs, nets and architectures."""
     from common.runtime import pick_device
     from server.distill.evaluate import mean_std
-    from simulations.synthetic_pack import EvaluationMode, evaluate_pack, load_pack, pack_test_set
+    from simulations.commands.synthetic_pack import EvaluationMode, evaluate_pack, load_pack, pack_test_set
 
     mode = EvaluationMode.parse(args.mode) if args.mode else None
     pack = load_pack(Path(args.pack))
@@ -212,7 +212,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """The leakage audit of synthetic sets against the private pool (offline, for a data owner; never in the
     ServerApp): nearest private, held-out and public images of each synthetic image, per-image flags, the fraction
     closer to a private image, a membership AUC, a gallery."""
-    from simulations.audit_sets import run_audit
+    from simulations.commands.audit_sets import run_audit
 
     out = check_folder(Path(args.out), "--out")
     if args.planted < 0:
@@ -233,7 +233,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """A sweep folder: table.md, accuracy_vs_pipc.png, figure2.png, figure3.png, loss_curves.png. A run folder:
     federation_accuracy.png (per round) and each distilled method's loss terms and gradient shares."""
-    from simulations.report import render, render_run
+    from simulations.reports.report import render, render_run
 
     if (Path(args.sweep_dir) / "metrics.jsonl").is_file():  # a federation run folder
         written = render_run(Path(args.sweep_dir), args.out)

@@ -8,7 +8,7 @@ Accuracies are fractions in [0, 1]. On the CPU a batch goes through the net in c
 `evaluation.compile` the passes run through `torch.compile` (inductor fuses the norm, ReLU and pooling around
 the convolutions): the same protocol to float rounding, compiled once per process and batch shape. With
 `evaluation.precision=bf16` they run under bfloat16 autocast (AMX on recent Xeons): another protocol, whose
-accuracy difference to fp32 `simulations.eval_modes` measures.
+accuracy difference to fp32 `simulations.benchmarks.eval_modes` measures.
 
 `train_and_test` trains one net (the reference of the protocol); `train_and_test_batched` trains K nets at
 once as one vmapped functional model over stacked parameters (`torch.func.stack_module_state`): every net

@@ -140,7 +140,7 @@ def collect(stage_dir: Path) -> pd.DataFrame:
 
 
 def write_results(stage_dir: Path) -> pd.DataFrame:
-    """<stage>/results.csv: every finished cell, in the layout simulations/report.py reads."""
+    """<stage>/results.csv: every finished cell, in the layout simulations/reports/report.py reads."""
     frame = collect(stage_dir)
     atomic_write(stage_dir / "results.csv", lambda tmp: frame.to_csv(tmp, index=False))
     return frame

@@ -1,6 +1,6 @@
 """The received models of a grid: one cache of finished federations, found by what determines them.
 
-A federation's run folder (written by simulations.simulate) records its config; `edge_model_key` of that config names
+A federation's run folder (written by simulations.commands.simulate) records its config; `edge_model_key` of that config names
 the model. `received_model` takes a finished run of the same key from any of its homes, else trains one (continuing
 an interrupted run of that key), so every cell of a private split shares one received model.
 """
@@ -42,7 +42,7 @@ def received_model(cfg: ExperimentConfig, homes: Sequence[Path], train_into: Pat
     if train_into is None:
         raise ConfigError(f"no finished federation of {cfg.name} under {', '.join(map(str, homes))}: "
                           "run the edge stage first")
-    from simulations.simulate import simulate  # Flower and Ray only when a model must be trained
+    from simulations.commands.simulate import simulate  # Flower and Ray only when a model must be trained
 
     resume = next((r for r in reversed(matching) if r.parent == Path(train_into)), None)
     log(f"edge: training the federation of {cfg.name} (key {key})" + (f", resuming {resume}" if resume else ""))

@@ -98,7 +98,7 @@ def synthetic_sizes(table_dir: Path, results: pd.DataFrame) -> dict[int, dict[st
     """ipc -> the size of one distilled set of that ipc (the first dm+dkkt cell's seed; every method's set of an ipc
     has the same shape)."""
     from server.distill.artifacts import synthetic_bytes
-    from simulations.report import set_dir
+    from simulations.reports.report import set_dir
 
     sizes = {}
     for _, row in results[results["method"] == "dm+dkkt"].iterrows():
@@ -119,7 +119,7 @@ def audit_summary(protocol: Protocol, results: pd.DataFrame) -> pd.DataFrame:
 
 
 def report_stage(ctx: Context, cfg: ExperimentConfig) -> None:
-    from simulations.report import (audit_table, markdown_table, paired_gains, plot_accuracy_vs_pipc, plot_history,
+    from simulations.reports.report import (audit_table, markdown_table, paired_gains, plot_accuracy_vs_pipc, plot_history,
                                     plot_method_bars, render, traffic_table)
 
     preset = ctx.protocol.name

@@ -5,7 +5,7 @@
              one was interrupted
   calibrate  dkkt_ratio grid x calibration ipcs, one seed, evaluated on the validation slice (never the test set);
              the best mean validation accuracy over those ipcs fixes dkkt_ratio for the table
-  balance    DM and DKKT gradient norms, the auto weight and lambda at each ipc with that ratio (simulations/dkkt_balance.py)
+  balance    DM and DKKT gradient norms, the auto weight and lambda at each ipc with that ratio (simulations/benchmarks/dkkt_balance.py)
   curve      DM's validation accuracy against its iterations; the converged count is `dm@conv`'s
   table      every variant x ipc x pipc x seed with that ratio, evaluated once on the test set
   report     OUT/table.md (protocol, commit, seconds per row), results.csv, plots, Figures 2 and 3
@@ -170,7 +170,7 @@ def calibrate_stage(ctx: Context, extra: dict[str, Any], model: Path) -> float:
 
 def balance_stage(ctx: Context, extra: dict[str, Any], ratio: float | None, model: Path) -> None:
     """OUT/balance.json and balance.md: gradient norms and shares of DM and DKKT at each table ipc (dm+dkkt, seed 0)."""
-    from simulations.dkkt_balance import markdown, measure
+    from simulations.benchmarks.dkkt_balance import markdown, measure
 
     protocol = ctx.protocol
     rows = []

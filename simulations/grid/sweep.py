@@ -37,7 +37,7 @@ from simulations.grid.cells import CellTask, GridCell, cell_name, check_cells, c
 from simulations.grid.edge import received_model
 from simulations.grid.pool import open_pool
 from simulations.grid.protocol import grid_path, read_grid, validation_error
-from simulations.progress import progress_for
+from simulations.commands.progress import progress_for
 
 COLUMNS = ["cell", "pipc", "ipc", "method", "seed", "accuracy_mean", "accuracy_std", "num_evaluations", "accuracies"]
 

@@ -17,7 +17,7 @@ from common.holdings import decide_holdings, load_experiment_data
 from common.models import build_model
 from simulations.cli import build_parser
 from server.traffic import content_bytes
-from simulations.simulate import simulate
+from simulations.commands.simulate import simulate
 
 TINY = {
     "name": "tiny-sim",
@@ -113,7 +113,7 @@ def test_the_cli_has_a_simulate_subcommand():
 
 
 def test_clients_share_the_gpu_when_there_is_one():
-    from simulations.simulate import client_resources
+    from simulations.commands.simulate import client_resources
 
     cfg = build_config(TINY, {"device": "auto"})
     assert client_resources(cfg, cuda_available=False) == {"num_cpus": 1.0, "num_gpus": 0.0}

@@ -15,7 +15,7 @@ import torch
 from common.atomic import save_json, save_torch
 from common.config import load_config, parse_overrides
 from common.holdings import decide_holdings, load_experiment_data
-from simulations.audit import audit_pools, auc_delong, flag_threshold, ssim, train_feature_net, wilson
+from simulations.commands.audit import audit_pools, auc_delong, flag_threshold, ssim, train_feature_net, wilson
 from simulations.cli import main as cli_main
 
 TINY = ["device=cpu", "data.name=tiny", "data.tiny_per_class=60", "data.train_per_class=null", "data.test_per_class=null",

@@ -155,7 +155,7 @@ def test_split_ratio_protocol_nests_pipcs_on_one_model_chooses_dm_iterations_on_
     cell = again / "table/cells/pipc2-ipc1-dm-seed0"
     assert json.loads((cell / "cell.json").read_text())["reused_from"] and not (cell / "seed_0/synthetic.pt").exists()
     assert json.loads((cell / "result.json").read_text()) == json.loads((out / "table/cells/pipc2-ipc1-dm-seed0/result.json").read_text())
-    from simulations.report import set_dir
+    from simulations.reports.report import set_dir
     assert (set_dir(cell) / "seed_0/synthetic.pt").is_file()
     assert not (again / "edge").exists()  # the received model was found in the reused folder
 

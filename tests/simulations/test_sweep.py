@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from simulations.report import markdown_table, render
+from simulations.reports.report import markdown_table, render
 from simulations.grid.sweep import Cell, cells, load_sweep
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,8 +15,8 @@ from common.atomic import load_torch, save_torch
 from common.config import ModelConfig
 from common.models import parse_architecture
 from simulations.cli import main as cli_main
-from simulations.eval_modes import main as eval_modes_main
-from simulations.synthetic_pack import load_pack
+from simulations.benchmarks.eval_modes import main as eval_modes_main
+from simulations.commands.synthetic_pack import load_pack
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["device=cpu", "data.name=tiny", "data.train_per_class=null", "data.test_per_class=null", "model.width=8",

@@ -1,6 +1,6 @@
 import json
 
-from simulations import bench_distill
+from simulations.benchmarks import bench_distill
 
 
 def test_bench_distill_small_runs_and_prints_the_ratios(tmp_path, capsys):

@@ -10,7 +10,7 @@ import torch
 from common import models
 from common.config import ConfigError, EvaluationConfig, ModelConfig
 from server.distill.evaluate import evaluate_synthetic, init_net, train_net
-from simulations.synthetic_pack import EvaluationMode
+from simulations.commands.synthetic_pack import EvaluationMode
 
 CLASSES, WIDTH = 3, 16
 needs_compiler = pytest.mark.skipif(not shutil.which("g++") and not shutil.which("clang++"),

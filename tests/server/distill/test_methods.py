@@ -72,7 +72,7 @@ def test_each_method_runs_end_to_end_and_writes_its_artifacts(method, theta_star
             assert history[-1]["iteration"] == cfg.distill.iterations
             assert 0 < history[-1]["seconds"] <= seed_result["timings"]["distill_s"] + 1e-3
             assert ("share_dkkt" in history[-1]) == (method == "dm+dkkt")
-            from simulations.report import plot_history
+            from simulations.reports.report import plot_history
 
             assert plot_history(seed_dir / "history.jsonl", tmp_path / f"{method}-{k}.png").stat().st_size > 0
     assert on_disk["commit"]

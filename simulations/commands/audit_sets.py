@@ -1,5 +1,5 @@
 """`feddistill audit`: finds synthetic sets (packs, seed / distill / run folders, evidence cells), audits each
-against its own config's pools (`simulations/audit.py`) and writes the outputs. Offline, with the private pool:
+against its own config's pools (`simulations/commands/audit.py`) and writes the outputs. Offline, with the private pool:
 never part of the ServerApp.
 
     OUT/<set>/audit.csv     one row per synthetic image: distances, nearest images, SSIM, ratios, flags
@@ -28,9 +28,9 @@ from common.holdings import load_experiment_data, split_seed
 from common.models import model_from_config
 from common.runtime import describe_machine, git_commit
 from server.distill.artifacts import synthetic_normalization
-from simulations.audit import (FEATURE_MODEL, Pools, Space, audit_pools, audit_set, calibration, feature_embedder,
+from simulations.commands.audit import (FEATURE_MODEL, Pools, Space, audit_pools, audit_set, calibration, feature_embedder,
                                null_auc, plant, prepare_space, train_feature_net)
-from simulations.synthetic_pack import load_pack
+from simulations.commands.synthetic_pack import load_pack
 
 
 @dataclass(frozen=True)

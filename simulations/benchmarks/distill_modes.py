@@ -1,6 +1,6 @@
 """Do the faster distillation modes change the accuracy? Re-distils evidence cells in a mode, same everything else.
 
-    python -m simulations.distill_modes docs/results/cpu-pipc50/table/cells/pipc50-ipc10-dm-seed? ... \
+    python -m simulations.benchmarks.distill_modes docs/results/cpu-pipc50/table/cells/pipc50-ipc10-dm-seed? ... \
         --modes compile,bf16 --out docs/results/distill-modes-cpu/distill-modes-cpu.json
 
 Each evidence cell (OUT/<stage>/cells/<name>, its fp32 set distilled and evaluated) is run again from its recorded
@@ -27,7 +27,7 @@ from common.config import ConfigError, build_config
 from common.progress import LineProgress
 from common.runtime import describe_machine, git_commit
 from server.server_data import distill_inputs
-from simulations.synthetic_pack import EvaluationMode
+from simulations.commands.synthetic_pack import EvaluationMode
 
 
 def received_model(out: Path) -> Path:

@@ -1,6 +1,6 @@
 """Memory and wall time of the main `feddistill` commands at their embedded defaults (the README's hardware table).
 
-    python -m simulations.bench_commands --out docs/results/hardware-cpu.json [--only data simulate ...]
+    python -m simulations.benchmarks.bench_commands --out docs/results/hardware-cpu.json [--only data simulate ...]
         [--model RUN/received_model.pt] [--distill DIST_DIR] [--timeout SECONDS] [--append]
 
 Each command runs in a fresh process under `/usr/bin/time -v` (its "Maximum resident set size": the largest single
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per command before it is killed")
     parser.add_argument("--append", action="store_true", help="add to the invocations already in --out")
     args = parser.parse_args(argv)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     commit, date = git_commit(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # of the code measured
     with tempfile.TemporaryDirectory(prefix="bench-commands-") as tmp:
         work = Path(tmp)

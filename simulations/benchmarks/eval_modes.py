@@ -1,6 +1,6 @@
 """Do the faster evaluation modes change the accuracies? Re-evaluates distilled sets under each mode, same seeds.
 
-    python -m simulations.eval_modes docs/results/cpu-pipc50/table/cells/pipc50-ipc10-dm-seed0 ... \
+    python -m simulations.benchmarks.eval_modes docs/results/cpu-pipc50/table/cells/pipc50-ipc10-dm-seed0 ... \
         --modes fp32,compile,compile+bf16 --out docs/results/eval-modes-cpu.json
 
 Each folder (a distill folder, one of its seed_<k> folders, or an evidence cell) is packed (`synthetic_pack`) and
@@ -25,7 +25,7 @@ import torch
 
 from common.atomic import atomic_write, save_json
 from common.runtime import describe_machine, git_commit, pick_device
-from simulations.synthetic_pack import EvaluationMode, evaluate_pack, export_pack, load_pack, pack_test_set
+from simulations.commands.synthetic_pack import EvaluationMode, evaluate_pack, export_pack, load_pack, pack_test_set
 
 
 def evaluate_modes(folders: Sequence[Path], modes: Sequence[EvaluationMode], data: str | None, device: torch.device,

@@ -1,6 +1,6 @@
 """How much each loss term moves the synthetic images: DM and DKKT gradient norms, the DKKT weight and lambda.
 
-    python -m simulations.dkkt_balance --config cpu_pipc50 --model RUN/received_model.pt --ipc 1 10 50 \
+    python -m simulations.benchmarks.dkkt_balance --config cpu_pipc50 --model RUN/received_model.pt --ipc 1 10 50 \
         --iterations 30 --out docs/results/cpu-pipc50/balance.json [key=value ...]
 
 For each ipc it runs `dm+dkkt` from the config's public subset (init=real) for a few iterations and reports, over
