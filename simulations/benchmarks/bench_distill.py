@@ -48,7 +48,7 @@ from common.runtime import autocast, describe_machine, pick_device
 from server.distill.dkkt import freeze_model, naive_stationarity_loss, stationarity_loss
 from server.distill.dm import PublicPool, dm_loss, randomize_
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
-from server.distill.evaluate import train_and_test, train_and_test_batched
+from server.distill.evaluate import NetProtocol, train_and_test, train_and_test_batched
 from server.distill.methods import dkkt_candidates, distill
 
 console = Console(width=max(Console().width, 150))
@@ -372,15 +372,17 @@ def bench_eval(sizes: Sizes, args: argparse.Namespace, device: torch.device, var
 
     # Warm-up: one short run of each path (cuDNN autotuning, allocator), not timed.
     short = EvaluationConfig(epochs=2)
-    train_and_test(syn_x, syn_y, test_x, test_y, short, model_cfg, sizes.classes, 0, device)
-    train_and_test_batched(syn_x, syn_y, test_x, test_y, short, model_cfg, sizes.classes, seeds, device)
+    def protocol(eval_cfg: EvaluationConfig) -> NetProtocol:
+        return NetProtocol(eval_cfg, model_cfg, sizes.classes, device)
+
+    train_and_test(syn_x, syn_y, test_x, test_y, protocol(short), 0)
+    train_and_test_batched(syn_x, syn_y, test_x, test_y, protocol(short), seeds)
 
     def sequential(eval_cfg: EvaluationConfig) -> tuple[list[float], float]:
         reset_peak(device)
         sync(device)
         start = time.perf_counter()
-        accs = [train_and_test(syn_x, syn_y, test_x, test_y, eval_cfg, model_cfg, sizes.classes, s, device)
-                for s in seeds[: args.seq_nets]]
+        accs = [train_and_test(syn_x, syn_y, test_x, test_y, protocol(eval_cfg), s) for s in seeds[: args.seq_nets]]
         sync(device)
         return accs, len(accs) / (time.perf_counter() - start)
 
@@ -405,7 +407,7 @@ def bench_eval(sizes: Sizes, args: argparse.Namespace, device: torch.device, var
                       {"compile": bool(modes), "precision": "bf16"}))
     for name, update in modes:
         start = time.perf_counter()  # the one-off compile (train and test graphs) and warm-up, outside the timing
-        train_and_test(syn_x, syn_y, test_x, test_y, short.model_copy(update=update), model_cfg, sizes.classes, 0, device)
+        train_and_test(syn_x, syn_y, test_x, test_y, protocol(short.model_copy(update=update)), 0)
         warmup_s = time.perf_counter() - start
         mode_acc, rate = sequential(cfg.model_copy(update=update))
         diff = max(abs(a - b) for a, b in zip(mode_acc, whole_acc))
@@ -419,13 +421,13 @@ def bench_eval(sizes: Sizes, args: argparse.Namespace, device: torch.device, var
         channels_last = variant == "channels_last"
         try:
             if variant == "compile":  # compile once outside the timing
-                train_and_test_batched(syn_x, syn_y, test_x, test_y, short.model_copy(update=mode), model_cfg,
-                                       sizes.classes, seeds, device, channels_last=channels_last)
+                train_and_test_batched(syn_x, syn_y, test_x, test_y, protocol(short.model_copy(update=mode)), seeds,
+                                       channels_last=channels_last)
             reset_peak(device)
             sync(device)
             start = time.perf_counter()
-            acc = train_and_test_batched(syn_x, syn_y, test_x, test_y, cfg.model_copy(update=mode), model_cfg,
-                                         sizes.classes, seeds, device, channels_last=channels_last)
+            acc = train_and_test_batched(syn_x, syn_y, test_x, test_y, protocol(cfg.model_copy(update=mode)), seeds,
+                                         channels_last=channels_last)
             sync(device)
             r = len(seeds) / (time.perf_counter() - start)
             if variant == "fp32":
@@ -653,8 +655,8 @@ def run_full(sizes: Sizes, device: torch.device) -> dict[str, float]:
     from server.distill.evaluate import evaluate_synthetic
 
     start = time.perf_counter()
-    evaluate_synthetic(syn.images, syn.labels, test_x, test_y, EvaluationConfig(), model_of(sizes),
-                       list(range(FULL_NETS)), device, sizes.classes)
+    evaluate_synthetic(syn.images, syn.labels, test_x, test_y, NetProtocol(EvaluationConfig(), model_of(sizes), sizes.classes, device),
+                       list(range(FULL_NETS)))
     sync(device)
     evaluate_s = time.perf_counter() - start
     return {"distill_s": distill_s, "evaluate_s": evaluate_s, "total_s": distill_s + evaluate_s}

@@ -28,7 +28,7 @@ from common.holdings import load_experiment_data
 from common.models import parse_architecture
 from common.runtime import git_commit
 from server.distill.artifacts import synthetic_normalization
-from server.distill.evaluate import evaluate_synthetic
+from server.distill.evaluate import NetProtocol, evaluate_synthetic
 from server.distill.run import eval_seeds
 
 FORMAT = "feddistill-synthetic/1"
@@ -233,5 +233,5 @@ def evaluate_pack(
     except ValueError as err:
         raise ConfigError(str(err)) from None
     num_classes = int(pack.labels.max()) + 1
-    return evaluate_synthetic(pack.images, pack.labels, test_x, test_y, eval_cfg, model_cfg, seeds, device,
-                              num_classes, cfg.distill.dsa_strategy)
+    return evaluate_synthetic(pack.images, pack.labels, test_x, test_y,
+                              NetProtocol(eval_cfg, model_cfg, num_classes, device, cfg.distill.dsa_strategy), seeds)

@@ -20,7 +20,7 @@ def cross_arch(cfg: ExperimentConfig, out_dir: Path, archs: Sequence[str], input
     tested on the cell's evaluation split; out_dir/cross_arch.json (archs already there are kept)."""
     from common.runtime import pick_device
     from server.distill.artifacts import load_synthetic
-    from server.distill.evaluate import evaluate_synthetic, mean_std
+    from server.distill.evaluate import NetProtocol, evaluate_synthetic, mean_std
     from server.distill.run import eval_seeds
 
     path = out_dir / CROSS_ARCH
@@ -29,9 +29,10 @@ def cross_arch(cfg: ExperimentConfig, out_dir: Path, archs: Sequence[str], input
     for spec in archs:
         if spec in done:
             continue
-        accuracies = evaluate_synthetic(syn.images, syn.labels, inputs.eval_x, inputs.eval_y, cfg.evaluation,
-                                        parse_architecture(spec, cfg.model), eval_seeds(cfg.seed, cfg.evaluation.num_nets),
-                                        pick_device(cfg.device), inputs.num_classes, cfg.distill.dsa_strategy)
+        protocol = NetProtocol(cfg.evaluation, parse_architecture(spec, cfg.model), inputs.num_classes,
+                               pick_device(cfg.device), cfg.distill.dsa_strategy)
+        accuracies = evaluate_synthetic(syn.images, syn.labels, inputs.eval_x, inputs.eval_y, protocol,
+                                        eval_seeds(cfg.seed, cfg.evaluation.num_nets))
         mean, std = mean_std(accuracies)
         done[spec] = {"accuracies": accuracies, "mean": mean, "std": std}
         save_json(path, done)

@@ -238,7 +238,7 @@ def dm_curve(ctx: Context, cfg: ExperimentConfig, iterations: Sequence[int], out
     """One DM run to max(iterations) (resumable from its checkpoint), the set at each point evaluated on the
     validation slice; each point's result in out/it<N>.json."""
     from server.distill.artifacts import load_checkpoint, save_checkpoint
-    from server.distill.evaluate import evaluate_synthetic, mean_std
+    from server.distill.evaluate import NetProtocol, evaluate_synthetic, mean_std
     from server.distill.methods import distill
     from server.distill.run import eval_seeds
 
@@ -249,6 +249,7 @@ def dm_curve(ctx: Context, cfg: ExperimentConfig, iterations: Sequence[int], out
         inputs = distill_inputs(cfg, "validation")
         device = pick_device(cfg.device)
         seed, dcfg = cfg.seed, cfg.distill
+        protocol = NetProtocol(cfg.evaluation, cfg.model, inputs.num_classes, device, dcfg.dsa_strategy)
         start = time.perf_counter()
         snapshots: dict[int, torch.Tensor] = {}
 
@@ -260,9 +261,8 @@ def dm_curve(ctx: Context, cfg: ExperimentConfig, iterations: Sequence[int], out
             labels = torch.arange(inputs.num_classes).repeat_interleave(dcfg.ipc)
             save_checkpoint(state, labels, out, {"method": "dm", "seed": seed, "ipc": dcfg.ipc, "config": config_to_dict(cfg)})
             for it, images in sorted(snapshots.items()):  # evaluate what the checkpoint now covers
-                accuracies = evaluate_synthetic(images, labels, inputs.eval_x, inputs.eval_y, cfg.evaluation, cfg.model,
-                                                eval_seeds(seed, cfg.evaluation.num_nets), device, inputs.num_classes,
-                                                dcfg.dsa_strategy)
+                accuracies = evaluate_synthetic(images, labels, inputs.eval_x, inputs.eval_y, protocol,
+                                                eval_seeds(seed, cfg.evaluation.num_nets))
                 mean, std = mean_std(accuracies)
                 save_json(files[it], {"pipc": cfg.split.pipc, "ipc": dcfg.ipc, "iterations": it, "seed": seed,
                                       "accuracies": accuracies, "accuracy_mean": mean, "accuracy_std": std,
