@@ -96,7 +96,8 @@ def decide_holdings(cfg: ExperimentConfig, labels: np.ndarray) -> Holdings:
     validation = np.empty(0, dtype=np.int64)
     if split.validation_per_class:
         validation = draw_per_class(
-            labels, private, split.validation_per_class, np.random.default_rng([seed, VALIDATION_STREAM]), "split.validation_per_class"
+            labels, private, split.validation_per_class, np.random.default_rng([seed, VALIDATION_STREAM]),
+            "split.validation_per_class",
         )
         private = np.setdiff1d(private, validation)
     if split.private_pipc is not None:

@@ -90,9 +90,9 @@ def write_node_archive(
     entries: dict[str, list[str]] = {}
     blobs: list[tuple[str, bytes]] = []
     for split, (arrays, indices) in (("train", train), ("test", test)):
-        names = [f"{split}/{classes[label]}/{index:06d}.png" for label, index in zip(arrays.labels, indices)]
+        names = [f"{split}/{classes[label]}/{index:06d}.png" for label, index in zip(arrays.labels, indices, strict=True)]
         entries[split] = names
-        blobs += [(name, _png(image)) for name, image in zip(names, arrays.images)]
+        blobs += [(name, _png(image)) for name, image in zip(names, arrays.images, strict=True)]
     holding = {"format": FORMAT, "role": role, "classes": list(classes), **entries,
                "normalization": normalization.to_json(), **meta}
 

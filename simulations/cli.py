@@ -66,7 +66,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     cfg = _load(args)
     out = check_folder(Path(args.out), "--out")
     manifest = partition(cfg, out)
-    for name, entry in manifest["archives"].items():
+    for entry in manifest["archives"].values():
         console.print(f"{entry['file']}: {sum(entry['train_per_class'])} train / {sum(entry['test_per_class'])} test "
                       f"images, sha256 {entry['sha256'][:12]}", highlight=False)
     console.print(f"{out / MANIFEST}: holdings {manifest['holdings_sha256'][:12]}, split seed {manifest['split_seed']}")
@@ -139,7 +139,8 @@ def _distill_invocation(out_dir: Path) -> tuple[ExperimentConfig, str | None]:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or not isinstance(saved.get("model"), (str, type(None))):
+    if (not isinstance(saved, dict) or not isinstance(saved.get("config"), dict)
+            or not isinstance(saved.get("model"), (str, type(None)))):
         raise ConfigError(f"{path}: must be a JSON object with 'config' (an object) and 'model' (a path or null)")
     return build_config(saved["config"]), saved["model"]
 
@@ -176,7 +177,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     pack = load_pack(path)
     accuracy = pack.meta["evaluation"]["mean"]
     console.print(f"{path}: {pack.meta['method']}, {len(pack.labels)} images (ipc {pack.meta['ipc']}), config "
-                  f"sha256 {pack.meta['config_sha256'][:12]}" + (f", measured {100 * accuracy:.2f} %" if accuracy is not None else ""),
+                  f"sha256 {pack.meta['config_sha256'][:12]}"
+                  + (f", measured {100 * accuracy:.2f} %" if accuracy is not None else ""),
                   highlight=False)
     return 0
 
@@ -221,7 +223,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                       args.data, args.planted, log=lambda line: console.print(line, highlight=False))
     for row in frame.to_dict("records"):
         console.print(f"{row['set']}: closer to a private image {row['pixel_fraction']:.3f} "
-                      f"[{row['pixel_fraction_low']:.3f}, {row['pixel_fraction_high']:.3f}] (null {row['pixel_null_fraction']:.3f}), "
+                      f"[{row['pixel_fraction_low']:.3f}, {row['pixel_fraction_high']:.3f}] "
+                      f"(null {row['pixel_null_fraction']:.3f}), "
                       f"AUC {row['pixel_auc']:.3f} [{row['pixel_auc_low']:.3f}, {row['pixel_auc_high']:.3f}], "
                       f"flagged {row['pixel_flagged']}/{row['images']} (set p {row['pixel_set_p']:.2g}); "
                       f"features: {row['feature_fraction']:.3f}, AUC {row['feature_auc']:.3f}, flagged {row['feature_flagged']}",
@@ -323,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, FederationError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line per problem, never wrapped
+        # one line per problem, never wrapped
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
     except OSError as err:  # a file that cannot be read or written: name it
         text = f"{err.filename or ''}: {err.strerror or err}"

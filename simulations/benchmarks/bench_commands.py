@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             if name in ("distill", "report") and not run_dir:
                 runs = sorted((work / "runs").glob("*")) if (work / "runs").is_dir() else []
                 run_dir = str(runs[-1]) if runs else str(Path(args.model).resolve().parent) if args.model else ""
-            distill_dir = str(Path(args.distill).resolve()) if args.distill and "distill" not in results else str(work / "distill")
+            own_distill = args.distill and "distill" not in results
+            distill_dir = str(Path(args.distill).resolve()) if own_distill else str(work / "distill")
             command = [c.replace("{run}", run_dir).replace("{distill}", distill_dir) for c in command]
             results[name] = measure(command, env, root, work / f"{name}.log", args.timeout)
             print(name, results[name], flush=True)

@@ -34,22 +34,23 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+import common.models as models
 from common.atomic import save_json
 from common.config import DistillConfig, EvaluationConfig, ModelConfig
-import common.models as models
 from common.models import build_model
 from common.runtime import autocast, describe_machine, pick_device
 from server.distill.dkkt import freeze_model, naive_stationarity_loss, stationarity_loss
 from server.distill.dm import PublicPool, dm_loss, randomize_
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
 from server.distill.evaluate import NetProtocol, train_and_test, train_and_test_batched
-from server.distill.methods import dkkt_candidates, distill
+from server.distill.methods import distill, dkkt_candidates
 
 console = Console(width=max(Console().width, 150))
 FULL_ITERATIONS = 20_000
@@ -214,9 +215,8 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
         class_indices = [torch.nonzero(y_cpu == c).flatten() for c in range(sizes.classes)]
         gen, cpu_gen = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
         reset_peak(device)
-        ref = rate_of(
-            lambda: reference_dm_step(public_x, class_indices, syn, opt, sizes, gen, cpu_gen), args.iters, args.warmup, device
-        )
+        ref = rate_of(partial(reference_dm_step, public_x, class_indices, syn, opt, sizes, gen, cpu_gen), args.iters,
+                      args.warmup, device)
         rows.append(shown(Row(section, "reference loop (fp32)", ref, "it/s", 1.0, peak_mb(device))))
 
         baseline_loss = None
@@ -246,11 +246,10 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
                 gen = torch.Generator(device=device).manual_seed(0)
                 reset_peak(device)
                 with whole_batches() if variant == "whole batch" else contextlib.nullcontext():
-                    r = rate_of(
-                        lambda: our_dm_step(module, pool, syn, syn_y, opt, sizes, gen, precision),
-                        args.iters, args.warmup, device,
-                    )
-                note = "" if variant == "whole batch" else f"loss rel. diff {abs(loss_value - baseline_loss) / max(abs(baseline_loss), 1e-12):.1e}"
+                    r = rate_of(partial(our_dm_step, module, pool, syn, syn_y, opt, sizes, gen, precision), args.iters,
+                                args.warmup, device)
+                relative = abs(loss_value - baseline_loss) / max(abs(baseline_loss), 1e-12)
+                note = "" if variant == "whole batch" else f"loss rel. diff {relative:.1e}"
                 if variant == "cpu estimator":
                     note = "another estimator: its accuracy cost is docs/results/cpu-pipc50's dm vs dm@full"
                 name = {"ours": "ours (dm_loss, fp32)", "whole batch": "ours, whole batch (no CPU chunks)",
@@ -266,7 +265,7 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
             pool = PublicPool(public_x, public_y, sizes.classes, sizes.batch_real)
             gen = torch.Generator(device=device).manual_seed(7)
             rows.append(shown(ceiling_row(section, "the exact step",
-                                          lambda: our_dm_step(module, pool, syn, syn_y, opt, sizes, gen), ref, device)))
+                                          partial(our_dm_step, module, pool, syn, syn_y, opt, sizes, gen), ref, device)))
     return rows
 
 
@@ -289,6 +288,21 @@ def ceiling_row(section: str, what: str, step: Callable[[], Any], baseline: floa
 # ----------------------------------------------------------------------------------------------- DKKT term
 
 
+def stationarity_step(fn: Callable[..., torch.Tensor], model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      lambdas: torch.Tensor) -> torch.Tensor:
+    """One backward pass of a stationarity loss `fn` into x and lambdas (their gradients reset first); the loss."""
+    loss = fn(model, x, y, lambdas)
+    x.grad = lambdas.grad = None
+    loss.backward()
+    return loss.detach()
+
+
+def candidate_stationarity_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, m: int,
+                                gen: torch.Generator) -> torch.Tensor:
+    """The stationarity loss on `m` random candidates (the CPU protocol's estimator)."""
+    return stationarity_loss(model, *dkkt_candidates(x, y, lambdas, m, gen))
+
+
 def bench_dkkt(sizes: Sizes, args: argparse.Namespace, device: torch.device) -> list[Row]:
     """The stationarity term (value + backward to images and lambda) at ipc and big_ipc: the per-sample loop (ipc
     only: it is slow), the batched term over the whole batch, and the batched term in CPU chunks (the default)."""
@@ -299,36 +313,28 @@ def bench_dkkt(sizes: Sizes, args: argparse.Namespace, device: torch.device) -> 
         x = x0.clone().requires_grad_(True)
         lambdas = torch.full((x.shape[0],), 0.5, device=device, requires_grad=True)
         section = f"DKKT stationarity, ipc {ipc} ({x.shape[0]} images)"
-
-        def step(fn: Callable[..., torch.Tensor]) -> torch.Tensor:
-            loss = fn(model, x, y, lambdas)
-            x.grad = lambdas.grad = None
-            loss.backward()
-            return loss.detach()
+        step = partial(stationarity_step, model=model, x=x, y=y, lambdas=lambdas)
 
         with whole_batches():
             plain_loss = step(stationarity_loss)
             reset_peak(device)
-            whole = rate_of(lambda: step(stationarity_loss), args.iters, args.warmup, device)
+            whole = rate_of(partial(step, stationarity_loss), args.iters, args.warmup, device)
         rows.append(Row(section, "batched, whole batch (no CPU chunks)", whole, "it/s", 1.0, peak_mb(device)))
         if ipc == sizes.ipc:
             reset_peak(device)
-            naive = rate_of(lambda: step(naive_stationarity_loss), args.naive_iters, min(args.warmup, 1), device)
+            naive = rate_of(partial(step, naive_stationarity_loss), args.naive_iters, min(args.warmup, 1), device)
             rows.append(Row(section, "per-sample loop (naive)", naive, "it/s", naive / whole, peak_mb(device)))
         diff = float((step(stationarity_loss) - plain_loss).abs() / plain_loss.abs().clamp(min=1e-12))
         reset_peak(device)
-        batched = rate_of(lambda: step(stationarity_loss), args.iters, args.warmup, device)
+        batched = rate_of(partial(step, stationarity_loss), args.iters, args.warmup, device)
         rows.append(Row(section, "batched (default path)", batched, "it/s", batched / whole, peak_mb(device),
                         f"loss rel. diff {diff:.1e}"))
         m = sizes.cpu_candidates
         if m < x.shape[0]:
-            gen = torch.Generator(device=device).manual_seed(0)
-
-            def subset(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
-                return stationarity_loss(model, *dkkt_candidates(x, y, lambdas, m, gen))
+            subset = partial(candidate_stationarity_loss, m=m, gen=torch.Generator(device=device).manual_seed(0))
 
             reset_peak(device)
-            sampled = rate_of(lambda: step(subset), args.iters, args.warmup, device)
+            sampled = rate_of(partial(step, subset), args.iters, args.warmup, device)
             rows.append(Row(section, f"batched, {m} random candidates (CPU protocol)", sampled, "it/s", sampled / whole,
                             peak_mb(device), "another estimator: its accuracy cost is docs/results/cpu-pipc50's "
                             "dm+dkkt vs dm+dkkt@full"))
@@ -398,7 +404,7 @@ def bench_eval(sizes: Sizes, args: argparse.Namespace, device: torch.device, var
                     f"{peak_bf16:.0f} GFLOP/s)", {"tflop_per_net": flops / 1e12, "matmul_gflops_fp32": peak,
                                                   "matmul_gflops_bf16": peak_bf16}))
     seq_acc, seq = sequential(cfg)
-    diff = max(abs(a - b) for a, b in zip(seq_acc, whole_acc))
+    diff = max(abs(a - b) for a, b in zip(seq_acc, whole_acc, strict=True))
     rows.append(Row(section, f"sequential train_and_test ({len(seq_acc)} net(s))", seq, "nets/s", seq / whole,
                     peak_mb(device), f"acc diff to whole batches (same seeds) {diff:.4f}", {"accuracies": seq_acc}))
     modes = [("evaluation.compile", {"compile": True})] if "compile" in variants else []
@@ -410,7 +416,7 @@ def bench_eval(sizes: Sizes, args: argparse.Namespace, device: torch.device, var
         train_and_test(syn_x, syn_y, test_x, test_y, protocol(short.model_copy(update=update)), 0)
         warmup_s = time.perf_counter() - start
         mode_acc, rate = sequential(cfg.model_copy(update=update))
-        diff = max(abs(a - b) for a, b in zip(mode_acc, whole_acc))
+        diff = max(abs(a - b) for a, b in zip(mode_acc, whole_acc, strict=True))
         rows.append(Row(section, f"sequential train_and_test + {name} ({len(mode_acc)} net(s))", rate, "nets/s",
                         rate / whole, peak_mb(device), f"acc diff to whole batches (same seeds) {diff:.4f}; "
                         f"compile/warm-up {warmup_s:.0f} s once per process", {"accuracies": mode_acc, "warmup_s": warmup_s}))
@@ -433,7 +439,7 @@ def bench_eval(sizes: Sizes, args: argparse.Namespace, device: torch.device, var
             if variant == "fp32":
                 base_acc = acc
                 common = min(len(seq_acc), len(acc))
-                diff = max((abs(a - b) for a, b in zip(seq_acc[:common], acc[:common])), default=0.0)
+                diff = max((abs(a - b) for a, b in zip(seq_acc[:common], acc[:common], strict=True)), default=0.0)
                 note = f"acc diff to sequential (same seeds) {diff:.4f}"
             else:
                 note = f"mean acc diff to fp32 {sum(acc) / len(acc) - sum(base_acc) / len(base_acc):+.4f}"
@@ -655,7 +661,8 @@ def run_full(sizes: Sizes, device: torch.device) -> dict[str, float]:
     from server.distill.evaluate import evaluate_synthetic
 
     start = time.perf_counter()
-    evaluate_synthetic(syn.images, syn.labels, test_x, test_y, NetProtocol(EvaluationConfig(), model_of(sizes), sizes.classes, device),
+    evaluate_synthetic(syn.images, syn.labels, test_x, test_y,
+                       NetProtocol(EvaluationConfig(), model_of(sizes), sizes.classes, device),
                        list(range(FULL_NETS)))
     sync(device)
     evaluate_s = time.perf_counter() - start

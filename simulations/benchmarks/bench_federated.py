@@ -9,7 +9,8 @@ client-resources-num-gpus=0.1" -c 'config="cifar10_full"'`.
 
   python simulations/benchmarks/bench_federated.py                                  # IID, the cifar10_full schedule
   python simulations/benchmarks/bench_federated.py --partition dirichlet --alpha 0.5
-  python simulations/benchmarks/bench_federated.py --rounds 1 --train-per-class 20 --test-per-class 10 --width 16   # CPU smoke run
+  python simulations/benchmarks/bench_federated.py --rounds 1 --train-per-class 20 --test-per-class 10 \
+      --width 16                                                                # CPU smoke run
 """
 
 from __future__ import annotations

@@ -77,9 +77,10 @@ def markdown(report: dict[str, Any]) -> str:
     for (ipc, method_name, mode), runs in sorted(groups.items()):
         means = [statistics.fmean(r["accuracies"]) for r in runs]
         fp32 = [statistics.fmean(r["recorded"]) for r in runs]
-        diffs = [100 * (a - b) for a, b in zip(means, fp32)]
+        diffs = [100 * (a - b) for a, b in zip(means, fp32, strict=True)]
         std = f"{100 * statistics.stdev(fp32):.2f}" if len(fp32) > 1 else "-"
-        secs = f"{statistics.fmean(r['distill_s'] for r in runs):.0f} / {statistics.fmean(r['recorded_distill_s'] for r in runs):.0f}"
+        secs = (f"{statistics.fmean(r['distill_s'] for r in runs):.0f} / "
+                f"{statistics.fmean(r['recorded_distill_s'] for r in runs):.0f}")
         lines.append(f"| {ipc} | {method_name} | {mode} | {len(runs)} | {100 * statistics.fmean(means):.2f} | "
                      f"{100 * statistics.fmean(fp32):.2f} | {statistics.fmean(diffs):+.2f} | "
                      f"{' '.join(f'{d:+.2f}' for d in diffs)} | {std} | {secs} |")

@@ -5,7 +5,8 @@
 
 For each ipc it runs `dm+dkkt` from the config's public subset (init=real) for a few iterations and reports, over
 the iterations after the first `--skip`: medians of L_DM, ||grad_S L_DM||, L_DKKT, ||grad_S L_DKKT|| (unweighted) and
-the weight; the DKKT/DM ratio of the gradient norms summed over those iterations, the RMS pixel step of the DKKT part, and lambda and L_stat /
+the weight; the DKKT/DM ratio of the gradient norms summed over those iterations, the RMS pixel step of the DKKT part,
+and lambda and L_stat /
 mean|theta*| at the first and the last iteration. Then, on the images and lambda of the first and the last iteration and
 over every candidate (L_stat exact, whatever distill.dkkt_candidates samples per iteration): which part of L_DKKT moves
 the images (each weighted part's image gradient, its norm relative to the whole and its cosine with it).
@@ -101,7 +102,8 @@ def gradient_parts(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
 
 def gradient_table(results: list[dict[str, Any]], ratio: float) -> str:
     lines = [
-        f"| ipc | L_DM | ‖∇L_DM‖ | L_DKKT | ‖∇L_DKKT‖ (w=1) | w (auto) | ‖w∇L_DKKT‖ / ‖∇L_DM‖ (target {ratio}) | DKKT step RMS / it "
+        f"| ipc | L_DM | ‖∇L_DM‖ | L_DKKT | ‖∇L_DKKT‖ (w=1) | w (auto) | ‖w∇L_DKKT‖ / ‖∇L_DM‖ (target {ratio}) "
+        "| DKKT step RMS / it "
         "| λ mean first → last | L_stat / mean|θ*| first → last | s / it |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

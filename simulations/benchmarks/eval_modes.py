@@ -57,7 +57,7 @@ def evaluate_modes(folders: Sequence[Path], modes: Sequence[EvaluationMode], dat
                     "folder": str(folder), "mode": mode.name, "method": pack.meta["method"], "ipc": pack.meta["ipc"],
                     "epochs": pack.config.evaluation.epochs, "seeds": pack.meta["evaluation"]["seeds"],
                     "accuracies": accuracies, "recorded": recorded,
-                    "diff_to_recorded": [a - r for a, r in zip(accuracies, recorded)], "seconds_per_net": seconds,
+                    "diff_to_recorded": [a - r for a, r in zip(accuracies, recorded, strict=False)], "seconds_per_net": seconds,
                 })
                 save_json(out, report)
                 print(f"{folder.name} {mode.name}: {' '.join(f'{a:.4f}' for a in accuracies)} "
@@ -77,7 +77,7 @@ def markdown(report: dict[str, Any]) -> str:
     for (ipc, mode), runs in sorted(groups.items()):
         against = "recorded" if mode == "fp32" else "fp32 here"
         pairs = [(a, b) for r in runs for a, b in zip(r["accuracies"], r["recorded"] if mode == "fp32"
-                                                       else fp32.get(r["folder"], []))]
+                                                       else fp32.get(r["folder"], []), strict=False)]
         accs = [a for r in runs for a in r["accuracies"]]
         secs = sum(r["seconds_per_net"] * len(r["accuracies"]) for r in runs) / len(accs)
         diffs = [a - b for a, b in pairs]

@@ -126,7 +126,8 @@ def table(records: dict[str, dict[str, Any]]) -> str:
         r = records.get(name)
         return "-" if r is None else f"{100 * r['test_accuracy'][-1]:.1f}"
 
-    lines = ["| federation | attack | honest (default) | honest (undefended) | default | undefended | fedmedian | default - honest |",
+    lines = ["| federation | attack | honest (default) | honest (undefended) | default | undefended | fedmedian "
+             "| default - honest |",
              "|---|---|---|---|---|---|---|---|"]
     for clients, attack in ((4, "1 of 4 reverses x5"), (3, "1 of 3 reverses x9.5"), (10, "none")):
         honest, attacked = records.get(f"{clients}-honest"), records.get(f"{clients}-attack-default")
@@ -150,10 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(run_case(args.run_case, Path(args.runs))))
         return 0
 
+    import torch
+
     from common.atomic import save_json
     from common.runtime import describe_machine, git_commit
-
-    import torch
 
     out = Path(args.out)
     saved = json.loads(out.read_text()) if out.is_file() else {"cases": {}}
@@ -167,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in saved["cases"]:
             continue
         for attempt in range(2):  # once more when Ray fails under load (the same seeds: the same result)
-            child = subprocess.run([sys.executable, "-m", "simulations.benchmarks.poisoning", "--run-case", name, "--runs", args.runs],
+            child = subprocess.run([sys.executable, "-m", "simulations.benchmarks.poisoning", "--run-case", name, "--runs",
+                                    args.runs],
                                    capture_output=True, text=True, check=False)
             if child.returncode == 0:
                 break

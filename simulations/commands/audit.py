@@ -263,7 +263,8 @@ def flag_threshold(null_ratios: np.ndarray, target: float = TARGET_FPR) -> float
 
 
 def plant(pixels: torch.Tensor, labels: torch.Tensor, private_pixels: torch.Tensor, private_labels: torch.Tensor,
-          count: int, seed: int, noise: float = 0.03, brightness: float = 0.05) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+          count: int, seed: int, noise: float = 0.03, brightness: float = 0.05
+          ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """The set with `count` random images replaced by exact private images and `count` more by lightly perturbed
     private copies (Gaussian noise of std `noise`, brightness scaled by 1 +- `brightness`, clamped to [0, 1]).
     Returns pixels, labels, the replaced positions and the planted private images' positions in `private_pixels`."""

@@ -207,7 +207,8 @@ def table_cells(protocol: Protocol, extra: dict[str, Any], ratio: float, conv_it
         more = {"distill.dkkt_ratio": ratio, **({"split.pipc": pipc} if pipc is not None else {})}
         cfg = cell_config(protocol, extra, VARIANTS[name], ipc, seed, more)
         if name == "dm@step":
-            cfg = cell_config(protocol, extra, VARIANTS[name], ipc, seed, {**more, "distill.lr_img": cfg.distill.lr_img * (1 + ratio)})
+            step = cfg.distill.lr_img * (1 + ratio)
+            cfg = cell_config(protocol, extra, VARIANTS[name], ipc, seed, {**more, "distill.lr_img": step})
         if name == "dm@conv":
             if not conv_iterations or ipc not in conv_iterations:
                 continue  # the curve stage has not chosen this ipc's count yet

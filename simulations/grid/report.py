@@ -27,7 +27,8 @@ def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge
         for ipc, o in protocol.per_ipc.items()
     )
     cells = sorted({json.loads(p.read_text()).get("commit") or "unrecorded" for p in cell_results})
-    machines = sorted({json.loads((p.parent / "cell.json").read_text()).get("machine") or "CPU: 2 cores (dev VM, model unrecorded)"
+    machines = sorted({json.loads((p.parent / "cell.json").read_text()).get("machine")
+                       or "CPU: 2 cores (dev VM, model unrecorded)"
                        for p in cell_results})
     reused = sum("reused_from" in json.loads((p.parent / "cell.json").read_text()) for p in cell_results)
     if protocol.pipcs:
@@ -90,7 +91,8 @@ def edge_traffic(ctx: Context, edge: dict[str, Any]) -> tuple[int | None, str]:
     weights = sum(t.numel() * t.element_size() for t in load_torch(run / "received_model.pt").values())
     total = weights * edge["num_clients"] * edge["rounds"]
     return total, (f"computed, not recorded (the federation predates byte counting): {weights / 1e6:.2f} MB of weights "
-                   f"(the received model's tensors) per training reply × {edge['num_clients']} clients × {edge['rounds']} rounds; the "
+                   f"(the received model's tensors) per training reply × {edge['num_clients']} clients × "
+                   f"{edge['rounds']} rounds; the "
                    "evaluation replies carry only metrics")
 
 
@@ -119,8 +121,16 @@ def audit_summary(protocol: Protocol, results: pd.DataFrame) -> pd.DataFrame:
 
 
 def report_stage(ctx: Context, cfg: ExperimentConfig) -> None:
-    from simulations.reports.report import (audit_table, markdown_table, paired_gains, plot_accuracy_vs_pipc, plot_history,
-                                    plot_method_bars, render, traffic_table)
+    from simulations.reports.report import (
+        audit_table,
+        markdown_table,
+        paired_gains,
+        plot_accuracy_vs_pipc,
+        plot_history,
+        plot_method_bars,
+        render,
+        traffic_table,
+    )
 
     preset = ctx.protocol.name
     table_dir = ctx.out / "table"

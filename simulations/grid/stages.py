@@ -5,7 +5,8 @@
              one was interrupted
   calibrate  dkkt_ratio grid x calibration ipcs, one seed, evaluated on the validation slice (never the test set);
              the best mean validation accuracy over those ipcs fixes dkkt_ratio for the table
-  balance    DM and DKKT gradient norms, the auto weight and lambda at each ipc with that ratio (simulations/benchmarks/dkkt_balance.py)
+  balance    DM and DKKT gradient norms, the auto weight and lambda at each ipc with that ratio
+             (simulations/benchmarks/dkkt_balance.py)
   curve      DM's validation accuracy against its iterations; the converged count is `dm@conv`'s
   table      every variant x ipc x pipc x seed with that ratio, evaluated once on the test set
   report     OUT/table.md (protocol, commit, seconds per row), results.csv, plots, Figures 2 and 3
@@ -29,8 +30,8 @@ import pandas as pd
 import torch
 
 from common.atomic import atomic_write, save_json
-from common.holdings import decide_holdings
 from common.config import ConfigError, ExperimentConfig, config_to_dict, same_configuration
+from common.holdings import decide_holdings
 from common.runtime import describe_machine, git_commit, pick_device
 from server.server_data import distill_inputs, experiment_data
 from simulations.grid.cells import CellTask, GridCell, check_cells, is_finished, run_cells, write_results
@@ -161,7 +162,8 @@ def calibrate_stage(ctx: Context, extra: dict[str, Any], model: Path) -> float:
     save_json(ctx.out / "calibration.json", {
         "chosen_dkkt_ratio": best, "evaluated_on": f"validation slice ({validation} training images nobody holds)",
         "mean_validation_accuracy_by_ratio": {f"{r:g}": float(m) for r, m in means.items()},
-        "dm_validation_accuracy_by_ipc": {int(r["ipc"]): float(r["accuracy_mean"]) for _, r in results[results["method"] == "dm"].iterrows()},
+        "dm_validation_accuracy_by_ipc": {int(r["ipc"]): float(r["accuracy_mean"])
+                                          for _, r in results[results["method"] == "dm"].iterrows()},
     })
     ctx.log(f"calibrate: dkkt_ratio={best:g} (mean validation accuracy by ratio: "
             + ", ".join(f"{r:g}: {100 * m:.2f} %" for r, m in means.items()) + ")")
@@ -287,7 +289,7 @@ def plot_curve(frame: pd.DataFrame, chosen: dict[int, int], path: Path) -> None:
 
     ipcs = sorted(frame["ipc"].unique())
     fig, axes = plt.subplots(1, len(ipcs), figsize=(4.5 * len(ipcs), 3.4), squeeze=False)
-    for ax, ipc in zip(axes[0], ipcs):
+    for ax, ipc in zip(axes[0], ipcs, strict=True):
         for pipc, g in frame[frame["ipc"] == ipc].groupby("pipc"):
             g = g.sort_values("iterations")
             ax.errorbar(g["iterations"], 100 * g["accuracy_mean"], yerr=100 * g["accuracy_std"], marker="o", capsize=3,
@@ -303,8 +305,8 @@ def plot_curve(frame: pd.DataFrame, chosen: dict[int, int], path: Path) -> None:
 
 
 def run(protocol: Protocol, out: Path, stages: Sequence[str], extra: dict[str, Any], max_minutes: float | None = None,
-        workers: int = 1, threads: int | None = None, only: TableFilter = TableFilter(), address: str | None = None) -> int:
-    """Runs `stages` of `protocol` into `out`; `only` restricts the table to the cells it keeps."""
+        workers: int = 1, threads: int | None = None, only: TableFilter | None = None, address: str | None = None) -> int:
+    """Runs `stages` of `protocol` into `out`; `only` restricts the table to the cells it keeps (None: every cell)."""
     from simulations.grid.report import report_stage
 
     deadline = time.time() + 60 * max_minutes if max_minutes else float("inf")
@@ -333,7 +335,7 @@ def run(protocol: Protocol, out: Path, stages: Sequence[str], extra: dict[str, A
         if "table" in stages:
             if ratio is None:
                 raise ConfigError("the table needs the calibrated dkkt_ratio: run the calibrate stage first")
-            cells = [c for c in table_cells(protocol, extra, ratio, conv) if only.keeps(c.columns)]
+            cells = [c for c in table_cells(protocol, extra, ratio, conv) if only is None or only.keeps(c.columns)]
             run_stage(ctx, "table", cells, model, "test")
     except OutOfTime:
         ctx.log(f"stopped: --max-minutes {max_minutes} spent; run the same command again to continue")

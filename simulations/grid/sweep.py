@@ -33,11 +33,11 @@ from common.config import (
 )
 from common.methods import MethodName
 from common.models import parse_architecture
+from simulations.commands.progress import progress_for
 from simulations.grid.cells import CellTask, GridCell, cell_name, check_cells, collect, is_finished, pinned_split, run_cells
 from simulations.grid.edge import received_model
 from simulations.grid.pool import open_pool
 from simulations.grid.protocol import grid_path, read_grid, validation_error
-from simulations.commands.progress import progress_for
 
 COLUMNS = ["cell", "pipc", "ipc", "method", "seed", "accuracy_mean", "accuracy_std", "num_evaluations", "accuracies"]
 

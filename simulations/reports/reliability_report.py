@@ -42,8 +42,9 @@ The server checks every reply before it is aggregated, logged or stored: the pri
 (`server/boundary.py`: exactly the model's arrays in np.save's exact encoding, finite; exactly the named scalar
 metrics, in range; one reply per node and round) and the update guard (`server/update_guard.py`: plausible
 num-examples and train_seconds, update norms against the round's median and the global model, the direction against
-the round's coordinate-wise median update and the previous round's aggregate step, no wiped weights), then FedAvg clips every update to the round's median
-norm. The poisoning attacks measured against these rules are in docs/benchmarks.md ("Poisoning").
+the round's coordinate-wise median update and the previous round's aggregate step, no wiped weights), then FedAvg clips
+every update to the round's median norm. The poisoning attacks measured against these rules are in docs/benchmarks.md
+("Poisoning").
 
 What a reply that passes every check can still carry: the checks bound *how much* a client can send and how far it
 can move the model, not *what* its numbers mean. A malicious ClientApp can hide data in the low mantissa bits of its
@@ -80,7 +81,8 @@ def _cell(text: str) -> str:
 def run_tests(json_path: Path) -> int:
     """pytest -m reliability with the recorder on; returns pytest's exit code."""
     env = {**os.environ, RELIABILITY_ENV: str(json_path)}
-    return subprocess.call([sys.executable, "-m", "pytest", "-q", "-m", "reliability", "-p", "no:cacheprovider"], cwd=ROOT, env=env)
+    return subprocess.call([sys.executable, "-m", "pytest", "-q", "-m", "reliability", "-p", "no:cacheprovider"], cwd=ROOT,
+                           env=env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

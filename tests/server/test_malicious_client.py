@@ -16,8 +16,8 @@ from flwr.app import Array, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import ExperimentConfig, build_config
-from edge_client.client_app import evaluate_reply, train_reply
 from common.protocol import read_experiment
+from edge_client.client_app import evaluate_reply, train_reply
 from edge_client.shard import load_shard
 from server.boundary import MAX_TEXT_CHARS
 
@@ -167,7 +167,8 @@ def test_flowers_own_log_records_are_one_bounded_line_in_feddistill_simulate():
     assert all("\n" not in x and len(x) <= MAX_REASON_CHARS and "QUFB" * 100 not in x for x in lines.records)
 
 
-def test_a_reversed_and_boosted_update_in_a_real_simulation_is_rejected_under_the_default_rule(tmp_path, monkeypatch, reliability):
+def test_a_reversed_and_boosted_update_in_a_real_simulation_is_rejected_under_the_default_rule(tmp_path, monkeypatch,
+                                                                                              reliability):
     """The sign-flip attack of simulations/benchmarks/poisoning.py (1 client of 4 reverses its update x5) in Ray: the default
     rule's direction check rejects it in the first round, from a fresh model, when the honest updates agree most, and
     in the second."""

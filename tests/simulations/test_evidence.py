@@ -154,7 +154,8 @@ def test_split_ratio_protocol_nests_pipcs_on_one_model_chooses_dm_iterations_on_
     assert sorted(p.name for p in (again / "table/cells").iterdir()) == ["pipc2-ipc1-dm-seed0", "pipc2-ipc1-random-seed0"]
     cell = again / "table/cells/pipc2-ipc1-dm-seed0"
     assert json.loads((cell / "cell.json").read_text())["reused_from"] and not (cell / "seed_0/synthetic.pt").exists()
-    assert json.loads((cell / "result.json").read_text()) == json.loads((out / "table/cells/pipc2-ipc1-dm-seed0/result.json").read_text())
+    reused = json.loads((out / "table/cells/pipc2-ipc1-dm-seed0/result.json").read_text())
+    assert json.loads((cell / "result.json").read_text()) == reused
     from simulations.reports.report import set_dir
     assert (set_dir(cell) / "seed_0/synthetic.pt").is_file()
     assert not (again / "edge").exists()  # the received model was found in the reused folder
@@ -170,7 +171,6 @@ def test_table_filter_keeps_what_it_names():
 
 def test_a_cell_is_reused_only_for_the_same_configuration_and_model_free_methods_ignore_the_partition():
     from common.config import config_to_dict, same_configuration
-
     from simulations.grid.protocol import model_independent_keys
 
     def cells(preset):

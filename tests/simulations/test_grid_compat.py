@@ -50,6 +50,7 @@ def test_a_protocol_grid_makes_the_same_cells_with_the_same_configs(preset):
 def test_a_sweep_grid_makes_the_same_cells_with_the_same_configs_and_edge_models(name):
     sweep = load_sweep(name)
     runnable, skipped = cells(sweep)
-    rows = [(c.name, config_to_dict(cell_config(sweep, c)), edge_model_key(federation_config(cell_config(sweep, c), sweep.seeds[0])))
+    rows = [(c.name, config_to_dict(cell_config(sweep, c)),
+             edge_model_key(federation_config(cell_config(sweep, c), sweep.seeds[0])))
             for c in runnable]
     assert (_digest(rows), len(rows), skipped) == (*SWEEPS[name], [])

@@ -69,7 +69,8 @@ def test_every_sweep_seed_distils_from_the_subset_its_edge_model_held_out(tmp_pa
         train_cfg = federation_config(cfg, sweep.seeds[0])
         dataset = load_experiment_data(cfg)
         model_path = tmp_path / "model.pt"
-        save_torch(model_path, model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size).state_dict())
+        model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
+        save_torch(model_path, model.state_dict())
         run_task(CellTask(GridCell(cell.name, cfg, {}), tmp_path / cell.name, model_path))
         public = image_keys(captured[-1])
         private, everything = federation_holdings(train_cfg)

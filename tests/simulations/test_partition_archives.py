@@ -37,7 +37,7 @@ def test_each_archive_holds_exactly_its_party_and_the_manifest_says_so(nodes):
     assert set(manifest["archives"]) == {"client-0", "client-1", "client-2", "public", "test"}
     dataset = load_experiment_data(cfg)
     holdings = decide_holdings(cfg, dataset.train.labels)
-    for name, entry in manifest["archives"].items():
+    for entry in manifest["archives"].values():
         path = out / entry["file"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
         node = load_node_archive(path)
@@ -219,9 +219,11 @@ def test_a_malformed_holding_json_is_a_one_line_error(kind, change, words, nodes
 MANIFESTS = [
     ("a list", lambda m: [], "not an object with 'archives'"),
     ("no client-2", lambda m: {**m, "archives": {k: v for k, v in m["archives"].items() if k != "client-2"}}, "no 'client-2'"),
-    ("a file path outside the folder", lambda m: {**m, "archives": {**m["archives"], "public": {**m["archives"]["public"], "file": "../x"}}},
+    ("a file path outside the folder",
+     lambda m: {**m, "archives": {**m["archives"], "public": {**m["archives"]["public"], "file": "../x"}}},
      "'file' must be a file name"),
-    ("counts that are text", lambda m: {**m, "archives": {**m["archives"], "client-0": {**m["archives"]["client-0"], "train_per_class": "9"}}},
+    ("counts that are text",
+     lambda m: {**m, "archives": {**m["archives"], "client-0": {**m["archives"]["client-0"], "train_per_class": "9"}}},
      "'train_per_class' must be a list"),
 ]
 

@@ -16,9 +16,8 @@ from common.config import config_to_dict, load_config
 from common.data import CIFAR10_NORMALIZATION, Normalization
 from server.distill.artifacts import load_synthetic, save_synthetic
 from server.distill.methods import SyntheticSet
-from simulations.reports.report import fft_magnitude, markdown_table, render
 from simulations.grid.sweep import write_results
-
+from simulations.reports.report import fft_magnitude, markdown_table, render
 
 CONFIG = config_to_dict(load_config("quickstart"))
 

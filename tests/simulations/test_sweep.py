@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from simulations.reports.report import markdown_table, render
 from simulations.grid.sweep import Cell, cells, load_sweep
+from simulations.reports.report import markdown_table, render
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -69,7 +69,7 @@ def test_stationarity_value_and_gradients(chunked):
         return (loss.detach(), *torch.autograd.grad(loss, [x, lam]))
 
     fast, plain = chunked(value_and_grads)
-    for a, b in zip(fast, plain):
+    for a, b in zip(fast, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 

@@ -75,7 +75,7 @@ def test_bf16_evaluation_accuracies_stay_near_fp32():
     seeds = [0, 1, 2]
     fp32 = evaluate_synthetic(SYN_X, SYN_Y, TEST_X, TEST_Y, NetProtocol(protocol(False), MODEL, CLASSES), seeds)
     bf16 = evaluate_synthetic(SYN_X, SYN_Y, TEST_X, TEST_Y, NetProtocol(protocol(False, "bf16"), MODEL, CLASSES), seeds)
-    assert all(abs(a - b) <= 3 / len(TEST_Y) for a, b in zip(bf16, fp32)), (bf16, fp32)
+    assert all(abs(a - b) <= 3 / len(TEST_Y) for a, b in zip(bf16, fp32, strict=True)), (bf16, fp32)
 
 
 def test_evaluation_modes_parse_and_name():
