@@ -275,6 +275,12 @@ class ExperimentConfig(_Section):
         return self
 
 
+def check_partition_id(partition_id: int, num_clients: int, source: str = "partition-id") -> None:
+    """ValueError naming `source` unless edge client `partition_id` is one of split.num_clients."""
+    if not 0 <= partition_id < num_clients:
+        raise ValueError(f"{source}={partition_id}: must be in 0..{num_clients - 1} (split.num_clients)")
+
+
 def check_classes(cfg: ExperimentConfig, num_classes: int) -> None:
     """Checks that need the number of classes; raises ValueError naming the key."""
     split = cfg.split
@@ -367,7 +373,8 @@ def check_against_dataset(cfg: ExperimentConfig, train_per_class: int | None, nu
     for method in dict.fromkeys([cfg.distill.method, *cfg.distill.baselines]):
         key = "distill.method" if method == cfg.distill.method else "distill.baselines"
         if cfg.distill.init == "lambda" and cfg.distill.lambda_fit_steps < 1:
-            raise ValueError("distill.init='lambda': ranks public images by fitted multipliers; set distill.lambda_fit_steps >= 1")
+            raise ValueError("distill.init='lambda': ranks public images by fitted multipliers; "
+                             "set distill.lambda_fit_steps >= 1")
         if METHODS[method].needs_public(cfg.distill.init) and pipc == 0:
             raise ValueError(
                 f"split.pipc=0: {key}={method!r} with init={cfg.distill.init!r} needs public images; "
@@ -434,11 +441,13 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {key.strip()}: {raw[:60]!r} is not a YAML value ({' '.join(str(err).split())})") from None
+            raise ConfigError(f"override {key.strip()}: {raw[:60]!r} is not a YAML value "
+                              f"({' '.join(str(err).split())})") from None
         except RecursionError:
             raise ConfigError(f"override {key.strip()}: nested too deeply") from None
         except ValueError:  # int() of a number beyond Python's 4300-digit limit
-            raise ConfigError(f"override {key.strip()}: an integer of {len(raw.strip())} characters (not a usable value)") from None
+            raise ConfigError(f"override {key.strip()}: an integer of {len(raw.strip())} characters "
+                              "(not a usable value)") from None
     return out
 
 

@@ -33,7 +33,7 @@ from functools import cached_property, partial
 
 import numpy as np
 
-from common.config import ConfigError, ExperimentConfig, check_classes, public_per_class
+from common.config import ConfigError, ExperimentConfig, check_classes, check_partition_id, public_per_class
 from common.data import Dataset, load_dataset
 
 HOLDOUT_SEED_STRIDE = 7919  # client k's held-out slice is drawn with split_seed + 7919 * (k + 1)
@@ -64,8 +64,7 @@ class Holdings:
 
     def client(self, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Client `partition_id`'s (train, held-out evaluation) slices of its shard."""
-        if not 0 <= partition_id < len(self.shards):
-            raise ValueError(f"partition-id={partition_id}: must be in 0..{len(self.shards) - 1} (split.num_clients)")
+        check_partition_id(partition_id, len(self.shards))
         return train_holdout(
             self.shards[partition_id], self.client_holdout, self.seed + HOLDOUT_SEED_STRIDE * (partition_id + 1)
         )
@@ -97,7 +96,8 @@ def decide_holdings(cfg: ExperimentConfig, labels: np.ndarray) -> Holdings:
     validation = np.empty(0, dtype=np.int64)
     if split.validation_per_class:
         validation = draw_per_class(
-            labels, private, split.validation_per_class, np.random.default_rng([seed, VALIDATION_STREAM]), "split.validation_per_class"
+            labels, private, split.validation_per_class, np.random.default_rng([seed, VALIDATION_STREAM]),
+            "split.validation_per_class",
         )
         private = np.setdiff1d(private, validation)
     if split.private_pipc is not None:

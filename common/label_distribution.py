@@ -61,10 +61,12 @@ def write_label_distribution(folder: Path, distribution: dict[str, Any]) -> tupl
     """Writes `label_distribution.json` and `.png` (each client's whole shard, per class) into `folder`."""
     folder = Path(folder)
     json_path = save_json(folder / f"{FILE_STEM}.json", distribution)
-    counts = np.array([[t + h for t, h in zip(c["train"], c["held_out"])] for c in distribution["clients"]], dtype=np.int64)
+    counts = np.array([[t + h for t, h in zip(c["train"], c["held_out"], strict=True)] for c in distribution["clients"]],
+                      dtype=np.int64)
     scheme = distribution["partition"]["scheme"]
     figure = plot_counts(counts, distribution["classes"], f"Images per class of each edge client ({scheme})")
-    png_path = atomic_write(folder / f"{FILE_STEM}.png", lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    png_path = atomic_write(folder / f"{FILE_STEM}.png",
+                            lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     return json_path, png_path
 
 

@@ -30,7 +30,7 @@ from PIL import Image
 
 from common.atomic import atomic_write
 from common.config import ExperimentConfig, config_to_dict
-from common.data import DataError, ImageArrays, Normalization, read_archive_files
+from common.data import CIFAR10_CLASSES, DataError, ImageArrays, Normalization, read_archive_files
 from common.holdings import split_seed
 
 FORMAT = "feddistill-holding/1"
@@ -57,6 +57,20 @@ def holdings_sha256(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
+def check_sha256(path: Path, expected: str, source: str) -> None:
+    """DataError when the file's sha256 is not `expected` (given by `source`: the manifest, a node_config key)."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if digest != expected.strip().lower():
+        raise DataError(f"{path}: sha256 {digest[:12]}... differs from {source}'s {expected[:12]}... (another or a "
+                        "changed archive; manifest.json gives each node's)")
+
+
+def check_dataset_classes(cfg: ExperimentConfig, classes: tuple[str, ...], where: Path) -> None:
+    """DataError when archives cut for a cifar10 config hold other classes."""
+    if cfg.data.name == "cifar10" and tuple(classes) != CIFAR10_CLASSES:
+        raise DataError(f"{where}: classes {list(classes)} differ from the configured dataset's {list(CIFAR10_CLASSES)}")
+
+
 def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, format="PNG")
@@ -76,9 +90,9 @@ def write_node_archive(
     entries: dict[str, list[str]] = {}
     blobs: list[tuple[str, bytes]] = []
     for split, (arrays, indices) in (("train", train), ("test", test)):
-        names = [f"{split}/{classes[label]}/{index:06d}.png" for label, index in zip(arrays.labels, indices)]
+        names = [f"{split}/{classes[label]}/{index:06d}.png" for label, index in zip(arrays.labels, indices, strict=True)]
         entries[split] = names
-        blobs += [(name, _png(image)) for name, image in zip(names, arrays.images)]
+        blobs += [(name, _png(image)) for name, image in zip(names, arrays.images, strict=True)]
     holding = {"format": FORMAT, "role": role, "classes": list(classes), **entries,
                "normalization": normalization.to_json(), **meta}
 

@@ -3,7 +3,7 @@
 The loops call a `Progress`: `start(task, total, done)`, `advance(task, done, metrics)`, `finish(task, text)`.
 `LineProgress` writes a plain, timestamped line at most every `interval` seconds per task (and at its start and end)
 to any `write` function: stdout of a batch job, a log file that `tail -f` follows, or a logger. `NoProgress` is
-silent. A terminal display (rich) lives in `simulations/progress.py`, above the code that reports.
+silent. A terminal display (rich) lives in `simulations/commands/progress.py`, above the code that reports.
 """
 
 from __future__ import annotations

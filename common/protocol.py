@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from common.config import ExperimentConfig, build_config, config_to_dict
+from common.config import ExperimentConfig, build_config, check_partition_id, config_to_dict
 
 EXPERIMENT_KEY = "experiment"
 PARTITION_ID_KEY = "partition-id"
@@ -78,6 +78,5 @@ def read_partition(node_config: Mapping[str, Any], num_clients: int) -> int:
             f"node_config num-partitions={num_partitions} != split.num_clients={num_clients}: run one SuperNode per "
             f"edge client (flwr run --federation-config \"num-supernodes={num_clients}\", or set split.num_clients)"
         )
-    if not 0 <= partition_id < num_clients:
-        raise ValueError(f"node_config partition-id={partition_id}: must be in 0..{num_clients - 1} (split.num_clients)")
+    check_partition_id(partition_id, num_clients, "node_config partition-id")
     return partition_id

@@ -35,7 +35,8 @@ def pick_device(preference: str = "auto") -> torch.device:
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda: this machine has no CUDA device (torch.cuda.is_available() is False); use device=auto or cpu")
+        raise ConfigError("device=cuda: this machine has no CUDA device (torch.cuda.is_available() is False); "
+                          "use device=auto or cpu")
     return torch.device(preference)
 
 

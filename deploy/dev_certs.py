@@ -24,7 +24,8 @@ VALID_DAYS = 30
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "feddistill dev"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "feddistill dev"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

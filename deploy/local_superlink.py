@@ -1,6 +1,7 @@
 """Flower's managed local SuperLink (the one `flwr run .` uses), started with its PID recorded, and stopped by it.
 
-    python -m deploy.local_superlink start   # the SuperLink `flwr run .` would start; PID in $FLWR_HOME/local-superlink/superlink.pid
+    python -m deploy.local_superlink start   # the SuperLink `flwr run .` would start; PID in
+                                             # $FLWR_HOME/local-superlink/superlink.pid
     flwr run . --stream                      # finds it answering on 127.0.0.1:39091 and uses it
     python -m deploy.local_superlink stop    # SIGTERM to that PID's process group (SIGKILL after 10 s)
 

@@ -21,11 +21,11 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from common.config import ExperimentConfig
 from common.data import to_normalized_tensor
 from common.models import build_model
+from common.protocol import DATA_PATH_KEY, DATA_SHA256_KEY, read_experiment, read_partition
 from common.records import load_record_into, model_to_record
 from common.runtime import pick_device
-from common.protocol import DATA_PATH_KEY, DATA_SHA256_KEY, read_experiment, read_partition
-from edge_client.shard import Shard, load_shard
 from common.training import evaluate, settings_from_config, train_local
+from edge_client.shard import Shard, load_shard
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

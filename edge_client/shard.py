@@ -8,17 +8,16 @@ keyed by everything that selects them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common.config import ExperimentConfig
-from common.data import CIFAR10_CLASSES, DataError, Normalization, load_dataset, resolve_data_path
+from common.config import ExperimentConfig, check_partition_id
+from common.data import DataError, Normalization, load_dataset, resolve_data_path
 from common.holdings import decide_holdings, split_seed
-from common.node_data import holdings_sha256, is_node_archive, load_node_archive
+from common.node_data import check_dataset_classes, check_sha256, holdings_sha256, is_node_archive, load_node_archive
 from common.protocol import DATA_PATH_KEY, DATA_SHA256_KEY
 
 
@@ -64,10 +63,7 @@ def shard_from_archive(cfg: ExperimentConfig, partition_id: int, path: Path, sha
     only trust what the archive says of itself), or it belongs to another client, was cut for another data/split
     config, or has classes other than the configured dataset's."""
     if sha256 is not None:
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        if digest != sha256.strip().lower():
-            raise DataError(f"{path}: sha256 {digest[:12]}... is not node_config {DATA_SHA256_KEY}={sha256[:12]!r}... "
-                            "(another or a changed archive; manifest.json gives each node's)")
+        check_sha256(path, sha256, f"node_config {DATA_SHA256_KEY}")
     node = load_node_archive(path)
     if node.role != "client" or node.partition_id != partition_id:
         raise DataError(f"{path}: the archive of {node.role} {node.partition_id}, not of client {partition_id} "
@@ -75,9 +71,7 @@ def shard_from_archive(cfg: ExperimentConfig, partition_id: int, path: Path, sha
     if node.meta.get("holdings_sha256") != holdings_sha256(cfg):
         raise DataError(f"{path}: cut for another data/split config than the server's (holdings hash differs); "
                         "run feddistill partition with the server's config")
-    expected = CIFAR10_CLASSES if cfg.data.name == "cifar10" else None
-    if expected is not None and node.classes != expected:
-        raise DataError(f"{path}: classes {list(node.classes)} differ from the server's dataset {list(expected)}")
+    check_dataset_classes(cfg, node.classes, path)
     return Shard(partition_id, node.train.images, node.train.labels, node.test.images, node.test.labels,
                  len(node.classes), node.normalization)
 
@@ -90,8 +84,7 @@ def load_shard(cfg: ExperimentConfig, partition_id: int, data_path: str | Path |
     own archive (feddistill partition), that archive is the whole shard; otherwise the shard is cut out of the
     full dataset in memory (the simulation engine).
     """
-    if not 0 <= partition_id < cfg.split.num_clients:
-        raise ValueError(f"partition-id={partition_id}: must be in 0..{cfg.split.num_clients - 1} (split.num_clients)")
+    check_partition_id(partition_id, cfg.split.num_clients)
     path = str(data_path) if data_path else None
     key = shard_key(cfg, partition_id, path)
     if key not in _SHARDS and path and is_node_archive(Path(path)):

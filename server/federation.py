@@ -42,8 +42,8 @@ from server.hooks import after_federation, check_before_federation
 from server.privacy import privacy_report
 from server.resume import CONFIG_FILE, METRICS_FILE, ResumePoint, checkpoint_path
 from server.server_data import ServerData, from_dataset
-from server.summary import write_summary
 from server.strategy import EdgeFedAvg, ReplyObserver
+from server.summary import write_summary
 from server.traffic import traffic_totals
 
 log = logging.getLogger("flwr.feddistill")

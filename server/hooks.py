@@ -6,14 +6,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from common.config import ConfigError, ExperimentConfig, build_config, config_to_dict
-from common.data import to_normalized_tensor
 from common.progress import LineProgress
 from common.runtime import pick_device
-from server.server_data import ServerData
+from server.server_data import ServerData, as_inputs
 
 log = logging.getLogger("flwr.feddistill")
 
@@ -51,17 +49,14 @@ def after_federation(
     from server.distill.run import run_distillation  # lazy: the federation must not depend on distillation
 
     device = pick_device(cfg.device)
-    public_x = to_normalized_tensor(data.public.images, data.normalization, device)
-    public_y = torch.as_tensor(data.public.labels, device=device)
-    test_x = to_normalized_tensor(data.test.images, data.normalization, device)
-    test_y = torch.as_tensor(data.test.labels, device=device)
-    model = model.to(device)
+    inputs = as_inputs(data.public, data.test, data.normalization, data.num_classes, model.to(device), device)
     results = {}
     for method in distill_methods(cfg):
         method_cfg = build_config(config_to_dict(cfg), {"distill.method": method})
         out_dir = Path(run_dir) / "distill" / method.replace("+", "_")
-        log.info("distilling (%s) from the received model and %d public images into %s", method, len(public_y), out_dir)
-        results[method] = run_distillation(method_cfg, model, public_x, public_y, test_x, test_y, out_dir,
-                                           data.normalization, num_classes=data.num_classes,
+        log.info("distilling (%s) from the received model and %d public images into %s", method, len(inputs.public_y),
+                 out_dir)
+        results[method] = run_distillation(method_cfg, inputs.model, inputs.public_x, inputs.public_y, inputs.eval_x,
+                                           inputs.eval_y, out_dir, inputs.normalization, num_classes=inputs.num_classes,
                                            progress=LineProgress(log.info))
     return results

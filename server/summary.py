@@ -24,7 +24,8 @@ def summary_markdown(
     lines = [
         f"# {cfg.name}",
         "",
-        f"{s.num_clients} edge clients ({s.partition}), {f.rounds} rounds ({AGGREGATOR_NAMES[f.aggregator]}); the server holds pipc = {pipc} "
+        f"{s.num_clients} edge clients ({s.partition}), {f.rounds} rounds ({AGGREGATOR_NAMES[f.aggregator]}); "
+        f"the server holds pipc = {pipc} "
         f"public images per class; data {cfg.data.name}, seed {cfg.seed}.",
         "",
         *_privacy_lines(privacy),

@@ -18,6 +18,7 @@ from common.config import ConfigError, ExperimentConfig, build_config, load_conf
 from common.data import DataError
 from common.holdings import Holdings
 from common.runtime import FederationError
+from simulations.grid.command import add_grid_arguments
 
 console = Console()
 
@@ -57,15 +58,15 @@ def holdings_table(labels: np.ndarray, holdings: Holdings, classes: Sequence[str
 
 def cmd_partition(args: argparse.Namespace) -> int:
     """Writes one archive per party (client-<k>, public, test) and manifest.json: each node gets only its own."""
-    from simulations.simulate import quiet_environment
+    from simulations.commands.simulate import quiet_environment
 
     quiet_environment()  # before flwr-datasets is imported (it reads FLWR_TELEMETRY_ENABLED then)
-    from simulations.partition import MANIFEST, partition
+    from simulations.commands.partition import MANIFEST, partition
 
     cfg = _load(args)
     out = check_folder(Path(args.out), "--out")
     manifest = partition(cfg, out)
-    for name, entry in manifest["archives"].items():
+    for entry in manifest["archives"].values():
         console.print(f"{entry['file']}: {sum(entry['train_per_class'])} train / {sum(entry['test_per_class'])} test "
                       f"images, sha256 {entry['sha256'][:12]}", highlight=False)
     console.print(f"{out / MANIFEST}: holdings {manifest['holdings_sha256'][:12]}, split seed {manifest['split_seed']}")
@@ -76,7 +77,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Runs the federation in-process (Flower simulation engine) and prints the per-round table."""
     from server.resume import load_run_config
-    from simulations.simulate import simulate
+    from simulations.commands.simulate import simulate
 
     if args.resume and args.overrides:
         raise ConfigError("--resume takes the config from RUN_DIR/config.yaml: drop the overrides " + " ".join(args.overrides))
@@ -87,18 +88,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distils from a received model and the config's public subset, then evaluates (no Flower)."""
-    import torch
-
-    from common.atomic import load_torch
     from common.config import config_to_dict
-    from common.data import to_normalized_tensor
-    from common.holdings import decide_holdings, load_experiment_data
     from common.methods import method
-    from common.models import model_from_config
     from common.runtime import pick_device
     from server.distill.artifacts import check_resumable
     from server.distill.run import run_distillation
-    from simulations.progress import progress_for
+    from server.server_data import distill_inputs
+    from simulations.commands.progress import progress_for
 
     if args.resume:
         if args.overrides or args.out:
@@ -110,19 +106,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         cfg, model_path = _load(args), args.model
         out_dir = Path(args.out or Path(cfg.output_dir) / f"{cfg.name}-distill-{cfg.distill.method.replace('+', '_')}").resolve()
         check_folder(out_dir, "--out" if args.out else "output_dir")
-    device = pick_device(cfg.device)
-    dataset = load_experiment_data(cfg)
-    labels = dataset.train.labels
-    public = decide_holdings(cfg, labels).public  # the subset the federation excluded from every shard
-    model = None
+    # the public subset: what the federation excluded from every shard
+    inputs = distill_inputs(cfg, "test", Path(model_path) if model_path else None, device=pick_device(cfg.device))
     if model_path:
-        model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
-        state = load_torch(model_path)
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as err:
-            detail = " ".join(str(err).split())[:300]
-            raise DataError(f"{model_path}: not a state_dict of the configured model.* ({detail})") from None
         model_path = str(Path(model_path).resolve())
     elif method(cfg.distill.method).needs_model(cfg.distill.init):
         raise ConfigError(
@@ -131,16 +117,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         )
     check_resumable(out_dir, config_to_dict(cfg))  # before invocation.json is rewritten
     save_json(out_dir / INVOCATION, {"config": config_to_dict(cfg), "model": model_path})
-    norm = dataset.normalization
     with progress_for(console, args.progress_every) as progress:
-        result = run_distillation(
-            cfg, model,
-            to_normalized_tensor(dataset.train.images[public], norm, device),
-            torch.as_tensor(labels[public], device=device),
-            to_normalized_tensor(dataset.test.images, norm, device),
-            torch.as_tensor(dataset.test.labels, device=device),
-            out_dir, norm, num_classes=dataset.num_classes, progress=progress,
-        )
+        result = run_distillation(cfg, inputs.model, inputs.public_x, inputs.public_y, inputs.eval_x, inputs.eval_y,
+                                  out_dir, inputs.normalization, num_classes=inputs.num_classes, progress=progress)
     console.print(
         f"{cfg.distill.method}, ipc {cfg.distill.ipc}: test accuracy [bold]{100 * result['mean']:.2f} ± "
         f"{100 * result['std']:.2f} %[/] over {len(result['accuracies'])} evaluations; results: {out_dir}"
@@ -160,19 +139,29 @@ def _distill_invocation(out_dir: Path) -> tuple[ExperimentConfig, str | None]:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or not isinstance(saved.get("model"), (str, type(None))):
+    if (not isinstance(saved, dict) or not isinstance(saved.get("config"), dict)
+            or not isinstance(saved.get("model"), (str, type(None)))):
         raise ConfigError(f"{path}: must be a JSON object with 'config' (an object) and 'model' (a path or null)")
     return build_config(saved["config"]), saved["model"]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Runs (or resumes) a pipc x ipc x method x seed grid, then renders its report."""
-    from simulations.report import markdown_table
-    from simulations.sweep import load_sweep, run_sweep
+    """Runs (or resumes) a grid of configs/grids/: a sweep (pipc x ipc x method x seed, then its table) or a protocol
+    grid (`kind: protocol`: the evidence protocol's stages)."""
+    from simulations.grid.command import run_protocol
+    from simulations.grid.protocol import grid_path, load_protocol, read_grid
+    from simulations.grid.sweep import load_sweep, run_sweep
+    from simulations.reports.report import markdown_table
 
-    sweep = load_sweep(args.config)
+    path = grid_path(args.config)
+    if read_grid(path).get("kind") == "protocol":
+        protocol = load_protocol(path)
+        out_dir = check_folder(args.out or Path("runs") / f"sweep-{protocol.name}", "--out" if args.out else "the grid folder")
+        return run_protocol(protocol, out_dir, args, args.overrides)
+    sweep = load_sweep(path)
     out_dir = check_folder(args.out or Path("runs") / f"sweep-{sweep.name}", "--out" if args.out else "the sweep folder")
-    table = run_sweep(sweep, out_dir, parse_overrides(args.overrides), console, args.progress_every)
+    table = run_sweep(sweep, out_dir, parse_overrides(args.overrides), console, args.progress_every, args.workers,
+                      args.address)
     console.print(markdown_table(table), highlight=False)
     console.print(f"results: {out_dir.resolve()}/results.csv; figures: feddistill report {out_dir}")
     return 0
@@ -181,14 +170,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Packs a distilled set (images, labels, normalisation, config and its hash, commit, accuracy) into one file, or
     writes it as DD-Ranking's evaluators read one (--format ddranking: a folder)."""
-    from simulations.synthetic_pack import export_ddranking, export_pack, load_pack
+    from simulations.commands.synthetic_pack import export_ddranking, export_pack, load_pack
 
     export = export_ddranking if args.format == "ddranking" else export_pack
     path = export(Path(args.run_dir), Path(args.out), args.seed_index)
     pack = load_pack(path)
     accuracy = pack.meta["evaluation"]["mean"]
     console.print(f"{path}: {pack.meta['method']}, {len(pack.labels)} images (ipc {pack.meta['ipc']}), config "
-                  f"sha256 {pack.meta['config_sha256'][:12]}" + (f", measured {100 * accuracy:.2f} %" if accuracy is not None else ""),
+                  f"sha256 {pack.meta['config_sha256'][:12]}"
+                  + (f", measured {100 * accuracy:.2f} %" if accuracy is not None else ""),
                   highlight=False)
     return 0
 
@@ -197,7 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Re-evaluates a pack on its dataset's test split, with its own protocol or other epochs, nets and architectures."""
     from common.runtime import pick_device
     from server.distill.evaluate import mean_std
-    from simulations.synthetic_pack import EvaluationMode, evaluate_pack, load_pack, pack_test_set
+    from simulations.commands.synthetic_pack import EvaluationMode, evaluate_pack, load_pack, pack_test_set
 
     mode = EvaluationMode.parse(args.mode) if args.mode else None
     pack = load_pack(Path(args.pack))
@@ -224,7 +214,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """The leakage audit of synthetic sets against the private pool (offline, for a data owner; never in the
     ServerApp): nearest private, held-out and public images of each synthetic image, per-image flags, the fraction
     closer to a private image, a membership AUC, a gallery."""
-    from simulations.audit_sets import run_audit
+    from simulations.commands.audit_sets import run_audit
 
     out = check_folder(Path(args.out), "--out")
     if args.planted < 0:
@@ -233,7 +223,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                       args.data, args.planted, log=lambda line: console.print(line, highlight=False))
     for row in frame.to_dict("records"):
         console.print(f"{row['set']}: closer to a private image {row['pixel_fraction']:.3f} "
-                      f"[{row['pixel_fraction_low']:.3f}, {row['pixel_fraction_high']:.3f}] (null {row['pixel_null_fraction']:.3f}), "
+                      f"[{row['pixel_fraction_low']:.3f}, {row['pixel_fraction_high']:.3f}] "
+                      f"(null {row['pixel_null_fraction']:.3f}), "
                       f"AUC {row['pixel_auc']:.3f} [{row['pixel_auc_low']:.3f}, {row['pixel_auc_high']:.3f}], "
                       f"flagged {row['pixel_flagged']}/{row['images']} (set p {row['pixel_set_p']:.2g}); "
                       f"features: {row['feature_fraction']:.3f}, AUC {row['feature_auc']:.3f}, flagged {row['feature_flagged']}",
@@ -245,7 +236,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """A sweep folder: table.md, accuracy_vs_pipc.png, figure2.png, figure3.png, loss_curves.png. A run folder:
     federation_accuracy.png (per round) and each distilled method's loss terms and gradient shares."""
-    from simulations.report import render, render_run
+    from simulations.reports.report import render, render_run
 
     if (Path(args.sweep_dir) / "metrics.jsonl").is_file():  # a federation run folder
         written = render_run(Path(args.sweep_dir), args.out)
@@ -281,11 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="OUT_DIR", help="continue an interrupted distill in its output folder")
     p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
                    help="outside a terminal: a progress line per task at most this often (default 30)")
-    p = add("sweep", cmd_sweep, "the split-ratio benchmark over a YAML grid (resumes finished cells)")
-    p.set_defaults(config="tiny")
-    p.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-<name>)")
+    p = add("sweep", cmd_sweep, "a benchmark grid of configs/grids/ (a sweep or the evidence protocol; resumes)")
+    p.set_defaults(config="tiny-sweep")
+    p.add_argument("--out", default=None, help="grid folder (default: runs/sweep-<name>)")
     p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
                    help="outside a terminal: a progress line per task at most this often (default 30)")
+    add_grid_arguments(p)
     p = sub.add_parser("export", help="pack a distilled set into one shareable file", description=cmd_export.__doc__)
     p.add_argument("run_dir", help="a distill folder (RUN/distill/<method>) or one of its seed_<k> folders")
     p.add_argument("--out", required=True, help="the pack file to write (.pt), or the folder with --format ddranking")
@@ -334,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, FederationError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line per problem, never wrapped
+        # one line per problem, never wrapped
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
     except OSError as err:  # a file that cannot be read or written: name it
         text = f"{err.filename or ''}: {err.strerror or err}"

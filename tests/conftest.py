@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.reliability_report import RELIABILITY_ENV
+from simulations.reports.reliability_report import RELIABILITY_ENV
 
 _ROWS: list[dict[str, str]] = []
 _TMP = re.compile(r"/\S*?/pytest-\d+/[^/\s:]+")  # a test's tmp_path, shown as <tmp> in the report

@@ -88,7 +88,8 @@ def save_checkpoint(state: DistillState, labels: torch.Tensor, out_dir: Path, me
     if state.lambdas is not None:
         tensors["lambdas"] = state.lambdas
     path = save_torch(out_dir / f"{CHECKPOINT}.pt", tensors)
-    save_json(out_dir / f"{CHECKPOINT}.json", {**meta, "config_sha256": config_hash(meta["config"]), "iteration": state.iteration})
+    save_json(out_dir / f"{CHECKPOINT}.json",
+              {**meta, "config_sha256": config_hash(meta["config"]), "iteration": state.iteration})
     return path
 
 
@@ -101,7 +102,8 @@ def check_resumable(out_dir: Path, config: dict[str, Any]) -> None:
     (common.config.config_differences). Keys that do not change a seed's result (RESUME_NEUTRAL) are not compared."""
     out_dir = Path(out_dir)
     digest = config_hash(config)
-    records = [out_dir / "result.json", *sorted(out_dir.glob("seed_*/synthetic.json")), *sorted(out_dir.glob(f"seed_*/{CHECKPOINT}.json"))]
+    records = [out_dir / "result.json", *sorted(out_dir.glob("seed_*/synthetic.json")),
+               *sorted(out_dir.glob(f"seed_*/{CHECKPOINT}.json"))]
     for path in records:
         if not path.is_file():
             continue

@@ -48,7 +48,8 @@ class DkktWeight:
         # classified with probability 1.0 in float32) gets weight 0, not ratio / 0 = inf (and inf * 0 = NaN images).
         norm = dkkt_norm.detach()
         active = norm > MIN_GRAD_NORM
-        weight = (self.ratio * dm_avg.clamp(min=self.floor) / norm.clamp(min=MIN_GRAD_NORM)).clamp(max=torch.finfo(norm.dtype).max)
+        weight = self.ratio * dm_avg.clamp(min=self.floor) / norm.clamp(min=MIN_GRAD_NORM)
+        weight = weight.clamp(max=torch.finfo(norm.dtype).max)
         return torch.where(active, weight, 0.0)
 
     def state(self) -> dict[str, torch.Tensor]:

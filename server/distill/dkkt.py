@@ -78,7 +78,7 @@ def stationarity_and_logits(
     # On the CPU, sum the chunks' weighted gradients (cache-sized activations; the same sum to float rounding).
     chunk = cpu_chunk(model, x) or x.shape[0]
     parts = [chunk_grads(model, params, buffers, xs, ys, ls)
-             for xs, ys, ls in zip(x.split(chunk), y.split(chunk), lambdas.split(chunk))]
+             for xs, ys, ls in zip(x.split(chunk), y.split(chunk), lambdas.split(chunk), strict=True)]
     if len(parts) == 1:
         weighted_grads, logits = parts[0]
     else:
@@ -100,7 +100,7 @@ def naive_stationarity_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     for j in range(x.shape[0]):
         logits = functional_call(model, (params, buffers), (x[j : j + 1],))
         g = torch.autograd.grad(F.cross_entropy(logits, y[j : j + 1]), list(params.values()), create_graph=True)
-        summed = {k: summed[k] + lambdas[j] * gj for k, gj in zip(params, g)}
+        summed = {k: summed[k] + lambdas[j] * gj for k, gj in zip(params, g, strict=True)}
     return _stationarity_distance(_flat_params(model), summed)
 
 

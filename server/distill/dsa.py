@@ -93,7 +93,7 @@ def sample_dsa(
     family = torch.randint(0, n_fam, (1 if one_family else num_groups,), generator=generator, device=device)
     family = family.expand(num_groups).contiguous()
     u = torch.rand(len(_UNIFORM_FIELDS), num_groups, generator=generator, device=device)
-    return DSAParams(families, family, **dict(zip(_UNIFORM_FIELDS, u.unbind(0))))
+    return DSAParams(families, family, **dict(zip(_UNIFORM_FIELDS, u.unbind(0), strict=True)))
 
 
 def apply_dsa(

@@ -8,7 +8,7 @@ Accuracies are fractions in [0, 1]. On the CPU a batch goes through the net in c
 `evaluation.compile` the passes run through `torch.compile` (inductor fuses the norm, ReLU and pooling around
 the convolutions): the same protocol to float rounding, compiled once per process and batch shape. With
 `evaluation.precision=bf16` they run under bfloat16 autocast (AMX on recent Xeons): another protocol, whose
-accuracy difference to fp32 `simulations.eval_modes` measures.
+accuracy difference to fp32 `simulations.benchmarks.eval_modes` measures.
 
 `train_and_test` trains one net (the reference of the protocol); `train_and_test_batched` trains K nets at
 once as one vmapped functional model over stacked parameters (`torch.func.stack_module_state`): every net
@@ -35,6 +35,18 @@ from common.runtime import autocast, compiled
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
 
 TEST_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class NetProtocol:
+    """How an evaluation net is made and trained: the evaluation settings, its architecture and number of classes,
+    the device, and the DSA families (`distill.dsa_strategy`)."""
+
+    evaluation: EvaluationConfig
+    model: ModelConfig
+    num_classes: int
+    device: torch.device | str = "cpu"
+    dsa_strategy: str = DEFAULT_STRATEGY
 
 
 def _sgd(net: nn.Module, lr: float, cfg: EvaluationConfig) -> torch.optim.SGD:
@@ -81,21 +93,12 @@ def init_net(seed: int, shape: Sequence[int], model_cfg: ModelConfig, num_classe
         return model_from_config(model_cfg, num_classes, shape[1], shape[2])
 
 
-def train_net(
-    syn_x: torch.Tensor,
-    syn_y: torch.Tensor,
-    eval_cfg: EvaluationConfig,
-    model_cfg: ModelConfig,
-    num_classes: int,
-    seed: int,
-    device: torch.device | str,
-    dsa_strategy: str = DEFAULT_STRATEGY,
-) -> nn.Module:
+def train_net(syn_x: torch.Tensor, syn_y: torch.Tensor, protocol: NetProtocol, seed: int) -> nn.Module:
     """One fresh net (initialised from `seed`) trained on the synthetic set with the protocol above."""
-    device = torch.device(device)
-    net = init_net(seed, syn_x.shape, model_cfg, num_classes).to(device).train()
+    eval_cfg, device = protocol.evaluation, torch.device(protocol.device)
+    net = init_net(seed, syn_x.shape, protocol.model, protocol.num_classes).to(device).train()
     gen = torch.Generator(device=device).manual_seed(seed)
-    families = parse_strategy(dsa_strategy) if eval_cfg.dsa else ()
+    families = parse_strategy(protocol.dsa_strategy) if eval_cfg.dsa else ()
     x, y = syn_x.to(device), syn_y.to(device)
     n = x.shape[0]
     chunk = cpu_chunk(net, x)
@@ -119,21 +122,12 @@ def train_net(
     return net
 
 
-def train_and_test(
-    syn_x: torch.Tensor,
-    syn_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
-    eval_cfg: EvaluationConfig,
-    model_cfg: ModelConfig,
-    num_classes: int,
-    seed: int,
-    device: torch.device | str,
-    dsa_strategy: str = DEFAULT_STRATEGY,
-) -> float:
+def train_and_test(syn_x: torch.Tensor, syn_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                   protocol: NetProtocol, seed: int) -> float:
     """Trains one fresh net (initialised from `seed`) on the synthetic set; returns its test accuracy."""
-    net = train_net(syn_x, syn_y, eval_cfg, model_cfg, num_classes, seed, device, dsa_strategy)
-    return accuracy(net, test_x.to(device), test_y.to(device), net_forward(net, eval_cfg, torch.device(device)))
+    net = train_net(syn_x, syn_y, protocol, seed)
+    device = torch.device(protocol.device)
+    return accuracy(net, test_x.to(device), test_y.to(device), net_forward(net, protocol.evaluation, device))
 
 
 def _concat_draws(draws: Sequence[DSAParams]) -> DSAParams:
@@ -155,27 +149,18 @@ class StackedNets:
         return functional_call(self.base, (p, b), (x,))
 
 
-def train_nets_batched(
-    syn_x: torch.Tensor,
-    syn_y: torch.Tensor,
-    eval_cfg: EvaluationConfig,
-    model_cfg: ModelConfig,
-    num_classes: int,
-    seeds: Sequence[int],
-    device: torch.device | str,
-    dsa_strategy: str = DEFAULT_STRATEGY,
-    channels_last: bool = False,
-) -> StackedNets:
+def train_nets_batched(syn_x: torch.Tensor, syn_y: torch.Tensor, protocol: NetProtocol, seeds: Sequence[int],
+                       channels_last: bool = False) -> StackedNets:
     """`train_net` for every seed, all nets trained at once; net i is row i of the stacked parameters.
 
     Same draws as K calls of `train_net` (up to float rounding of the grouped convolutions). `evaluation.precision`
     and `evaluation.compile` act as in `net_forward` (compile: the per-step forward+loss); channels_last: images in
     channels-last layout (a benchmark variant).
     """
-    device = torch.device(device)
+    eval_cfg, device = protocol.evaluation, torch.device(protocol.device)
     seeds = list(seeds)
     k = len(seeds)
-    modules = [init_net(s, syn_x.shape, model_cfg, num_classes).to(device).train() for s in seeds]
+    modules = [init_net(s, syn_x.shape, protocol.model, protocol.num_classes).to(device).train() for s in seeds]
     params, buffers = stack_module_state(modules)  # (K, ...) leaves; params require grad
     nets = StackedNets(copy.deepcopy(modules[0]).to("meta"), params, buffers)
     del modules
@@ -189,7 +174,7 @@ def train_nets_batched(
 
     loss_fn = compiled(step_loss, eval_cfg.compile, device, "evaluation.compile")
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    families = parse_strategy(dsa_strategy) if eval_cfg.dsa else ()
+    families = parse_strategy(protocol.dsa_strategy) if eval_cfg.dsa else ()
     x, y = syn_x.to(device), syn_y.to(device)
     n = x.shape[0]
     plist = list(params.values())
@@ -216,26 +201,13 @@ def train_nets_batched(
     return nets
 
 
-def train_and_test_batched(
-    syn_x: torch.Tensor,
-    syn_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
-    eval_cfg: EvaluationConfig,
-    model_cfg: ModelConfig,
-    num_classes: int,
-    seeds: Sequence[int],
-    device: torch.device | str,
-    dsa_strategy: str = DEFAULT_STRATEGY,
-    channels_last: bool = False,
-) -> list[float]:
+def train_and_test_batched(syn_x: torch.Tensor, syn_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                           protocol: NetProtocol, seeds: Sequence[int], channels_last: bool = False) -> list[float]:
     """`train_and_test` for every seed, all nets trained at once; their test accuracies in seed order."""
-    device = torch.device(device)
-    nets = train_nets_batched(
-        syn_x, syn_y, eval_cfg, model_cfg, num_classes, seeds, device, dsa_strategy, channels_last
-    )
+    device = torch.device(protocol.device)
+    nets = train_nets_batched(syn_x, syn_y, protocol, seeds, channels_last)
     nets.base.eval()
-    return _batched_accuracy(nets, test_x.to(device), test_y.to(device), device, eval_cfg.precision)
+    return _batched_accuracy(nets, test_x.to(device), test_y.to(device), device, protocol.evaluation.precision)
 
 
 @torch.no_grad()
@@ -266,41 +238,31 @@ def evaluate_synthetic(
     syn_y: torch.Tensor,
     test_x: torch.Tensor,
     test_y: torch.Tensor,
-    eval_cfg: EvaluationConfig,
-    model_cfg: ModelConfig,
+    protocol: NetProtocol,
     seeds: Sequence[int],
-    device: torch.device | str,
-    num_classes: int | None = None,
-    dsa_strategy: str = DEFAULT_STRATEGY,
     max_parallel: int | None = None,
     on_done: Callable[[list[float]], None] | None = None,
 ) -> list[float]:
-    """Test accuracy of one fresh net per seed trained on (syn_x, syn_y); num_classes defaults to max label + 1.
+    """Test accuracy of one fresh net per seed trained on (syn_x, syn_y) with `protocol`.
     `on_done` receives the accuracies so far after each net (or each group of nets trained at once).
 
     Several seeds are trained at once (`train_and_test_batched`, at most `max_parallel` nets per group);
     one seed, or max_parallel=1, runs `train_and_test`. Default: all seeds at once on CUDA (launch-bound),
     one at a time on the CPU, where the batched (grouped) convolutions measured slower (docs/benchmarks.md).
     """
-    if num_classes is None:
-        num_classes = int(max(syn_y.max(), test_y.max())) + 1
     seeds = list(seeds)
     if max_parallel is None:
-        max_parallel = len(seeds) if torch.device(device).type == "cuda" else 1
-    if model_cfg.arch != "convnet" or model_cfg.norm == "batchnorm":
+        max_parallel = len(seeds) if torch.device(protocol.device).type == "cuda" else 1
+    if protocol.model.arch != "convnet" or protocol.model.norm == "batchnorm":
         max_parallel = 1  # the vmapped path has no batch-norm running statistics
     step = max(1, max_parallel)
     accuracies: list[float] = []
     for i in range(0, len(seeds), step):
         group = seeds[i : i + step]
         if len(group) == 1:
-            accuracies.append(
-                train_and_test(syn_x, syn_y, test_x, test_y, eval_cfg, model_cfg, num_classes, group[0], device, dsa_strategy)
-            )
+            accuracies.append(train_and_test(syn_x, syn_y, test_x, test_y, protocol, group[0]))
         else:
-            accuracies += train_and_test_batched(
-                syn_x, syn_y, test_x, test_y, eval_cfg, model_cfg, num_classes, group, device, dsa_strategy
-            )
+            accuracies += train_and_test_batched(syn_x, syn_y, test_x, test_y, protocol, group)
         if on_done is not None:
             on_done(list(accuracies))
     return accuracies

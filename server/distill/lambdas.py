@@ -84,6 +84,7 @@ def fit_multipliers(gradients: torch.Tensor, theta: torch.Tensor, steps: int, lr
     return best, history
 
 
-def fitted_multipliers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> tuple[torch.Tensor, list[float]]:
+def fitted_multipliers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float
+                       ) -> tuple[torch.Tensor, list[float]]:
     """`fit_multipliers` for candidates (x, y) of the frozen `model`."""
     return fit_multipliers(per_sample_gradients(model, x, y), flat_parameters(model), steps, lr)

@@ -22,10 +22,9 @@ from common.models import model_from_config
 from common.runtime import autocast, compiled, seed_everything
 from server.distill.balance import DkktWeight
 from server.distill.dkkt import dkkt_loss, freeze_model
-from server.distill.lambdas import Multipliers, fitted_multipliers, flat_parameters
 from server.distill.dm import PublicPool, dm_loss, randomize_
 from server.distill.dsa import parse_strategy, sample_dsa
-
+from server.distill.lambdas import Multipliers, fitted_multipliers, flat_parameters
 
 
 @dataclass
@@ -217,12 +216,13 @@ def distill(
             if uses_dkkt:
                 terms.update(multipliers.stats())
             values = torch.stack([v.detach().float() for v in terms.values()]).tolist()  # one device sync
-            _check_finite(it, dict(zip(terms, values)))
+            _check_finite(it, dict(zip(terms, values, strict=True)))
             lambdas = multipliers.values.detach().cpu().clone() if uses_dkkt else None
             current = SyntheticSet(syn.detach().cpu().clone(), syn_y.cpu(), lambdas, cfg.method, seed, config)
-            callback(it, dict(zip(terms, values)), current)
+            callback(it, dict(zip(terms, values, strict=True)), current)
         if checkpoint is not None and it % cfg.checkpoint_every == 0:
-            checkpoint(_capture(it, syn, opt_img, multipliers if uses_dkkt else None, balance if uses_dkkt else None, gen, device))
+            checkpoint(_capture(it, syn, opt_img, multipliers if uses_dkkt else None, balance if uses_dkkt else None, gen,
+                                device))
 
     if not bool(torch.isfinite(syn).all()):
         raise DistillDiverged(f"{cfg.method}: the synthetic images are not finite after {cfg.iterations} iterations "

@@ -24,7 +24,7 @@ from server.distill.artifacts import (
     save_result,
     save_synthetic,
 )
-from server.distill.evaluate import evaluate_synthetic, mean_std
+from server.distill.evaluate import NetProtocol, evaluate_synthetic, mean_std
 from server.distill.methods import DistillState, SyntheticSet, distill
 
 SHOWN = ("loss", "dm", "dkkt", "share_dkkt", "dkkt_weight", "stat_rel", "primal", "lambda_mean", "lambda_zeros")
@@ -139,8 +139,9 @@ def _evaluate_seed(
     start = time.perf_counter()
     # All nets of this seed in one call: batched on CUDA (evaluate.py), one after another on the CPU.
     accuracies = evaluate_synthetic(
-        syn.images, syn.labels, test_x, test_y, cfg.evaluation, cfg.model,
-        eval_seeds(syn.seed, cfg.evaluation.num_nets), device, num_classes, cfg.distill.dsa_strategy,
+        syn.images, syn.labels, test_x, test_y,
+        NetProtocol(cfg.evaluation, cfg.model, num_classes, device, cfg.distill.dsa_strategy),
+        eval_seeds(syn.seed, cfg.evaluation.num_nets),
         on_done=lambda done: progress.advance(task, len(done), {"accuracy": 100 * done[-1]}),
     )
     mean, std = mean_std(accuracies)

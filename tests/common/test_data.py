@@ -180,7 +180,8 @@ def test_images_keep_their_channels(image, channels, tmp_path, request, reliabil
     np.testing.assert_array_equal(ds.train.images[1], expected.reshape(8, 8, channels))
     kind = request.node.callspec.id
     reliability("Data", f"an ImageFolder of {kind} images (not CIFAR)",
-                f"loaded with {channels} channel(s), pixels unchanged, normalised with its own mean {tuple(round(m, 3) for m in ds.normalization.mean)}")
+                f"loaded with {channels} channel(s), pixels unchanged, normalised with its own mean "
+                f"{tuple(round(m, 3) for m in ds.normalization.mean)}")
 
 
 def test_an_imagefolder_is_normalised_with_its_whole_training_splits_statistics(tmp_path):

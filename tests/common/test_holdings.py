@@ -28,7 +28,8 @@ def cfg_of(split: dict, seed: int = 3):
     return build_config({"seed": seed, "data": {"name": "tiny", "tiny_per_class": 60}, "split": split, "distill": {"ipc": 1}})
 
 
-@pytest.mark.parametrize("split", SCHEMES, ids=lambda s: f"{s['partition']}-{s['num_clients']}-{s.get('validation_per_class', 0)}")
+@pytest.mark.parametrize("split", SCHEMES,
+                         ids=lambda s: f"{s['partition']}-{s['num_clients']}-{s.get('validation_per_class', 0)}")
 def test_public_validation_and_shards_are_disjoint_and_cover_the_training_set(split):
     holdings = decide_holdings(cfg_of(split), LABELS)
     holders = [holdings.public, holdings.validation, *holdings.shards]
@@ -46,7 +47,7 @@ def test_same_seed_same_holdings_other_seed_other_holdings(split):
     a, b, c = (decide_holdings(cfg_of(split, seed), LABELS) for seed in (3, 3, 4))
     np.testing.assert_array_equal(a.public, b.public)
     np.testing.assert_array_equal(a.validation, b.validation)
-    for x, y in zip(a.shards, b.shards):
+    for x, y in zip(a.shards, b.shards, strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a.public, c.public)
 
@@ -55,7 +56,7 @@ def test_split_seed_pins_the_holdings_whatever_the_experiment_seed():
     split = {**SCHEMES[4], "seed": 11}
     a, b = decide_holdings(cfg_of(split, 0), LABELS), decide_holdings(cfg_of(split, 5), LABELS)
     assert split_seed(cfg_of(split, 0)) == split_seed(cfg_of(split, 5)) == 11
-    for x, y in zip([a.public, a.validation, *a.shards], [b.public, b.validation, *b.shards]):
+    for x, y in zip([a.public, a.validation, *a.shards], [b.public, b.validation, *b.shards], strict=True):
         np.testing.assert_array_equal(x, y)
     assert split_seed(cfg_of(SCHEMES[0], 7)) == 7  # no split.seed: the experiment seed
 
@@ -151,5 +152,6 @@ def test_nested_public_subsets_share_one_private_pool_and_grow_by_inclusion():
 
 
 def test_nested_split_beyond_its_validation_slice_is_a_config_error():
-    with pytest.raises(ValueError, match=r"split.pipc=19: with private_pipc=10 it must be <= private_pipc \+ validation_per_class \(18\)"):
+    with pytest.raises(ValueError,
+                       match=r"split.pipc=19: with private_pipc=10 it must be <= private_pipc \+ validation_per_class \(18\)"):
         nested_cfg(19)

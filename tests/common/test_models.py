@@ -48,7 +48,7 @@ def test_arrayrecord_round_trip_is_exact():
     record = model_to_record(model)
     assert isinstance(record, ArrayRecord)
     restored = load_record_into(build_model(width=16), record)
-    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), restored.state_dict().items()):
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), restored.state_dict().items(), strict=True):
         assert k1 == k2 and torch.equal(v1, v2)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(x), restored(x))
@@ -70,7 +70,7 @@ def test_seeding_makes_models_identical_and_device_is_cpu_here():
     a = build_model(width=8)
     seed_everything(5)
     b = build_model(width=8)
-    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert pick_device("auto").type == expected
     if not torch.cuda.is_available():

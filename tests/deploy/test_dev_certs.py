@@ -7,7 +7,6 @@ import os
 import stat
 
 import pytest
-
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
@@ -50,7 +49,8 @@ def test_private_keys_are_0600_from_their_first_byte(tmp_path, monkeypatch, reli
         generate(tmp_path, nodes=1, hosts=["localhost"])
     finally:
         os.umask(old)
-    private = {name: mode for name, mode in created.items() if name.startswith((".ca.key.", ".server.key.", ".node1.")) and ".pub." not in name}
+    private = {name: mode for name, mode in created.items()
+               if name.startswith((".ca.key.", ".server.key.", ".node1.")) and ".pub." not in name}
     assert len(private) == 3 and set(private.values()) == {0o600}, created
     for name in ("ca.key", "server.key", "keys/node1"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600

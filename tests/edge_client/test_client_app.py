@@ -10,11 +10,11 @@ from flwr.app import ConfigRecord, RecordDict
 
 from common.config import build_config
 from common.data import DataError, load_dataset
-from common.models import build_model
 from common.holdings import decide_holdings
+from common.models import build_model
+from common.protocol import EXPERIMENT_KEY, read_experiment, round_config, round_lr
 from common.records import model_to_record
 from edge_client.client_app import evaluate_reply, train_reply
-from common.protocol import EXPERIMENT_KEY, read_experiment, round_config, round_lr
 from edge_client.shard import load_shard
 from server.boundary import evaluate_reply_problems, model_spec, train_reply_problems
 

@@ -156,7 +156,8 @@ def test_fedavg_aggregates_only_the_replies_inside_the_boundary():
     tampered["shard"] = ArrayRecord({"images": Array(IMAGES)})
     seen = []
     strategy = EdgeFedAvg(tiny_cfg(**{"federation.min_clients": 2}), a, observer=lambda kind, msg: seen.append(kind))
-    arrays, metrics = strategy.aggregate_train(1, [FakeReply(good_reply(a), 1), FakeReply(tampered, 2), FakeReply(good_reply(b), 3)])
+    replies = [FakeReply(good_reply(a), 1), FakeReply(tampered, 2), FakeReply(good_reply(b), 3)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
     assert seen == ["train"] * 3
     expected = {k: (a.state_dict()[k] + b.state_dict()[k]) / 2 for k in a.state_dict()}
     got = arrays.to_torch_state_dict()

@@ -15,9 +15,9 @@ from common.atomic import load_torch
 from common.config import build_config
 from common.holdings import decide_holdings, load_experiment_data
 from common.models import build_model
-from simulations.cli import build_parser
 from server.traffic import content_bytes
-from simulations.simulate import simulate
+from simulations.cli import build_parser
+from simulations.commands.simulate import simulate
 
 TINY = {
     "name": "tiny-sim",
@@ -35,7 +35,7 @@ def summarize(kind: str, msg) -> dict:
     content = msg.content
     out = {"kind": kind, "error": msg.has_error(), "records": {k: type(v).__name__ for k, v in content.items()},
            "node": str(msg.metadata.src_node_id), "bytes": content_bytes(content)}
-    for key, record in content.items():
+    for record in content.values():
         if isinstance(record, ArrayRecord):
             out.setdefault("arrays", {}).update({name: tuple(a.shape) for name, a in record.items()})
         if isinstance(record, MetricRecord):
@@ -90,7 +90,8 @@ def test_two_clients_one_round_writes_outputs_and_clients_send_only_weights_and_
     assert {node: x["up"] for node, x in lines[1]["client_bytes"].items()} == up
     assert lines[1]["bytes_up"] == sum(up.values()) and model_bytes < min(up.values())
     downs = [x["down"] for x in lines[1]["client_bytes"].values()]
-    assert all(2 * model_bytes < d < 2 * (model_bytes + 10_000) for d in downs), (model_bytes, downs)  # 2 messages, <10 kB framing each
+    # 2 messages, <10 kB framing each
+    assert all(2 * model_bytes < d < 2 * (model_bytes + 10_000) for d in downs), (model_bytes, downs)
     assert lines[0]["client_bytes"] == {}
     traffic = json.loads((run_dir / "summary.json").read_text())["traffic"]
     assert traffic["bytes_up"] == lines[1]["bytes_up"] and traffic["bytes_down"] == lines[1]["bytes_down"]
@@ -113,7 +114,7 @@ def test_the_cli_has_a_simulate_subcommand():
 
 
 def test_clients_share_the_gpu_when_there_is_one():
-    from simulations.simulate import client_resources
+    from simulations.commands.simulate import client_resources
 
     cfg = build_config(TINY, {"device": "auto"})
     assert client_resources(cfg, cuda_available=False) == {"num_cpus": 1.0, "num_gpus": 0.0}

@@ -50,7 +50,8 @@ def test_the_readme_block_starts_and_stops_the_superlink_by_a_recorded_pid():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path(sys.executable).with_name("flwr").exists(), reason="the flwr CLI is not installed beside this Python")
+@pytest.mark.skipif(not Path(sys.executable).with_name("flwr").exists(),
+                    reason="the flwr CLI is not installed beside this Python")
 def test_the_readme_flwr_run_block_completes_in_a_clean_environment(tmp_path):
     from deploy import local_superlink
 

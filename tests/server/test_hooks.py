@@ -9,12 +9,13 @@ import numpy as np
 import torch
 
 from common.config import build_config
-from common.models import build_model
 from common.holdings import decide_holdings, load_experiment_data
+from common.models import build_model
 from server.hooks import after_federation
 from server.server_data import from_dataset
 
-RAW = {"device": "cpu", "data": {"name": "tiny"}, "split": {"pipc": 3, "num_clients": 2}, "model": {"width": 8}, "distill": {"ipc": 1}}
+RAW = {"device": "cpu", "data": {"name": "tiny"}, "split": {"pipc": 3, "num_clients": 2}, "model": {"width": 8},
+       "distill": {"ipc": 1}}
 
 
 def setup(enabled: bool):

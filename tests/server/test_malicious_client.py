@@ -16,8 +16,8 @@ from flwr.app import Array, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import ExperimentConfig, build_config
-from edge_client.client_app import evaluate_reply, train_reply
 from common.protocol import read_experiment
+from edge_client.client_app import evaluate_reply, train_reply
 from edge_client.shard import load_shard
 from server.boundary import MAX_TEXT_CHARS
 
@@ -107,7 +107,7 @@ def test_one_malicious_client_of_three_is_rejected_every_round_and_the_run_finis
     from flwr.simulation import run_simulation
 
     from server.server_app import make_server_app
-    from simulations.simulate import quiet_environment
+    from simulations.commands.simulate import quiet_environment
 
     quiet_environment()
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers get this test's ClientApp by value
@@ -149,7 +149,7 @@ def test_one_malicious_client_of_three_is_rejected_every_round_and_the_run_finis
 
 def test_flowers_own_log_records_are_one_bounded_line_in_feddistill_simulate():
     from server.boundary import MAX_REASON_CHARS
-    from simulations.simulate import OneBoundedLine
+    from simulations.commands.simulate import OneBoundedLine
 
     logger, lines, one_line = logging.getLogger("flwr"), _Lines(), OneBoundedLine()
     logger.addHandler(lines)
@@ -167,14 +167,15 @@ def test_flowers_own_log_records_are_one_bounded_line_in_feddistill_simulate():
     assert all("\n" not in x and len(x) <= MAX_REASON_CHARS and "QUFB" * 100 not in x for x in lines.records)
 
 
-def test_a_reversed_and_boosted_update_in_a_real_simulation_is_rejected_under_the_default_rule(tmp_path, monkeypatch, reliability):
-    """The sign-flip attack of simulations/poisoning.py (1 client of 4 reverses its update x5) in Ray: the default
+def test_a_reversed_and_boosted_update_in_a_real_simulation_is_rejected_under_the_default_rule(tmp_path, monkeypatch,
+                                                                                              reliability):
+    """The sign-flip attack of simulations/benchmarks/poisoning.py (1 client of 4 reverses its update x5) in Ray: the default
     rule's direction check rejects it in the first round, from a fresh model, when the honest updates agree most, and
     in the second."""
     import ray.cloudpickle
 
-    import simulations.poisoning as poisoning
-    from simulations.simulate import simulate
+    import simulations.benchmarks.poisoning as poisoning
+    from simulations.commands.simulate import simulate
 
     monkeypatch.setenv(poisoning.POISON_ENV, "3,5.0")  # read by the Ray workers this run starts
     cfg = build_config({**CFG, "split": {"pipc": 2, "num_clients": 4}, "federation": {**CFG["federation"], "rounds": 2}})

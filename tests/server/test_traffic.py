@@ -49,7 +49,8 @@ def test_traffic_counts_down_and_up_per_node_and_round():
 def test_run_totals_and_bytes_received_read_metrics_jsonl(tmp_path):
     lines = [
         {"round": 0, "bytes_up": 0, "bytes_down": 0, "client_bytes": {}},
-        {"round": 1, "bytes_up": 30, "bytes_down": 100, "client_bytes": {"5": {"up": 10, "down": 50}, "6": {"up": 20, "down": 50}}},
+        {"round": 1, "bytes_up": 30, "bytes_down": 100,
+         "client_bytes": {"5": {"up": 10, "down": 50}, "6": {"up": 20, "down": 50}}},
         {"round": 2, "bytes_up": 20, "bytes_down": 50, "client_bytes": {"5": {"up": 20, "down": 50}}},
     ]
     totals = traffic_totals(lines)

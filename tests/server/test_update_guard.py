@@ -38,7 +38,8 @@ def clipped_mean(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     """FedAvg (equal weights) of `states` with every update clipped to their lower median norm."""
     norms = [update_norm(ArrayRecord(st), ArrayRecord(GLOBAL)) for st in states]
     bound = lower_median(norms)
-    return {k: sum(GLOBAL[k] + (st[k] - GLOBAL[k]) * min(1.0, bound / n) for st, n in zip(states, norms)) / len(states)
+    return {k: sum(GLOBAL[k] + (st[k] - GLOBAL[k]) * min(1.0, bound / n) for st, n in zip(states, norms, strict=True))
+               / len(states)
             for k in GLOBAL}
 
 
@@ -119,11 +120,12 @@ CASES = [
 
 
 @pytest.mark.parametrize("kind, make, reason", CASES, ids=[c[0] for c in CASES])
-def test_a_malformed_update_is_rejected_with_its_reason_and_the_round_aggregates_the_rest(kind, make, reason, reliability, caplog):
+def test_a_malformed_update_is_rejected_with_its_reason_and_the_round_aggregates_the_rest(kind, make, reason, reliability,
+                                                                                          caplog):
     strategy = EdgeFedAvg(cfg_with(), build_model(width=WIDTH), slice_sizes=SLICES)
     strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
     honest = [client_state(s) for s in (1, 2, 3)]
-    replies = [FakeReply(reply(state), node) for node, state in zip((11, 12, 13), honest)] + [FakeReply(make(), 99)]
+    replies = [FakeReply(reply(state), node) for node, state in zip((11, 12, 13), honest, strict=True)] + [FakeReply(make(), 99)]
     with caplog.at_level("WARNING", logger="flwr.feddistill"):
         arrays, _ = strategy.aggregate_train(1, replies)
 
@@ -134,7 +136,8 @@ def test_a_malformed_update_is_rejected_with_its_reason_and_the_round_aggregates
     got, expected = arrays.to_torch_state_dict(), clipped_mean(honest)
     for name in GLOBAL:
         assert torch.allclose(got[name], expected[name], atol=1e-6)
-    reliability("Update guard (server)", f"train reply with {kind}", f"rejected ({record.rejected[0][1]}); the other 3 aggregated")
+    reliability("Update guard (server)", f"train reply with {kind}",
+                f"rejected ({record.rejected[0][1]}); the other 3 aggregated")
 
 
 def test_the_norm_ratio_needs_three_replies_and_is_configurable():
@@ -166,7 +169,8 @@ def evaluate_reply(n, accuracy: float = 0.5) -> RecordDict:
 
 
 @pytest.mark.parametrize("kind, content, reason", [
-    ("num-examples = 10^9 (would decide the accuracy)", evaluate_reply(10**9, 1.0), "exceeds the largest held-out slice of any client (4 images)"),
+    ("num-examples = 10^9 (would decide the accuracy)", evaluate_reply(10**9, 1.0),
+     "exceeds the largest held-out slice of any client (4 images)"),
     ("eval_accuracy = 7", evaluate_reply(4, 7.0), "metric 'eval_accuracy'=7 is not finite or outside [0, 1]"),
     ("an ArrayRecord of images", RecordDict({**evaluate_reply(4), "x": ArrayRecord({"i": Array(np.zeros(3))})}),
      "records must be exactly"),
@@ -270,7 +274,8 @@ def test_a_reversed_and_scaled_update_is_rejected_by_the_direction_check(clients
                           slice_sizes=SLICES)
     strategy.global_arrays = {1: ArrayRecord(GLOBAL)}
     honest = [shared_update(s) for s in range(1, clients)]
-    replies = [FakeReply(reply(st), n) for n, st in enumerate(honest, start=1)] + [FakeReply(reply(reversed_update(9, factor)), 9)]
+    replies = [FakeReply(reply(st), n) for n, st in enumerate(honest, start=1)]
+    replies += [FakeReply(reply(reversed_update(9, factor)), 9)]
     arrays, _ = strategy.aggregate_train(1, replies)
     [(node, reason)] = strategy.train_replies[1].rejected
     assert node == 9 and "points away from the round's coordinate-wise median update" in reason

@@ -15,8 +15,8 @@ import torch
 from common.atomic import save_json, save_torch
 from common.config import load_config, parse_overrides
 from common.holdings import decide_holdings, load_experiment_data
-from simulations.audit import audit_pools, auc_delong, flag_threshold, ssim, train_feature_net, wilson
 from simulations.cli import main as cli_main
+from simulations.commands.audit import auc_delong, audit_pools, flag_threshold, ssim, train_feature_net, wilson
 
 TINY = ["device=cpu", "data.name=tiny", "data.tiny_per_class=60", "data.train_per_class=null", "data.test_per_class=null",
         "model.width=8", "split.pipc=4", "split.validation_per_class=4", "split.num_clients=2", "distill.method=dm",

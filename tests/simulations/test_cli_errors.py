@@ -56,14 +56,16 @@ def error_lines(capsys) -> list[str]:
 
 
 @pytest.mark.parametrize("kind, overrides, words", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
-def test_a_bad_config_stops_simulate_before_any_work_with_one_line_naming_the_key(kind, overrides, words, tmp_path, capsys, reliability):
+def test_a_bad_config_stops_simulate_before_any_work_with_one_line_naming_the_key(kind, overrides, words, tmp_path, capsys,
+                                                                                 reliability):
     out = tmp_path / "runs"
     code = main(["simulate", "--config", "quickstart", *TINY, *overrides, "--output-dir", str(out)])
     lines = error_lines(capsys)
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
     assert not out.exists()  # no run folder
-    reliability("Bad configuration (feddistill simulate)", f"{kind}: `{' '.join(overrides)}`", f"exit 2, no run folder: `{lines[0]}`")
+    reliability("Bad configuration (feddistill simulate)", f"{kind}: `{' '.join(overrides)}`",
+                f"exit 2, no run folder: `{lines[0]}`")
 
 
 def truncated_copy(source: Path, target: Path) -> Path:
@@ -129,11 +131,13 @@ def test_a_bad_model_file_given_to_distill_is_a_one_line_error(fault, tmp_path, 
     else:
         model_file.write_bytes(pickle.dumps({"features.0.weight": _Payload(marker)}))
     out = tmp_path / "out"
-    code = main(["distill", "--config", "quickstart", *TINY, "distill.method=dm+dkkt", "--model", str(model_file), "--out", str(out)])
+    code = main(["distill", "--config", "quickstart", *TINY, "distill.method=dm+dkkt", "--model", str(model_file),
+                 "--out", str(out)])
     lines = error_lines(capsys)
     assert code == 2 and len(lines) == 1 and "received_model.pt: cannot be loaded as a weights-only torch file" in lines[0], lines
     assert not marker.exists() and not out.exists()
-    reliability("Loading safety", f"{fault} file given to `distill --model`", f"exit 2, nothing executed or written: `{lines[0]}`")
+    reliability("Loading safety", f"{fault} file given to `distill --model`",
+                f"exit 2, nothing executed or written: `{lines[0]}`")
 
 
 def _file(tmp_path: Path) -> Path:
@@ -219,7 +223,8 @@ BAD_YAML = [
     ("YAML nested 600 levels", DEEP, "nested too deeply"),
     ("YAML flow lists nested 1000 levels", "[" * 1000 + "]" * 1000 + "\n", "nested too deeply"),
     ("an integer of 5000 digits", "federation:\n  rounds: " + "9" * 5000 + "\n", "line 2: 'rounds' is an integer of 5000 digits"),
-    ("a float key given a 400-digit integer", "federation:\n  lr: " + "9" * 400 + "\n", "federation.lr=(an integer of 400 digits)"),
+    ("a float key given a 400-digit integer", "federation:\n  lr: " + "9" * 400 + "\n",
+     "federation.lr=(an integer of 400 digits)"),
 ]
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from simulations import distill_modes
+from simulations.benchmarks import distill_modes
 
 
 def run(cell: str, mode: str, accuracies: list[float], recorded: list[float]) -> dict:

@@ -1,4 +1,4 @@
-"""simulations/dkkt_balance.py's split of L_DKKT's image gradient into its weighted parts."""
+"""simulations/benchmarks/dkkt_balance.py's split of L_DKKT's image gradient into its weighted parts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from common.config import DistillConfig
 from common.models import build_model
 from server.distill.dkkt import stationarity_loss
 from server.distill.lambdas import flat_parameters
-from simulations.dkkt_balance import gradient_parts, parts_table
+from simulations.benchmarks.dkkt_balance import gradient_parts, parts_table
 
 
 @pytest.mark.parametrize("aug_weight", [0.0, 5.0])

@@ -1,26 +1,34 @@
-"""The evidence protocol end to end on generated data: edge model, calibration on validation only, table, report."""
+"""The evidence protocol end to end on generated data: edge model, calibration on validation only, table, report;
+its cells on Ray give the serial run's results."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 
 import pandas as pd
 import pytest
+import yaml
 
 import simulations.evidence as evidence
 from common.config import ConfigError
-from common.data import Dataset
+from common.data import Dataset, ImageArrays
+from common.holdings import load_experiment_data
+from server.server_data import distill_inputs
+from simulations.cli import main as cli_main
+from simulations.grid import stages
+from simulations.grid.protocol import GRID_DIR, VARIANTS, TableFilter, base_config, cell_config, load_protocol, table_cells
 
 
 @pytest.mark.slow
-def test_tiny_protocol_runs_every_stage_resumes_and_reports(tmp_path):
+def test_tiny_protocol_runs_every_stage_resumes_and_reports(tmp_path, monkeypatch):
     out = tmp_path / "evidence"
     assert evidence.main(["--preset", "tiny", "--out", str(out), "--threads", "1"]) == 0
     edge = json.loads((out / "edge_model.json").read_text())
     assert edge["rounds"] == 1 and 0 <= edge["test_accuracy"] <= 1
     calibration = json.loads((out / "calibration.json").read_text())
-    assert calibration["chosen_dkkt_ratio"] in evidence.PRESETS["tiny"].ratio_grid
+    assert calibration["chosen_dkkt_ratio"] in load_protocol("tiny").ratio_grid
     assert "validation" in calibration["evaluated_on"]
     balance = json.loads((out / "balance.json").read_text())
     assert [r["ipc"] for r in balance["results"]] == [1, 2]
@@ -44,63 +52,74 @@ def test_tiny_protocol_runs_every_stage_resumes_and_reports(tmp_path):
     assert evidence.main(["--preset", "tiny", "--out", str(out), "--threads", "1"]) == 0  # resumes: nothing reruns
     assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == before
 
-    # --workers 2 on the same received model: the same cells with the same accuracies as the serial run.
+    # --workers 2 (on a local Ray) on the same received model: the same cells with the same accuracies as the serial run.
     parallel = tmp_path / "parallel"
     shutil.copytree(out / "edge", parallel / "edge")
+    pools = []
+    opened = stages.open_pool
+
+    @contextmanager
+    def recorded(*args, **kwargs):
+        with opened(*args, **kwargs) as pool:
+            pools.append(type(pool).__module__)
+            yield pool
+
+    monkeypatch.setattr(stages, "open_pool", recorded)
     assert evidence.main(["--preset", "tiny", "--out", str(parallel), "--threads", "1", "--workers", "2",
                           "--stages", "calibrate", "table", "report"]) == 0
     assert json.loads((parallel / "calibration.json").read_text()) == calibration
+    assert pools == ["ray.util.multiprocessing.pool"] * 2  # calibrate and table
     serial_rows = results.set_index("cell")["accuracies"].to_dict()
     assert pd.read_csv(parallel / "results.csv").set_index("cell")["accuracies"].to_dict() == serial_rows
     cell = json.loads((parallel / "table/cells/pipc2-ipc1-dm-seed0/cell.json").read_text())
     assert cell["machine"].startswith("CPU:") and "finished_on" not in cell
 
 
-def test_calibration_never_reads_the_test_set(monkeypatch):
-    cfg = evidence.base_config(evidence.PRESETS["tiny"], {})
-    dataset = evidence.load_experiment_data(cfg)
-    hidden = evidence.without_test(dataset)
-    assert len(hidden.test) == 0 and len(hidden.train) == len(dataset.train)
-    validation = evidence.validation_split(cfg, dataset)
-    assert len(validation) == 2 * dataset.num_classes
+def test_calibration_evaluates_on_the_validation_slice_and_never_reads_the_test_set(monkeypatch, tmp_path):
+    protocol = load_protocol("tiny")
     seen = {}
 
-    def fake_run_cells(ctx, stage, cells, model, data: Dataset, evaluation):
-        seen.update(stage=stage, test=len(data.test), evaluation=len(evaluation))
-        raise evidence.OutOfTime
+    def fake_run_stage(ctx, stage, cells, model, evaluate_on):
+        seen.update(stage=stage, evaluate_on=evaluate_on, cells=len(cells))
+        raise stages.OutOfTime
 
-    monkeypatch.setattr(evidence, "run_cells", fake_run_cells)
-    ctx = evidence.Context(evidence.PRESETS["tiny"], __import__("pathlib").Path("/nonexistent"), float("inf"))
-    with pytest.raises(evidence.OutOfTime):
-        evidence.calibrate_stage(ctx, {}, None, dataset)
-    assert seen == {"stage": "calibration", "test": 0, "evaluation": 2 * dataset.num_classes}
+    monkeypatch.setattr(stages, "run_stage", fake_run_stage)
+    with pytest.raises(stages.OutOfTime):
+        stages.calibrate_stage(stages.Context(protocol, tmp_path), {}, tmp_path / "model.pt")
+    assert seen == {"stage": "calibration", "evaluate_on": "validation", "cells": 3}
+    cfg = base_config(protocol, {})
+    dataset = load_experiment_data(cfg)
+    no_test = Dataset(dataset.name, dataset.classes, dataset.train, ImageArrays(dataset.test.images[:0], dataset.test.labels[:0]),
+                      dataset.normalization)
+    inputs = distill_inputs(cfg, "validation", dataset=no_test)  # what a calibration cell evaluates on
+    assert len(inputs.eval_y) == 2 * dataset.num_classes and len(inputs.public_y) == 2 * dataset.num_classes
     with pytest.raises(ConfigError, match="never evaluates on the test set"):
-        evidence.validation_split(evidence.base_config(evidence.PRESETS["tiny"], {"split.validation_per_class": 0}), dataset)
+        stages.calibrate_stage(stages.Context(protocol, tmp_path), {"split.validation_per_class": 0}, tmp_path / "model.pt")
 
 
 @pytest.mark.parametrize("preset", ["cpu", "gpu"])
 def test_every_cell_of_the_real_presets_is_a_valid_config_on_one_split(preset):
-    protocol = evidence.PRESETS[preset]
+    protocol = load_protocol(preset)
     extra = {"device": "cpu", "data.name": "tiny", "data.tiny_per_class": 300, "split.num_clients": 3}  # no data needed
-    cells = evidence.table_cells(protocol, extra, ratio=0.3)
-    base = evidence.base_config(protocol, extra)
-    assert {cfg.split.seed for _, cfg, _ in cells} == {base.seed}
-    assert {cfg.split.pipc for _, cfg, _ in cells} == {50}
-    assert {cfg.distill.dkkt_ratio for _, cfg, _ in cells} == {0.3}
-    assert len({name for name, _, _ in cells}) == len(cells)
+    cells = table_cells(protocol, extra, ratio=0.3)
+    base = base_config(protocol, extra)
+    assert {c.cfg.split.seed for c in cells} == {base.seed}
+    assert {c.cfg.split.pipc for c in cells} == {50}
+    assert {c.cfg.distill.dkkt_ratio for c in cells} == {0.3}
+    assert len({c.name for c in cells}) == len(cells)
 
 
 def test_command_line_overrides_win_over_the_preset() -> None:
     """key=value on the command line (e.g. device=cpu to finish a GPU preset's cells elsewhere) beats the preset's
     own overrides and its per-ipc scale in every cell."""
-    protocol = evidence.PRESETS["gpu"]
-    cfg = evidence.cell_config(protocol, {"device": "cpu", "distill.iterations": 7}, evidence.VARIANTS["dm"], 10, 0)
+    protocol = load_protocol("gpu")
+    cfg = cell_config(protocol, {"device": "cpu", "distill.iterations": 7}, VARIANTS["dm"], 10, 0)
     assert (cfg.device, cfg.distill.iterations, cfg.distill.ipc) == ("cpu", 7, 10)
-    assert evidence.cell_config(protocol, {}, evidence.VARIANTS["dm"], 10, 0).device == "cuda"
+    assert cell_config(protocol, {}, VARIANTS["dm"], 10, 0).device == "cuda"
 
 
 @pytest.mark.slow
-def test_split_ratio_protocol_nests_pipcs_on_one_model_chooses_dm_iterations_on_validation_and_reuses_cells(tmp_path, monkeypatch):
+def test_split_ratio_protocol_nests_pipcs_on_one_model_chooses_dm_iterations_on_validation_and_reuses_cells(tmp_path):
     out = tmp_path / "split"
     assert evidence.main(["--preset", "tiny-split", "--out", str(out), "--threads", "1"]) == 0
     results = pd.read_csv(out / "results.csv")
@@ -123,39 +142,42 @@ def test_split_ratio_protocol_nests_pipcs_on_one_model_chooses_dm_iterations_on_
     # One received model for every pipc: a single federation under edge/
     assert len(list((out / "edge").glob("*/received_model.pt"))) == 1
 
-    # Another protocol reusing this one: its matching cells are taken (results, not the sets), the rest run.
-    monkeypatch.setitem(evidence.PRESETS, "tiny-split", evidence.replace(evidence.PRESETS["tiny-split"], reuse=str(out)))
+    # Another protocol reusing this one (a grid file of its own, run by feddistill sweep): its matching cells are
+    # taken (results, not the sets), the rest run.
+    evidence_grid = tmp_path / "grid" / "tiny-split.yaml"
+    evidence_grid.parent.mkdir()
+    evidence_grid.write_text(yaml.safe_dump({**yaml.safe_load((GRID_DIR / "tiny-split.yaml").read_text()), "reuse": str(out)}))
     again = tmp_path / "again"
-    assert evidence.main(["--preset", "tiny-split", "--out", str(again), "--threads", "1", "--stages", "edge",
-                          "calibrate", "table", "report", "--variants", "random", "dm", "--pipcs", "2",
-                          "--seeds", "0"]) == 0
+    assert cli_main(["sweep", "--config", str(evidence_grid), "--out", str(again), "--threads", "1", "--stages", "edge",
+                     "calibrate", "table", "report", "--variants", "random", "dm", "--pipcs", "2", "--seeds", "0"]) == 0
     # the filter took exactly the cells it names
     assert sorted(p.name for p in (again / "table/cells").iterdir()) == ["pipc2-ipc1-dm-seed0", "pipc2-ipc1-random-seed0"]
     cell = again / "table/cells/pipc2-ipc1-dm-seed0"
     assert json.loads((cell / "cell.json").read_text())["reused_from"] and not (cell / "seed_0/synthetic.pt").exists()
-    assert json.loads((cell / "result.json").read_text()) == json.loads((out / "table/cells/pipc2-ipc1-dm-seed0/result.json").read_text())
-    from simulations.report import set_dir
+    reused = json.loads((out / "table/cells/pipc2-ipc1-dm-seed0/result.json").read_text())
+    assert json.loads((cell / "result.json").read_text()) == reused
+    from simulations.reports.report import set_dir
     assert (set_dir(cell) / "seed_0/synthetic.pt").is_file()
     assert not (again / "edge").exists()  # the received model was found in the reused folder
 
 
-def test_table_filter_keeps_what_it_names_and_passes_itself_to_workers():
-    only = evidence.TableFilter(variants=("dm",), pipcs=(10, 50), seeds=(1,))
+def test_table_filter_keeps_what_it_names():
+    only = TableFilter(variants=("dm",), pipcs=(10, 50), seeds=(1,))
     assert only.keeps({"method": "dm", "ipc": 10, "pipc": 50, "seed": 1})
     assert not only.keeps({"method": "dm", "ipc": 10, "pipc": 20, "seed": 1})
     assert not only.keeps({"method": "dm+dkkt", "ipc": 10, "pipc": 50, "seed": 1})
-    assert evidence.TableFilter().keeps({"method": "x", "ipc": 1, "pipc": 5, "seed": 9})
-    assert only.argv() == ["--variants", "dm", "--pipcs", "10", "50", "--seeds", "1"]
+    assert TableFilter().keeps({"method": "x", "ipc": 1, "pipc": 5, "seed": 9})
 
 
 def test_a_cell_is_reused_only_for_the_same_configuration_and_model_free_methods_ignore_the_partition():
     from common.config import config_to_dict, same_configuration
+    from simulations.grid.protocol import model_independent_keys
 
     def cells(preset):
-        return {name: cfg for name, cfg, _ in evidence.table_cells(evidence.PRESETS[preset], {}, 1.0, {10: 300})}
+        return {c.name: c.cfg for c in table_cells(load_protocol(preset), {}, 1.0, {10: 300})}
 
     def reusable(old, new):
-        return same_configuration(config_to_dict(old), config_to_dict(new), evidence.model_independent_keys(new))
+        return same_configuration(config_to_dict(old), config_to_dict(new), model_independent_keys(new))
 
     iid, non_iid = cells("split-ratio-cpu"), cells("split-ratio-cpu-dirichlet")
     for name in ("pipc10-ipc10-dm-seed0", "pipc50-ipc10-random-seed1", "pipc100-ipc10-dm-at-conv-seed2"):

@@ -1,7 +1,8 @@
 """Every entry point distils from exactly the public subset that the federation held out of every edge shard.
 
 The federation's side is what the edge clients really load (`edge_client.shard.load_shard`, per client); the
-distillation side is what `run_cell` (the sweep) and `feddistill distill` pass to `run_distillation`.
+distillation side is what a grid's cell (`simulations.grid.cells.run_task`) and `feddistill distill` pass to
+`run_distillation`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from common.holdings import load_experiment_data
 from common.models import model_from_config
 from edge_client.shard import clear_cache, load_shard
 from simulations.cli import main as cli_main
-from simulations.sweep import cell_config, cells, federation_config, load_sweep, run_cell
+from simulations.grid.cells import CellTask, GridCell, run_task
+from simulations.grid.sweep import cell_config, cells, federation_config, load_sweep
 
 
 def image_keys(images: np.ndarray) -> set[bytes]:
@@ -58,7 +60,7 @@ def federation_holdings(train_cfg) -> tuple[set[bytes], set[bytes]]:
 
 
 def test_every_sweep_seed_distils_from_the_subset_its_edge_model_held_out(tmp_path, captured):
-    sweep = load_sweep("tiny").model_copy(update={"seeds": [0, 1, 2], "methods": ["dm"]})
+    sweep = load_sweep("tiny-sweep").model_copy(update={"seeds": [0, 1, 2], "methods": ["dm"]})
     runnable, _ = cells(sweep)
     assert {c.seed for c in runnable} == {0, 1, 2}
     publics: dict[int, set[bytes]] = {}
@@ -67,8 +69,9 @@ def test_every_sweep_seed_distils_from_the_subset_its_edge_model_held_out(tmp_pa
         train_cfg = federation_config(cfg, sweep.seeds[0])
         dataset = load_experiment_data(cfg)
         model_path = tmp_path / "model.pt"
-        save_torch(model_path, model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size).state_dict())
-        run_cell(cfg, model_path, tmp_path / cell.name)
+        model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
+        save_torch(model_path, model.state_dict())
+        run_task(CellTask(GridCell(cell.name, cfg, {}), tmp_path / cell.name, model_path))
         public = image_keys(captured[-1])
         private, everything = federation_holdings(train_cfg)
         assert len(public) == cell.pipc * dataset.num_classes

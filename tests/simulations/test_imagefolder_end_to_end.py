@@ -20,7 +20,7 @@ from common.config import load_config, parse_overrides
 from common.data import CIFAR10_NORMALIZATION, Normalization, load_imagefolder
 from common.models import model_from_config
 from simulations.cli import main as cli_main
-from simulations.synthetic_pack import load_pack
+from simulations.commands.synthetic_pack import load_pack
 
 
 def write_imagefolder(path: Path, classes: int, size: int, channels: int, train: int = 6, test: int = 2) -> Path:

@@ -37,7 +37,7 @@ def test_each_archive_holds_exactly_its_party_and_the_manifest_says_so(nodes):
     assert set(manifest["archives"]) == {"client-0", "client-1", "client-2", "public", "test"}
     dataset = load_experiment_data(cfg)
     holdings = decide_holdings(cfg, dataset.train.labels)
-    for name, entry in manifest["archives"].items():
+    for entry in manifest["archives"].values():
         path = out / entry["file"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
         node = load_node_archive(path)
@@ -101,7 +101,7 @@ def test_wrong_archives_are_one_line_errors(nodes, tmp_path):
     write_node_archive(tmp_path / "odd.tar.gz", "client", ("cat", "dog"), CIFAR10_NORMALIZATION,
                        (images, np.array([0, 1])), (images, np.array([2, 3])),
                        {"holdings_sha256": holdings_sha256(cifar), "partition_id": 0})
-    with pytest.raises(DataError, match="differ from the server's dataset"):
+    with pytest.raises(DataError, match="differ from the configured dataset's"):
         shard_from_archive(cifar, 0, tmp_path / "odd.tar.gz")
     (tmp_path / "broken.tar.gz").write_bytes((out / "client-0.tar.gz").read_bytes()[:200])
     with pytest.raises(DataError, match="corrupt or truncated"):
@@ -124,7 +124,7 @@ def test_the_server_from_its_archives_holds_what_the_in_memory_split_gives_it(no
     tampered = bytearray((out / "public.tar.gz").read_bytes())
     tampered[-20] ^= 0xFF
     (server_dir / "public.tar.gz").write_bytes(bytes(tampered))
-    with pytest.raises(DataError, match="sha256 differs from manifest.json"):
+    with pytest.raises(DataError, match=r"sha256 \S+ differs from manifest.json's"):
         from_node_data(cfg, server_dir)
     from common.config import ConfigError
 
@@ -219,9 +219,11 @@ def test_a_malformed_holding_json_is_a_one_line_error(kind, change, words, nodes
 MANIFESTS = [
     ("a list", lambda m: [], "not an object with 'archives'"),
     ("no client-2", lambda m: {**m, "archives": {k: v for k, v in m["archives"].items() if k != "client-2"}}, "no 'client-2'"),
-    ("a file path outside the folder", lambda m: {**m, "archives": {**m["archives"], "public": {**m["archives"]["public"], "file": "../x"}}},
+    ("a file path outside the folder",
+     lambda m: {**m, "archives": {**m["archives"], "public": {**m["archives"]["public"], "file": "../x"}}},
      "'file' must be a file name"),
-    ("counts that are text", lambda m: {**m, "archives": {**m["archives"], "client-0": {**m["archives"]["client-0"], "train_per_class": "9"}}},
+    ("counts that are text",
+     lambda m: {**m, "archives": {**m["archives"], "client-0": {**m["archives"]["client-0"], "train_per_class": "9"}}},
      "'train_per_class' must be a list"),
 ]
 
@@ -247,7 +249,7 @@ def test_a_node_checks_its_archive_against_the_manifests_sha256(nodes, reliabili
     clear_cache()
     shard = shard_from_archive(cfg, 1, out / "client-1.tar.gz", manifest["archives"]["client-1"]["sha256"])
     assert len(shard.train_labels) > 0
-    with pytest.raises(DataError, match="is not node_config data-sha256") as err:
+    with pytest.raises(DataError, match="differs from node_config data-sha256's") as err:
         shard_from_archive(cfg, 0, out / "client-0.tar.gz", manifest["archives"]["client-1"]["sha256"])
     reliability("Loading safety", "a node given another archive than manifest.json's sha256 for it (node_config data-sha256)",
                 f"refused: `{err.value}`")

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from common.config import build_config
 from common.runtime import FederationError
-from simulations.simulate import _cmdline, descendants, simulate
+from simulations.commands.simulate import _cmdline, descendants, simulate
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 

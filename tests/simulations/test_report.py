@@ -16,9 +16,8 @@ from common.config import config_to_dict, load_config
 from common.data import CIFAR10_NORMALIZATION, Normalization
 from server.distill.artifacts import load_synthetic, save_synthetic
 from server.distill.methods import SyntheticSet
-from simulations.report import fft_magnitude, markdown_table, render
-from simulations.sweep import write_results
-
+from simulations.grid.sweep import write_results
+from simulations.reports.report import fft_magnitude, markdown_table, render
 
 CONFIG = config_to_dict(load_config("quickstart"))
 
@@ -35,7 +34,8 @@ def _fake_sweep(root, grid, normalization=CIFAR10_NORMALIZATION):
         save_synthetic(syn, cell / "seed_0", normalization)
         save_json(cell / "cell.json", {"cell": name, "pipc": pipc, "ipc": ipc, "method": method, "seed": seed})
         save_json(cell / "result.json", {"accuracies": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
-                                         "config": CONFIG, "commit": "abc1234"})
+                                         "config": CONFIG, "commit": "abc1234",
+                                         "timings": {"distill_s": 1.0, "evaluate_s": 1.0}})
     return write_results(root)
 
 
@@ -98,7 +98,7 @@ def test_results_csv_keeps_every_evaluation(tmp_path):
 def test_a_run_folder_gets_its_round_curve_and_each_methods_loss_and_share_curves(tmp_path):
     import json as _json
 
-    from simulations.report import render_run
+    from simulations.reports.report import render_run
 
     rounds = [{"round": r, "test_accuracy": 0.1 + 0.1 * r, "client_eval_accuracy": None if r == 0 else 0.15 + 0.1 * r}
               for r in range(4)]
@@ -125,7 +125,7 @@ def _audit_row(name, method, pipc, fraction, low, high, planted=None, planted_fl
 
 
 def test_audit_table_counts_sets_whose_interval_excludes_the_null_and_the_planted_control():
-    from simulations.report import audit_table
+    from simulations.reports.report import audit_table
 
     summary = pd.DataFrame([
         _audit_row("pipc10-ipc10-dm_dkkt-seed0", "dm+dkkt", 10, 0.52, 0.45, 0.60),
@@ -142,7 +142,7 @@ def test_audit_table_counts_sets_whose_interval_excludes_the_null_and_the_plante
 
 
 def test_traffic_table_states_where_the_bytes_come_from():
-    from simulations.report import traffic_table
+    from simulations.reports.report import traffic_table
 
     table = traffic_table((153_600_000, "computed"), {10: {"stored": 1_229_600, "uint8": 307_300}})
     assert "| 10 | 153.6 MB | 1229.6 kB | 307.3 kB |" in table and "Bytes received: computed." in table

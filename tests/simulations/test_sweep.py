@@ -13,18 +13,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from simulations.report import markdown_table, render
-from simulations.sweep import Cell, cells, load_sweep
+from simulations.grid.sweep import Cell, cells, load_sweep
+from simulations.reports.report import markdown_table, render
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _sweep_command(out: Path) -> list[str]:
-    return [sys.executable, "-m", "simulations.cli", "sweep", "--config", "tiny", "--out", str(out)]
+    return [sys.executable, "-m", "simulations.cli", "sweep", "--config", "tiny-sweep", "--out", str(out)]
 
 
 def test_grid_expands_and_invalid_cells_are_reported():
-    sweep = load_sweep("tiny")
+    sweep = load_sweep("tiny-sweep")
     runnable, skipped = cells(sweep)
     assert [c.name for c in runnable] == [
         "pipc2-ipc1-random-seed0", "pipc2-ipc1-dm-seed0", "pipc4-ipc1-random-seed0", "pipc4-ipc1-dm-seed0",
@@ -60,10 +60,14 @@ def test_killed_sweep_resumes_and_finishes_every_cell_once(tmp_path):
     assert f"resuming: {len(done_before)} of 4 cells already finished" in resumed.stdout
 
     table = pd.read_csv(out / "results.csv")
-    assert sorted(table["cell"]) == sorted(c.name for c in cells(load_sweep("tiny"))[0])
+    assert sorted(table["cell"]) == sorted(c.name for c in cells(load_sweep("tiny-sweep"))[0])
     assert table["cell"].is_unique
     assert table["accuracy_mean"].between(0, 1).all()
-    assert len(list((out / "edge_models").glob("edge-*.pt"))) == 2  # one received model per private split
+    # one received model per private split, named in each cell.json
+    models = sorted((out / "edge_models" / "federation").glob("*/received_model.pt"))
+    assert len(models) == 2
+    assert {json.loads(p.read_text())["edge_model"] for p in (out / "cells").glob("*/cell.json")} == {
+        str(m.relative_to(out)) for m in models}
 
     markdown = markdown_table(table)
     assert markdown.count("\n| 1 | ") == 2  # one row per (ipc, pipc)
@@ -76,19 +80,18 @@ def test_a_cell_is_also_evaluated_on_the_sweeps_other_architectures(tmp_path):
     from common.atomic import save_torch
     from common.holdings import load_experiment_data
     from common.models import model_from_config
-    from simulations.sweep import CROSS_ARCH, cell_config, run_cell, write_results
+    from simulations.grid.cells import CellTask, GridCell, run_task
+    from simulations.grid.cross_arch import CROSS_ARCH
+    from simulations.grid.sweep import cell_config, write_results
 
-    sweep = load_sweep("tiny").model_copy(update={"archs": ["convnet:norm=batchnorm", "convnet:width=16,depth=2"]})
+    sweep = load_sweep("tiny-sweep").model_copy(update={"archs": ["convnet:norm=batchnorm", "convnet:width=16,depth=2"]})
     cell = cells(sweep)[0][1]  # dm, pipc 2
     cfg = cell_config(sweep, cell)
     dataset = load_experiment_data(cfg)
     save_torch(tmp_path / "model.pt", model_from_config(cfg.model, 10, 3, 32).state_dict())
     cell_dir = tmp_path / "cells" / cell.name
-    from common.atomic import save_json
-
-    save_json(cell_dir / "cell.json", {"cell": cell.name, "pipc": cell.pipc, "ipc": cell.ipc, "method": cell.method,
-                                       "seed": cell.seed, "edge_model": "model.pt"})
-    run_cell(cfg, tmp_path / "model.pt", cell_dir, archs=sweep.archs)
+    columns = {"pipc": cell.pipc, "ipc": cell.ipc, "method": cell.method, "seed": cell.seed}
+    run_task(CellTask(GridCell(cell.name, cfg, columns), cell_dir, tmp_path / "model.pt", archs=tuple(sweep.archs)))
     cross = json.loads((cell_dir / CROSS_ARCH).read_text())
     assert set(cross) == set(sweep.archs) and all(len(v["accuracies"]) == cfg.evaluation.num_nets for v in cross.values())
     write_results(tmp_path)
@@ -108,21 +111,21 @@ def test_a_bad_sweep_file_is_one_config_error_naming_the_key(tmp_path, text, wor
 
     path = tmp_path / "grid.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match="^sweep .*grid.yaml: ") as info:
+    with pytest.raises(ConfigError, match="^grid .*grid.yaml: ") as info:
         load_sweep(str(path))
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
-def test_a_sweep_rerun_with_other_overrides_refuses_its_finished_cells_before_any_work(tmp_path):
+def test_a_sweep_rerun_with_other_overrides_refuses_its_started_cells_before_any_work(tmp_path):
     from common.atomic import save_json
     from common.config import config_hash, config_to_dict
-    from simulations.sweep import cell_config, run_sweep
+    from simulations.grid.sweep import cell_config, run_sweep
 
-    sweep = load_sweep("tiny")
+    sweep = load_sweep("tiny-sweep")
     cell = cells(sweep)[0][0]
     recorded = config_to_dict(cell_config(sweep, cell))
-    save_json(tmp_path / "cells" / cell.name / "result.json",
-              {"config": recorded, "config_sha256": config_hash(recorded), "mean": 0.1, "std": 0.0, "accuracies": [0.1]})
+    save_json(tmp_path / "cells" / cell.name / "seed_0" / "synthetic.json",
+              {"config": recorded, "config_sha256": config_hash(recorded), "method": cell.method, "seed": 0})
     with pytest.raises(ValueError, match=r"holds a run of another configuration \(distill.lr_img: 1.0 -> 0.5\)"):
         run_sweep(sweep, tmp_path, {"distill.lr_img": 0.5})
     assert not (tmp_path / "edge_models").exists()  # refused before training any edge model

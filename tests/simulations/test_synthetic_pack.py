@@ -14,9 +14,9 @@ import torch
 from common.atomic import load_torch, save_torch
 from common.config import ModelConfig
 from common.models import parse_architecture
+from simulations.benchmarks.eval_modes import main as eval_modes_main
 from simulations.cli import main as cli_main
-from simulations.eval_modes import main as eval_modes_main
-from simulations.synthetic_pack import load_pack
+from simulations.commands.synthetic_pack import load_pack
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["device=cpu", "data.name=tiny", "data.train_per_class=null", "data.test_per_class=null", "model.width=8",
@@ -141,7 +141,8 @@ def _damaged(pack: Path, tmp_path: Path, name: str, **changes) -> Path:
 MALFORMED = [
     ("NaN images", lambda s: {"images": torch.full_like(s["images"], float("nan"))}, "images hold NaN or infinite values"),
     ("std 0", lambda s: {"std": torch.zeros_like(s["std"])}, "has an entry <= 0"),
-    ("a label near 10^8", lambda s: {"labels": torch.full_like(s["labels"], 99_999_999)}, "labels span 99999999..99999999, outside 0..9"),
+    ("a label near 10^8", lambda s: {"labels": torch.full_like(s["labels"], 99_999_999)},
+     "labels span 99999999..99999999, outside 0..9"),
     ("a negative label", lambda s: {"labels": -s["labels"] - 1}, "outside 0..9"),
     ("float labels", lambda s: {"labels": s["labels"].float()}, "not integers"),
     ("1-pixel images", lambda s: {"images": s["images"][:, :, :1, :1].contiguous()}, "at least 2x2 pixels"),

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from common.config import EvaluationConfig, ModelConfig
-from server.distill.evaluate import evaluate_synthetic, train_and_test, train_nets_batched, train_net
+from server.distill.evaluate import NetProtocol, evaluate_synthetic, train_and_test, train_net, train_nets_batched
 
 C, SIZE = 3, 8
 
@@ -19,9 +19,9 @@ def test_batched_training_gives_the_weights_of_sequential_runs_with_the_same_see
     cfg = EvaluationConfig(epochs=4, batch_size=5, dsa=True)
     model = ModelConfig(width=8, norm=norm)
     seeds = [3, 4, 11]
-    stacked = train_nets_batched(x, y, cfg, model, C, seeds, "cpu")
+    stacked = train_nets_batched(x, y, NetProtocol(cfg, model, C), seeds)
     for i, seed in enumerate(seeds):
-        net = train_net(x, y, cfg, model, C, seed, "cpu")
+        net = train_net(x, y, NetProtocol(cfg, model, C), seed)
         for name, p in net.named_parameters():
             assert torch.allclose(stacked.params[name][i], p, atol=1e-4), name
         for name, b in net.named_buffers():
@@ -36,6 +36,6 @@ def test_evaluate_synthetic_batched_equals_sequential_accuracies():
     cfg = EvaluationConfig(epochs=3, batch_size=4, dsa=True)
     model = ModelConfig(width=8)
     seeds = [0, 1, 2, 5]
-    batched = evaluate_synthetic(x, y, test_x, test_y, cfg, model, seeds, "cpu", C, max_parallel=3)  # groups 3 + 1
-    sequential = [train_and_test(x, y, test_x, test_y, cfg, model, C, s, "cpu") for s in seeds]
+    batched = evaluate_synthetic(x, y, test_x, test_y, NetProtocol(cfg, model, C), seeds, max_parallel=3)  # groups 3 + 1
+    sequential = [train_and_test(x, y, test_x, test_y, NetProtocol(cfg, model, C), s) for s in seeds]
     assert batched == pytest.approx(sequential, abs=1e-9)

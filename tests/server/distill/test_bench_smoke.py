@@ -1,13 +1,14 @@
 import json
 
-from simulations import bench_distill
+from simulations.benchmarks import bench_distill
 
 
 def test_bench_distill_small_runs_and_prints_the_ratios(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench_distill.main(["--small", "--device", "cpu", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    for ratio in ("ours / reference", "ours / ours on whole batches", "DKKT stationarity, ipc 2 (6 images): default / whole batch",
+    for ratio in ("ours / reference", "ours / ours on whole batches",
+                  "DKKT stationarity, ipc 2 (6 images): default / whole batch",
                   "evaluation: one net, default / whole batches", "estimate"):
         assert ratio in printed
     result = json.loads(out.read_text())

@@ -10,7 +10,7 @@ from common.models import build_model, cpu_chunk
 from server.distill.dkkt import freeze_model, stationarity_loss
 from server.distill.dm import dm_loss
 from server.distill.dsa import DEFAULT_STRATEGY, parse_strategy, sample_dsa
-from server.distill.evaluate import train_and_test, train_net
+from server.distill.evaluate import NetProtocol, train_and_test, train_net
 
 CLASSES, N_REAL, N_SYN = 3, 30, 9  # more images than a chunk: the chunked path is taken
 WIDTH = 16
@@ -69,7 +69,7 @@ def test_stationarity_value_and_gradients(chunked):
         return (loss.detach(), *torch.autograd.grad(loss, [x, lam]))
 
     fast, plain = chunked(value_and_grads)
-    for a, b in zip(fast, plain):
+    for a, b in zip(fast, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
@@ -79,11 +79,11 @@ def test_evaluation_nets_and_accuracies_on_fixed_seeds(chunked):
     cfg, model_cfg = EvaluationConfig(epochs=6, batch_size=16, lr=0.01, dsa=True), ModelConfig(width=WIDTH)
 
     def weights():
-        net = train_net(syn_x, syn_y, cfg, model_cfg, CLASSES, 11, "cpu")
+        net = train_net(syn_x, syn_y, NetProtocol(cfg, model_cfg, CLASSES), 11)
         return torch.cat([p.detach().flatten() for p in net.parameters()])
 
     fast, plain = chunked(weights)
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-6)
-    accuracies = chunked(lambda: [train_and_test(syn_x, syn_y, test_x, test_y, cfg, model_cfg, CLASSES, s, "cpu")
+    accuracies = chunked(lambda: [train_and_test(syn_x, syn_y, test_x, test_y, NetProtocol(cfg, model_cfg, CLASSES), s)
                                   for s in (0, 1, 2)])
     assert accuracies[0] == accuracies[1]

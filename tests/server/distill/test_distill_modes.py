@@ -7,12 +7,12 @@ import torch
 
 from common.config import DistillConfig, ModelConfig
 from common.models import build_model
+from common.runtime import autocast
 from server.distill import dkkt
 from server.distill.dkkt import freeze_model, stationarity_and_logits
 from server.distill.dm import PublicPool, dm_loss
 from server.distill.dsa import parse_strategy, sample_dsa
 from server.distill.methods import distill
-from common.runtime import autocast
 
 C, SIZE, WIDTH = 3, 16, 16
 

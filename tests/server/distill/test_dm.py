@@ -69,7 +69,7 @@ def test_randomize_redraws_parameters():
     net = embedder()
     before = [p.clone() for p in net.parameters()]
     randomize_(net)
-    convs = [(a, b) for a, b in zip(before, net.parameters()) if a.dim() == 4]
+    convs = [(a, b) for a, b in zip(before, net.parameters(), strict=True) if a.dim() == 4]
     assert all(not torch.equal(a, b) for a, b in convs)
     assert not any(p.requires_grad for p in net.parameters())
 

@@ -9,8 +9,8 @@ import torch
 
 from common import models
 from common.config import ConfigError, EvaluationConfig, ModelConfig
-from server.distill.evaluate import evaluate_synthetic, init_net, train_net
-from simulations.synthetic_pack import EvaluationMode
+from server.distill.evaluate import NetProtocol, evaluate_synthetic, init_net, train_net
+from simulations.commands.synthetic_pack import EvaluationMode
 
 CLASSES, WIDTH = 3, 16
 needs_compiler = pytest.mark.skipif(not shutil.which("g++") and not shutil.which("clang++"),
@@ -31,7 +31,7 @@ def protocol(compile: bool, precision: str = "fp32") -> EvaluationConfig:
 
 
 def weights(cfg: EvaluationConfig) -> torch.Tensor:
-    net = train_net(SYN_X, SYN_Y, cfg, MODEL, CLASSES, 11, "cpu")
+    net = train_net(SYN_X, SYN_Y, NetProtocol(cfg, MODEL, CLASSES), 11)
     return torch.cat([p.detach().flatten() for p in net.parameters()])
 
 
@@ -51,8 +51,8 @@ def test_compiled_training_gives_the_eager_weights(monkeypatch):
 @needs_compiler
 def test_compiled_evaluation_gives_the_eager_accuracies_on_fixed_seeds():
     seeds = [0, 1, 2]
-    eager = evaluate_synthetic(SYN_X, SYN_Y, TEST_X, TEST_Y, protocol(False), MODEL, seeds, "cpu")
-    fast = evaluate_synthetic(SYN_X, SYN_Y, TEST_X, TEST_Y, protocol(True), MODEL, seeds, "cpu")
+    eager = evaluate_synthetic(SYN_X, SYN_Y, TEST_X, TEST_Y, NetProtocol(protocol(False), MODEL, CLASSES), seeds)
+    fast = evaluate_synthetic(SYN_X, SYN_Y, TEST_X, TEST_Y, NetProtocol(protocol(True), MODEL, CLASSES), seeds)
     assert len(set(eager)) > 1  # the seeds give different nets: the comparison is not between constants
     assert fast == eager
 
@@ -60,7 +60,7 @@ def test_compiled_evaluation_gives_the_eager_accuracies_on_fixed_seeds():
 def test_compile_without_a_cpp_compiler_is_a_config_error(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match=r"evaluation.compile=true: .*C\+\+ compiler"):
-        train_net(SYN_X, SYN_Y, protocol(True), MODEL, CLASSES, 0, "cpu")
+        train_net(SYN_X, SYN_Y, NetProtocol(protocol(True), MODEL, CLASSES), 0)
 
 
 def test_bf16_acts_and_still_trains():
@@ -73,9 +73,9 @@ def test_bf16_acts_and_still_trains():
 
 def test_bf16_evaluation_accuracies_stay_near_fp32():
     seeds = [0, 1, 2]
-    fp32 = evaluate_synthetic(SYN_X, SYN_Y, TEST_X, TEST_Y, protocol(False), MODEL, seeds, "cpu")
-    bf16 = evaluate_synthetic(SYN_X, SYN_Y, TEST_X, TEST_Y, protocol(False, "bf16"), MODEL, seeds, "cpu")
-    assert all(abs(a - b) <= 3 / len(TEST_Y) for a, b in zip(bf16, fp32)), (bf16, fp32)
+    fp32 = evaluate_synthetic(SYN_X, SYN_Y, TEST_X, TEST_Y, NetProtocol(protocol(False), MODEL, CLASSES), seeds)
+    bf16 = evaluate_synthetic(SYN_X, SYN_Y, TEST_X, TEST_Y, NetProtocol(protocol(False, "bf16"), MODEL, CLASSES), seeds)
+    assert all(abs(a - b) <= 3 / len(TEST_Y) for a, b in zip(bf16, fp32, strict=True)), (bf16, fp32)
 
 
 def test_evaluation_modes_parse_and_name():

@@ -3,7 +3,7 @@ import math
 import torch
 
 from common.config import EvaluationConfig, ModelConfig
-from server.distill.evaluate import evaluate_synthetic, mean_std
+from server.distill.evaluate import NetProtocol, evaluate_synthetic, mean_std
 
 C, SIZE = 3, 16
 MODEL = ModelConfig(width=8)
@@ -21,9 +21,9 @@ def test_training_on_the_synthetic_set_learns_it():
     syn_x, syn_y = separable(2, seed=1)
     test_x, test_y = separable(10, seed=2)
     cfg = EvaluationConfig(epochs=40, lr=0.05, dsa=False, num_nets=1)
-    trained = evaluate_synthetic(syn_x, syn_y, test_x, test_y, cfg, MODEL, seeds=[0, 1], device="cpu")
+    trained = evaluate_synthetic(syn_x, syn_y, test_x, test_y, NetProtocol(cfg, MODEL, C), seeds=[0, 1])
     assert all(a > 0.9 for a in trained)
-    untrained = evaluate_synthetic(syn_x, syn_y, test_x, (test_y + 1) % C, cfg, MODEL, seeds=[0], device="cpu")
+    untrained = evaluate_synthetic(syn_x, syn_y, test_x, (test_y + 1) % C, NetProtocol(cfg, MODEL, C), seeds=[0])
     assert untrained[0] < 0.1  # the same nets are wrong on shuffled labels: accuracy is really measured
 
 
@@ -32,7 +32,7 @@ def test_evaluation_is_deterministic_per_seed_and_runs_with_dsa():
     test_x, test_y = separable(5, seed=2)
     cfg = EvaluationConfig(epochs=3, batch_size=4, dsa=True)
     reported = []
-    a = evaluate_synthetic(syn_x, syn_y, test_x, test_y, cfg, MODEL, seeds=[7, 7, 8], device="cpu", num_classes=C,
+    a = evaluate_synthetic(syn_x, syn_y, test_x, test_y, NetProtocol(cfg, MODEL, C), seeds=[7, 7, 8],
                            on_done=reported.append)
     assert a[0] == a[1] and all(0.0 <= v <= 1.0 for v in a)
     assert reported == [a[:1], a[:2], a]  # one progress report per net, with the accuracies so far

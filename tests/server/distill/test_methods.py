@@ -72,7 +72,7 @@ def test_each_method_runs_end_to_end_and_writes_its_artifacts(method, theta_star
             assert history[-1]["iteration"] == cfg.distill.iterations
             assert 0 < history[-1]["seconds"] <= seed_result["timings"]["distill_s"] + 1e-3
             assert ("share_dkkt" in history[-1]) == (method == "dm+dkkt")
-            from simulations.report import plot_history
+            from simulations.reports.report import plot_history
 
             assert plot_history(seed_dir / "history.jsonl", tmp_path / f"{method}-{k}.png").stat().st_size > 0
     assert on_disk["commit"]
@@ -81,7 +81,7 @@ def test_each_method_runs_end_to_end_and_writes_its_artifacts(method, theta_star
 def test_random_takes_public_images_and_real_init_starts_from_them():
     public_x, public_y = data(PIPC, seed=1)
     syn = distill(None, public_x, public_y, DistillConfig(method="random", ipc=IPC), ModelConfig(width=8), C, 0, "cpu")
-    for img, label in zip(syn.images, syn.labels):
+    for img, label in zip(syn.images, syn.labels, strict=True):
         assert (public_x[public_y == label] == img).flatten(1).all(1).any()
     assert syn.lambdas is None
 
@@ -157,7 +157,8 @@ def test_dm_then_dkkt_runs_dm_alone_first_then_refits_lambda_and_resumes_exactly
     switch continues to the uninterrupted result."""
     public_x, public_y = data(PIPC, seed=1)
     model_cfg = ModelConfig(width=8)
-    scheduled = DistillConfig(method="dm+dkkt", ipc=IPC, iterations=4, batch_real=4, log_every=1, checkpoint_every=2, dkkt_from=0.5,
+    scheduled = DistillConfig(method="dm+dkkt", ipc=IPC, iterations=4, batch_real=4, log_every=1, checkpoint_every=2,
+                              dkkt_from=0.5,
                               lambda_fit_steps=20, lambda_lr=0.1)
     seen: dict[int, tuple[dict[str, float], SyntheticSet]] = {}
     states = []

@@ -35,7 +35,8 @@ def test_another_configuration_is_refused_naming_each_key(tmp_path, with_hash):
     with pytest.raises(ValueError) as err:
         check_resumable(tmp_path, other)
     text = str(err.value)
-    assert "\n" not in text and all(k in text for k in ("distill.lr_img: 1.0 -> 0.5", "evaluation.epochs: 1000 -> 3", "seed: 0 -> 4"))
+    expected = ("distill.lr_img: 1.0 -> 0.5", "evaluation.epochs: 1000 -> 3", "seed: 0 -> 4")
+    assert "\n" not in text and all(k in text for k in expected)
 
 
 def test_a_record_from_before_a_key_existed_matches_that_key_at_its_default(tmp_path):

@@ -1,5 +1,5 @@
 """`feddistill audit`: finds synthetic sets (packs, seed / distill / run folders, evidence cells), audits each
-against its own config's pools (`simulations/audit.py`) and writes the outputs. Offline, with the private pool:
+against its own config's pools (`simulations/commands/audit.py`) and writes the outputs. Offline, with the private pool:
 never part of the ServerApp.
 
     OUT/<set>/audit.csv     one row per synthetic image: distances, nearest images, SSIM, ratios, flags
@@ -28,9 +28,20 @@ from common.holdings import load_experiment_data, split_seed
 from common.models import model_from_config
 from common.runtime import describe_machine, git_commit
 from server.distill.artifacts import synthetic_normalization
-from simulations.audit import (FEATURE_MODEL, Pools, Space, audit_pools, audit_set, calibration, feature_embedder,
-                               null_auc, plant, prepare_space, train_feature_net)
-from simulations.synthetic_pack import load_pack
+from simulations.commands.audit import (
+    FEATURE_MODEL,
+    Pools,
+    Space,
+    audit_pools,
+    audit_set,
+    calibration,
+    feature_embedder,
+    null_auc,
+    plant,
+    prepare_space,
+    train_feature_net,
+)
+from simulations.commands.synthetic_pack import load_pack
 
 
 @dataclass(frozen=True)
@@ -167,7 +178,8 @@ def write_set(out: Path, source: SyntheticSource, pixels: torch.Tensor, ws: Work
         s = summary[space.name]
         row.update({
             f"{space.name}_fraction": s["fraction_closer_private"], f"{space.name}_fraction_low": s["bootstrap95"][0],
-            f"{space.name}_fraction_high": s["bootstrap95"][1], f"{space.name}_null_fraction": s["null_fraction"].get("public", {}).get("fraction"),
+            f"{space.name}_fraction_high": s["bootstrap95"][1],
+            f"{space.name}_null_fraction": s["null_fraction"].get("public", {}).get("fraction"),
             f"{space.name}_auc": s["auc"], f"{space.name}_auc_low": s["delong95"][0],
             f"{space.name}_auc_high": s["delong95"][1],
             f"{space.name}_null_auc": s["null_auc"]["auc"] if s["null_auc"] else None,
@@ -203,7 +215,7 @@ def gallery(path: Path, pixels: torch.Tensor, columns: dict[str, np.ndarray], ws
             label = {"reference": "held-out"}.get(pool, pool)
             panels.append((rows_[position].view(shape),
                            f"{label} {columns[f'pixel_{pool}'][i]:.3f}\nSSIM {columns[f'ssim_{pool}'][i]:.2f}"))
-        for ax, (image, text) in zip(axes[row], panels):
+        for ax, (image, text) in zip(axes[row], panels, strict=True):
             picture = image.permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy()
             ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, interpolation="nearest")
             ax.set_title(text, fontsize=6)

@@ -1,11 +1,12 @@
 """How much each loss term moves the synthetic images: DM and DKKT gradient norms, the DKKT weight and lambda.
 
-    python -m simulations.dkkt_balance --config cpu_pipc50 --model RUN/received_model.pt --ipc 1 10 50 \
+    python -m simulations.benchmarks.dkkt_balance --config cpu_pipc50 --model RUN/received_model.pt --ipc 1 10 50 \
         --iterations 30 --out docs/results/cpu-pipc50/balance.json [key=value ...]
 
 For each ipc it runs `dm+dkkt` from the config's public subset (init=real) for a few iterations and reports, over
 the iterations after the first `--skip`: medians of L_DM, ||grad_S L_DM||, L_DKKT, ||grad_S L_DKKT|| (unweighted) and
-the weight; the DKKT/DM ratio of the gradient norms summed over those iterations, the RMS pixel step of the DKKT part, and lambda and L_stat /
+the weight; the DKKT/DM ratio of the gradient norms summed over those iterations, the RMS pixel step of the DKKT part,
+and lambda and L_stat /
 mean|theta*| at the first and the last iteration. Then, on the images and lambda of the first and the last iteration and
 over every candidate (L_stat exact, whatever distill.dkkt_candidates samples per iteration): which part of L_DKKT moves
 the images (each weighted part's image gradient, its norm relative to the whole and its cosine with it).
@@ -24,15 +25,13 @@ from typing import Any
 
 import torch
 
-from common.atomic import load_torch, save_json
+from common.atomic import save_json
 from common.config import DistillConfig, load_config, parse_overrides
-from common.data import to_normalized_tensor
-from common.holdings import decide_holdings, load_experiment_data
-from common.models import model_from_config
 from server.distill.dkkt import dkkt_parts, freeze_model
 from server.distill.dsa import parse_strategy, sample_dsa
 from server.distill.lambdas import flat_parameters
 from server.distill.methods import SyntheticSet, distill
+from server.server_data import distill_inputs
 
 
 def measure(cfg, model, public_x, public_y, num_classes: int, ipc: int, iterations: int, skip: int, seed: int) -> dict[str, Any]:
@@ -103,7 +102,8 @@ def gradient_parts(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
 
 def gradient_table(results: list[dict[str, Any]], ratio: float) -> str:
     lines = [
-        f"| ipc | L_DM | ‖∇L_DM‖ | L_DKKT | ‖∇L_DKKT‖ (w=1) | w (auto) | ‖w∇L_DKKT‖ / ‖∇L_DM‖ (target {ratio}) | DKKT step RMS / it "
+        f"| ipc | L_DM | ‖∇L_DM‖ | L_DKKT | ‖∇L_DKKT‖ (w=1) | w (auto) | ‖w∇L_DKKT‖ / ‖∇L_DM‖ (target {ratio}) "
+        "| DKKT step RMS / it "
         "| λ mean first → last | L_stat / mean|θ*| first → last | s / it |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -151,15 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, parse_overrides(args.overrides))
-    dataset = load_experiment_data(cfg)
-    public = decide_holdings(cfg, dataset.train.labels).public
-    model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
-    model.load_state_dict(load_torch(args.model))
-    public_x = to_normalized_tensor(dataset.train.images[public], dataset.normalization)
-    public_y = torch.as_tensor(dataset.train.labels[public])
+    inputs = distill_inputs(cfg, model_path=args.model)
     results = []
     for ipc in args.ipc:
-        results.append(measure(cfg, model, public_x, public_y, dataset.num_classes, ipc, args.iterations, args.skip, args.seed))
+        results.append(measure(cfg, inputs.model, inputs.public_x, inputs.public_y, inputs.num_classes, ipc, args.iterations,
+                               args.skip, args.seed))
         print(gradient_table(results[-1:], cfg.distill.dkkt_ratio).splitlines()[-1], flush=True)
     table = markdown(results, cfg.distill.dkkt_ratio)
     print(table)

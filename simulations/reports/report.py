@@ -89,7 +89,8 @@ def paired_gains(results: pd.DataFrame, method: str, baselines: tuple[str, ...])
     same evaluation nets): mean ± std of the per-seed differences, and in how many seeds `method` was ahead."""
     present = [b for b in baselines if b in set(results["method"])]
     per_seed = results.assign(acc=[100 * np.mean(json.loads(a)) for a in results["accuracies"]])
-    lines = [f"| ipc | pipc | {method} | " + " | ".join(f"− {b}" for b in present) + " |", "|---|---|---|" + "---|" * len(present)]
+    lines = [f"| ipc | pipc | {method} | " + " | ".join(f"− {b}" for b in present) + " |",
+             "|---|---|---|" + "---|" * len(present)]
     for (ipc, pipc), group in per_seed.groupby(["ipc", "pipc"]):
         ours = group[group["method"] == method].set_index("seed")["acc"]
         if ours.empty:
@@ -123,7 +124,8 @@ def audit_table(summary: pd.DataFrame) -> str | None:
     for (ipc, pipc, method), g in plain.groupby(["ipc", "pipc", "method"]):
         spaces, beyond = [], 0
         for space in ("pixel", "feature"):
-            outside = (g[f"{space}_null_fraction"] < g[f"{space}_fraction_low"]) | (g[f"{space}_null_fraction"] > g[f"{space}_fraction_high"])
+            null = g[f"{space}_null_fraction"]
+            outside = (null < g[f"{space}_fraction_low"]) | (null > g[f"{space}_fraction_high"])
             beyond = np.maximum(beyond, outside.to_numpy().astype(int))
             spaces += [f"{g[f'{space}_fraction'].mean():.2f} [{g[f'{space}_fraction_low'].min():.2f}, "
                        f"{g[f'{space}_fraction_high'].max():.2f}] ({g[f'{space}_null_fraction'].mean():.2f})",
@@ -154,7 +156,7 @@ def plot_accuracy_vs_pipc(results: pd.DataFrame, path: Path, reference: tuple[st
     stats = pooled(results)
     ipcs = sorted(stats["ipc"].unique())
     fig, axes = plt.subplots(1, len(ipcs), figsize=(4.5 * len(ipcs), 3.6), squeeze=False)
-    for ax, ipc in zip(axes[0], ipcs):
+    for ax, ipc in zip(axes[0], ipcs, strict=True):
         sub = stats[stats["ipc"] == ipc]
         for method in _methods(sub):
             line = sub[sub["method"] == method].sort_values("pipc")
@@ -210,7 +212,7 @@ def figure2(sweep_dir: Path, results: pd.DataFrame, path: Path, method: str = "d
     images, labels = _images(_cell_dir(sweep_dir, results, method, 1, pipc))
     classes = sorted(set(labels.tolist()))
     fig, axes = plt.subplots(1, len(classes), figsize=(1.3 * len(classes), 1.6), squeeze=False)
-    for ax, c in zip(axes[0], classes):
+    for ax, c in zip(axes[0], classes, strict=True):
         _show(ax, images[labels == c][0])
         ax.set_title(class_names[c] if class_names else str(c), fontsize=8)
         ax.axis("off")
@@ -354,7 +356,8 @@ def render(sweep_dir: Path, out_dir: Path | None = None, class_names: list[str] 
     if dsv_method and "dm" in methods and set(results[results["method"] == "dm"]["ipc"]) & set(
             results[results["method"] == dsv_method]["ipc"]):
         written["figure3"] = figure3(sweep_dir, results, out_dir / "figure3.png", dsv_method, class_names=class_names)
-    histories = {f"{row['method']} ipc {row['ipc']} seed {row['seed']}": Path(sweep_dir) / "cells" / row["cell"] / "seed_0" / "history.jsonl"
+    histories = {f"{row['method']} ipc {row['ipc']} seed {row['seed']}":
+                 Path(sweep_dir) / "cells" / row["cell"] / "seed_0" / "history.jsonl"
                  for _, row in results.sort_values(["ipc", "method", "seed"]).drop_duplicates(["ipc", "method"]).iterrows()}
     histories = {name: path for name, path in histories.items() if path.is_file()}
     if histories:
@@ -384,7 +387,7 @@ def render_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
     ax.plot([r["round"] for r in rounds], [100 * r["test_accuracy"] for r in rounds], marker="o", label="global model (test)")
     held = [(r["round"], r["client_eval_accuracy"]) for r in rounds if r.get("client_eval_accuracy") is not None]
     if held:
-        ax.plot(*zip(*[(k, 100 * a) for k, a in held]), marker=".", label="clients' held-out slices")
+        ax.plot(*zip(*[(k, 100 * a) for k, a in held], strict=True), marker=".", label="clients' held-out slices")
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=7)

@@ -1,6 +1,6 @@
 """Memory and wall time of the main `feddistill` commands at their embedded defaults (the README's hardware table).
 
-    python -m simulations.bench_commands --out docs/results/hardware-cpu.json [--only data simulate ...]
+    python -m simulations.benchmarks.bench_commands --out docs/results/hardware-cpu.json [--only data simulate ...]
         [--model RUN/received_model.pt] [--distill DIST_DIR] [--timeout SECONDS] [--append]
 
 Each command runs in a fresh process under `/usr/bin/time -v` (its "Maximum resident set size": the largest single
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per command before it is killed")
     parser.add_argument("--append", action="store_true", help="add to the invocations already in --out")
     args = parser.parse_args(argv)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     commit, date = git_commit(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # of the code measured
     with tempfile.TemporaryDirectory(prefix="bench-commands-") as tmp:
         work = Path(tmp)
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             if name in ("distill", "report") and not run_dir:
                 runs = sorted((work / "runs").glob("*")) if (work / "runs").is_dir() else []
                 run_dir = str(runs[-1]) if runs else str(Path(args.model).resolve().parent) if args.model else ""
-            distill_dir = str(Path(args.distill).resolve()) if args.distill and "distill" not in results else str(work / "distill")
+            own_distill = args.distill and "distill" not in results
+            distill_dir = str(Path(args.distill).resolve()) if own_distill else str(work / "distill")
             command = [c.replace("{run}", run_dir).replace("{distill}", distill_dir) for c in command]
             results[name] = measure(command, env, root, work / f"{name}.log", args.timeout)
             print(name, results[name], flush=True)

@@ -1,6 +1,6 @@
 """Do the faster distillation modes change the accuracy? Re-distils evidence cells in a mode, same everything else.
 
-    python -m simulations.distill_modes docs/results/cpu-pipc50/table/cells/pipc50-ipc10-dm-seed? ... \
+    python -m simulations.benchmarks.distill_modes docs/results/cpu-pipc50/table/cells/pipc50-ipc10-dm-seed? ... \
         --modes compile,bf16 --out docs/results/distill-modes-cpu/distill-modes-cpu.json
 
 Each evidence cell (OUT/<stage>/cells/<name>, its fp32 set distilled and evaluated) is run again from its recorded
@@ -22,22 +22,17 @@ from typing import Any
 
 import torch
 
-from common.atomic import atomic_write, load_torch, save_json
+from common.atomic import atomic_write, save_json
 from common.config import ConfigError, build_config
-from common.data import to_normalized_tensor
-from common.holdings import decide_holdings, load_experiment_data
-from common.models import model_from_config
 from common.progress import LineProgress
 from common.runtime import describe_machine, git_commit
-from simulations.synthetic_pack import EvaluationMode
+from server.server_data import distill_inputs
+from simulations.commands.synthetic_pack import EvaluationMode
 
 
-def received_model(out: Path, cfg: Any, num_classes: int, channels: int, size: int) -> torch.nn.Module:
+def received_model(out: Path) -> Path:
     """The evidence run's received model (theta*), from OUT/edge_model.json."""
-    run = json.loads((out / "edge_model.json").read_text())["run"]
-    model = model_from_config(cfg.model, num_classes, channels, size)
-    model.load_state_dict(load_torch(out / run / "received_model.pt"))
-    return model
+    return out / json.loads((out / "edge_model.json").read_text())["run"] / "received_model.pt"
 
 
 def distill_modes(cells: Sequence[Path], modes: Sequence[EvaluationMode], data: str | None, out: Path
@@ -48,7 +43,6 @@ def distill_modes(cells: Sequence[Path], modes: Sequence[EvaluationMode], data: 
     report = json.loads(out.read_text()) if out.is_file() else {"runs": []}
     report.update(machine=describe_machine(torch.device("cpu")), commit=git_commit())
     done = {(r["cell"], r["mode"]) for r in report["runs"]}
-    loaded: dict[Path, Any] = {}  # evidence folder -> (dataset, model)
     for mode in modes:
         for cell in cells:
             if (str(cell), mode.name) in done:
@@ -56,19 +50,10 @@ def distill_modes(cells: Sequence[Path], modes: Sequence[EvaluationMode], data: 
             recorded = json.loads((cell / "result.json").read_text())
             updates = {f"distill.{k}": v for k, v in mode.updates.items()} | ({"data.path": data} if data else {})
             cfg = build_config(recorded["config"], updates)
-            evidence = cell.parents[2]
-            if evidence not in loaded:
-                dataset = load_experiment_data(cfg)
-                loaded[evidence] = (dataset, received_model(evidence, cfg, dataset.num_classes, dataset.channels,
-                                                            dataset.image_size))
-            dataset, model = loaded[evidence]
-            norm = dataset.normalization
-            public = decide_holdings(cfg, dataset.train.labels).public
-            public_x = to_normalized_tensor(dataset.train.images[public], norm)
-            public_y = torch.as_tensor(dataset.train.labels[public])
-            test_x, test_y = to_normalized_tensor(dataset.test.images, norm), torch.as_tensor(dataset.test.labels)
-            result = run_distillation(cfg, model, public_x, public_y, test_x, test_y, out.parent / mode.name / cell.name, norm,
-                                      num_classes=dataset.num_classes, progress=LineProgress(interval=120.0))
+            inputs = distill_inputs(cfg, "test", received_model(cell.parents[2]))
+            result = run_distillation(cfg, inputs.model, inputs.public_x, inputs.public_y, inputs.eval_x, inputs.eval_y,
+                                      out.parent / mode.name / cell.name, inputs.normalization,
+                                      num_classes=inputs.num_classes, progress=LineProgress(interval=120.0))
             report["runs"].append({
                 "cell": str(cell), "mode": mode.name, "method": recorded["method"], "ipc": recorded["ipc"],
                 "seeds": recorded["seeds"], "accuracies": result["accuracies"], "recorded": recorded["accuracies"],
@@ -92,9 +77,10 @@ def markdown(report: dict[str, Any]) -> str:
     for (ipc, method_name, mode), runs in sorted(groups.items()):
         means = [statistics.fmean(r["accuracies"]) for r in runs]
         fp32 = [statistics.fmean(r["recorded"]) for r in runs]
-        diffs = [100 * (a - b) for a, b in zip(means, fp32)]
+        diffs = [100 * (a - b) for a, b in zip(means, fp32, strict=True)]
         std = f"{100 * statistics.stdev(fp32):.2f}" if len(fp32) > 1 else "-"
-        secs = f"{statistics.fmean(r['distill_s'] for r in runs):.0f} / {statistics.fmean(r['recorded_distill_s'] for r in runs):.0f}"
+        secs = (f"{statistics.fmean(r['distill_s'] for r in runs):.0f} / "
+                f"{statistics.fmean(r['recorded_distill_s'] for r in runs):.0f}")
         lines.append(f"| {ipc} | {method_name} | {mode} | {len(runs)} | {100 * statistics.fmean(means):.2f} | "
                      f"{100 * statistics.fmean(fp32):.2f} | {statistics.fmean(diffs):+.2f} | "
                      f"{' '.join(f'{d:+.2f}' for d in diffs)} | {std} | {secs} |")

@@ -191,7 +191,7 @@ def simulate(
     """Runs the federation described by `cfg` in-process; returns the run folder and the per-round records.
 
     `resume`: a run folder of the same config to continue after its last complete round (checked before Ray starts).
-    `client_app`: another ClientApp than the edge one (a measurement's attacker, simulations/poisoning.py).
+    `client_app`: another ClientApp than the edge one (a measurement's attacker, simulations/benchmarks/poisoning.py).
     """
     quiet_environment()
     import torch

@@ -28,7 +28,7 @@ from common.holdings import load_experiment_data
 from common.models import parse_architecture
 from common.runtime import git_commit
 from server.distill.artifacts import synthetic_normalization
-from server.distill.evaluate import evaluate_synthetic
+from server.distill.evaluate import NetProtocol, evaluate_synthetic
 from server.distill.run import eval_seeds
 
 FORMAT = "feddistill-synthetic/1"
@@ -176,7 +176,8 @@ def load_pack(path: Path) -> Pack:
     if not isinstance(meta.get("config"), dict) or meta.get("config_sha256") != config_hash(meta["config"], ignore=()):
         raise DataError(f"{path}: the config does not match its sha256 (edited?)")
     images, labels = saved["images"], saved["labels"]
-    problem = _tensor_problem(images, labels, saved["mean"], saved["std"], KNOWN_NUM_CLASSES.get(meta["config"].get("data", {}).get("name")))
+    num_classes = KNOWN_NUM_CLASSES.get(meta["config"].get("data", {}).get("name"))
+    problem = _tensor_problem(images, labels, saved["mean"], saved["std"], num_classes)
     if problem:
         raise DataError(f"{path}: {problem}")
     try:
@@ -191,7 +192,8 @@ def _tensor_problem(images: object, labels: object, mean: object, std: object, n
     if not all(isinstance(t, torch.Tensor) for t in (images, labels, mean, std)):
         return "images, labels, mean and std must be tensors"
     if images.dim() != 4 or not images.is_floating_point() or labels.shape != (images.shape[0],):
-        return f"images {tuple(images.shape)} ({images.dtype}) and labels {tuple(labels.shape)} do not pair up as (N, C, H, W) floats and (N,)"
+        return (f"images {tuple(images.shape)} ({images.dtype}) and labels {tuple(labels.shape)} do not pair up as "
+                "(N, C, H, W) floats and (N,)")
     if images.shape[0] == 0 or images.shape[2] != images.shape[3] or images.shape[2] < 2:
         return f"images {tuple(images.shape)}: need N >= 1 square images of at least 2x2 pixels"
     if mean.shape != (images.shape[1],) or std.shape != (images.shape[1],):
@@ -233,5 +235,5 @@ def evaluate_pack(
     except ValueError as err:
         raise ConfigError(str(err)) from None
     num_classes = int(pack.labels.max()) + 1
-    return evaluate_synthetic(pack.images, pack.labels, test_x, test_y, eval_cfg, model_cfg, seeds, device,
-                              num_classes, cfg.distill.dsa_strategy)
+    return evaluate_synthetic(pack.images, pack.labels, test_x, test_y,
+                              NetProtocol(eval_cfg, model_cfg, num_classes, device, cfg.distill.dsa_strategy), seeds)

@@ -1,6 +1,6 @@
 """The leakage audit's worst case: a received model trained to (near) zero training loss on one tiny private shard.
 
-    python -m simulations.audit_worst_case --config configs/audit_worst_case.yaml --out runs/worst-case
+    python -m simulations.benchmarks.audit_worst_case --config configs/audit_worst_case.yaml --out runs/worst-case
 
 With one edge client FedAvg returns the client's own model, so the federation is its local training run round after
 round: the server's initial model (`seed_everything(cfg.seed)`, as the federation starts), then per round the edge's

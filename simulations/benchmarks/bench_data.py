@@ -1,6 +1,6 @@
 """Times loading the CIFAR-10 archive: the first load decodes every image, the second reads the cache.
 
-    python -m simulations.bench_data [--path ARCHIVE]
+    python -m simulations.benchmarks.bench_data [--path ARCHIVE]
 
 Uses a fresh, temporary cache folder so the first load is really cold.
 """

@@ -1,6 +1,6 @@
 """Do the faster evaluation modes change the accuracies? Re-evaluates distilled sets under each mode, same seeds.
 
-    python -m simulations.eval_modes docs/results/cpu-pipc50/table/cells/pipc50-ipc10-dm-seed0 ... \
+    python -m simulations.benchmarks.eval_modes docs/results/cpu-pipc50/table/cells/pipc50-ipc10-dm-seed0 ... \
         --modes fp32,compile,compile+bf16 --out docs/results/eval-modes-cpu.json
 
 Each folder (a distill folder, one of its seed_<k> folders, or an evidence cell) is packed (`synthetic_pack`) and
@@ -25,7 +25,7 @@ import torch
 
 from common.atomic import atomic_write, save_json
 from common.runtime import describe_machine, git_commit, pick_device
-from simulations.synthetic_pack import EvaluationMode, evaluate_pack, export_pack, load_pack, pack_test_set
+from simulations.commands.synthetic_pack import EvaluationMode, evaluate_pack, export_pack, load_pack, pack_test_set
 
 
 def evaluate_modes(folders: Sequence[Path], modes: Sequence[EvaluationMode], data: str | None, device: torch.device,
@@ -57,7 +57,7 @@ def evaluate_modes(folders: Sequence[Path], modes: Sequence[EvaluationMode], dat
                     "folder": str(folder), "mode": mode.name, "method": pack.meta["method"], "ipc": pack.meta["ipc"],
                     "epochs": pack.config.evaluation.epochs, "seeds": pack.meta["evaluation"]["seeds"],
                     "accuracies": accuracies, "recorded": recorded,
-                    "diff_to_recorded": [a - r for a, r in zip(accuracies, recorded)], "seconds_per_net": seconds,
+                    "diff_to_recorded": [a - r for a, r in zip(accuracies, recorded, strict=False)], "seconds_per_net": seconds,
                 })
                 save_json(out, report)
                 print(f"{folder.name} {mode.name}: {' '.join(f'{a:.4f}' for a in accuracies)} "
@@ -77,7 +77,7 @@ def markdown(report: dict[str, Any]) -> str:
     for (ipc, mode), runs in sorted(groups.items()):
         against = "recorded" if mode == "fp32" else "fp32 here"
         pairs = [(a, b) for r in runs for a, b in zip(r["accuracies"], r["recorded"] if mode == "fp32"
-                                                       else fp32.get(r["folder"], []))]
+                                                       else fp32.get(r["folder"], []), strict=False)]
         accs = [a for r in runs for a in r["accuracies"]]
         secs = sum(r["seconds_per_net"] * len(r["accuracies"]) for r in runs) / len(accs)
         diffs = [a - b for a, b in pairs]

@@ -3,13 +3,14 @@
 10 edge clients, pipc=50 images per class held out as the server's public subset, IID or Dirichlet(alpha)
 label skew; prints test accuracy per round, total time and the first round that reaches the target
 accuracy (80% by default). It runs the whole federation in-process with Flower's simulation engine
-(`simulations.simulate.simulate`, i.e. flwr.simulation.run_simulation + Ray); the same run through the
+(`simulations.commands.simulate.simulate`, i.e. flwr.simulation.run_simulation + Ray); the same run through the
 Flower CLI is `flwr run . --federation-config "num-supernodes=10 client-resources-num-cpus=1
 client-resources-num-gpus=0.1" -c 'config="cifar10_full"'`.
 
-  python simulations/bench_federated.py                                  # IID, the cifar10_full schedule
-  python simulations/bench_federated.py --partition dirichlet --alpha 0.5
-  python simulations/bench_federated.py --rounds 1 --train-per-class 20 --test-per-class 10 --width 16   # CPU smoke run
+  python simulations/benchmarks/bench_federated.py                                  # IID, the cifar10_full schedule
+  python simulations/benchmarks/bench_federated.py --partition dirichlet --alpha 0.5
+  python simulations/benchmarks/bench_federated.py --rounds 1 --train-per-class 20 --test-per-class 10 \
+      --width 16                                                                # CPU smoke run
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from common.config import parse_overrides
-    from simulations.simulate import simulate
+    from simulations.commands.simulate import simulate
 
     args = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {

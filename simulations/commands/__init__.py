@@ -1,0 +1,1 @@
+"""What the `feddistill` subcommands run: simulate, partition, export/evaluate (synthetic_pack), audit, progress."""
