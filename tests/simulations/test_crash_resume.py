@@ -90,7 +90,8 @@ def test_a_killed_federation_resumes_from_its_last_round_and_ends_like_an_uninte
 
 def test_a_killed_distillation_resumes_from_its_checkpoint_and_ends_with_the_same_images(tmp_path, reliability):
     killed = tmp_path / "killed"
-    kill_when(["distill", *DISTILL, "--out", str(killed)], lambda: first("seed_0/checkpoint.json", killed), tmp_path / "killed.log")
+    kill_when(["distill", *DISTILL, "--out", str(killed)],
+              lambda: first("seed_0/checkpoint.json", killed), tmp_path / "killed.log")
     assert not (killed / "seed_0" / "synthetic.pt").exists()
     iteration = json.loads((killed / "seed_0" / "checkpoint.json").read_text())["iteration"]
 
