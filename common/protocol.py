@@ -3,8 +3,8 @@
 The server is the one source of the experiment config. Every train/evaluate message carries
   - "experiment": the resolved ExperimentConfig as JSON (data, split, model, seed: what selects the
     client's shard and builds the model), and
-  - the round's training settings as explicit keys ("lr" already decayed for this round,
-    "local-epochs", "batch-size", "optimizer", "momentum", "weight-decay"); these win over the JSON.
+  - the round's training settings as explicit keys (`round_settings`, written with common.training's
+    SETTINGS_KEYS: "lr" already decayed for this round, "local-epochs", ...); these win over the JSON.
 So `flwr run`, `run_simulation` (whose run_config is empty) and a deployment all configure clients
 the same way, and a SuperNode needs no config file. Only data locations are the node's own
 (node_config "data-path", else $FEDDISTILL_DATA, else data.path from the server's config).
@@ -19,11 +19,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.config import ExperimentConfig, build_config, check_partition_id, config_to_dict
+from common.training import TrainSettings, settings_to_config
 
 EXPERIMENT_KEY = "experiment"
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
 DATA_PATH_KEY = "data-path"  # optional node_config entry (deployment): where this node's dataset is
+EVAL_BATCH_KEY = "eval-batch-size"  # the batch size of a client's evaluation
 DATA_SHA256_KEY = "data-sha256"  # optional node_config entry: the sha256 manifest.json gives this node's archive
 
 
@@ -32,18 +34,19 @@ def round_lr(cfg: ExperimentConfig, server_round: int) -> float:
     return cfg.federation.lr * cfg.federation.lr_decay ** max(0, server_round - 1)
 
 
+def round_settings(cfg: ExperimentConfig, server_round: int) -> TrainSettings:
+    """The local training of `server_round`: the federation config's settings, lr decayed for the round."""
+    fed = cfg.federation
+    return TrainSettings(epochs=fed.local_epochs, batch_size=fed.batch_size, optimizer=fed.optimizer,
+                         lr=round_lr(cfg, server_round), momentum=fed.momentum, weight_decay=fed.weight_decay)
+
+
 def round_config(cfg: ExperimentConfig, server_round: int) -> dict[str, str | int | float]:
     """The values a client needs for `server_round` (put into the message's ConfigRecord)."""
-    fed = cfg.federation
     return {
         EXPERIMENT_KEY: json.dumps(config_to_dict(cfg), sort_keys=True),
-        "lr": round_lr(cfg, server_round),
-        "local-epochs": fed.local_epochs,
-        "batch-size": fed.batch_size,
-        "optimizer": fed.optimizer,
-        "momentum": fed.momentum,
-        "weight-decay": fed.weight_decay,
-        "eval-batch-size": fed.eval_batch_size,
+        **settings_to_config(round_settings(cfg, server_round)),
+        EVAL_BATCH_KEY: cfg.federation.eval_batch_size,
     }
 
 

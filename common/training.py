@@ -62,6 +62,11 @@ SETTINGS_KEYS = {
 }
 
 
+def settings_to_config(settings: TrainSettings) -> dict[str, int | float | str]:
+    """The keys a round's train config carries for `settings` (what `settings_from_config` reads back)."""
+    return {key: getattr(settings, field) for key, field in SETTINGS_KEYS.items()}
+
+
 def settings_from_config(config: Mapping[str, Any]) -> TrainSettings:
     """TrainSettings from a round's config mapping; every key is required, a bad value raises ValueError naming it."""
     missing = [key for key in SETTINGS_KEYS if key not in config]

@@ -21,7 +21,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from common.config import ExperimentConfig
 from common.data import to_normalized_tensor
 from common.models import build_model
-from common.protocol import DATA_PATH_KEY, DATA_SHA256_KEY, read_experiment, read_partition
+from common.protocol import DATA_PATH_KEY, DATA_SHA256_KEY, EVAL_BATCH_KEY, read_experiment, read_partition
 from common.records import load_record_into, model_to_record
 from common.runtime import pick_device
 from common.training import evaluate, settings_from_config, train_local
@@ -101,7 +101,7 @@ def evaluate_reply(content: RecordDict, node_config: Mapping[str, Any]) -> Recor
     model.to(device)
     x = to_normalized_tensor(shard.holdout_images, shard.normalization, device)
     y = torch.as_tensor(shard.holdout_labels, device=device)
-    batch_size = int(config.get("eval-batch-size", cfg.federation.eval_batch_size))
+    batch_size = int(config.get(EVAL_BATCH_KEY, cfg.federation.eval_batch_size))
     loss, accuracy = evaluate(model, x, y, batch_size) if len(y) else (0.0, 0.0)  # the server skips 0-example replies
     metrics = MetricRecord({"num-examples": len(y), "eval_loss": float(loss), "eval_accuracy": float(accuracy)})
     return RecordDict({"metrics": metrics})

@@ -18,13 +18,11 @@ from torch import nn
 
 from common.config import DistillConfig, ModelConfig
 from common.methods import method
-from common.models import model_from_config
-from common.runtime import autocast, compiled, seed_everything
-from server.distill.balance import DkktWeight
-from server.distill.dkkt import dkkt_loss, freeze_model
-from server.distill.dm import PublicPool, dm_loss, randomize_
-from server.distill.dsa import parse_strategy, sample_dsa
-from server.distill.lambdas import Multipliers, fitted_multipliers, flat_parameters
+from common.runtime import seed_everything
+from server.distill.dkkt import freeze_model
+from server.distill.dsa import parse_strategy
+from server.distill.lambdas import fitted_multipliers
+from server.distill.terms import DkktTerm, DmTerm, cpu_copy
 
 
 @dataclass
@@ -96,18 +94,6 @@ def initial_images(
     return public_x[chosen].clone(), labels.to(public_x.device)
 
 
-def dkkt_candidates(
-    syn: torch.Tensor, syn_y: torch.Tensor, lambdas: torch.Tensor, m: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The candidates of this iteration's DKKT term: all n, or (m > 0) m of them at random with lambda scaled by n/m,
-    so that sum_j lambda_j g_j over them is an unbiased estimate of the sum over all n (the l1 distance of it is not)."""
-    n = syn.shape[0]
-    if not m or m >= n:
-        return syn, syn_y, lambdas
-    idx = torch.randperm(n, generator=generator, device=syn.device)[:m]
-    return syn[idx], syn_y[idx], lambdas[idx] * (n / m)
-
-
 def distill(
     model: nn.Module | None,
     public_x: torch.Tensor,
@@ -152,83 +138,62 @@ def distill(
     gen = torch.Generator(device=device).manual_seed(seed)
     syn = syn_x.requires_grad_(True)
     opt_img = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
-    if uses_dm:
-        pool = PublicPool(public_x, public_y, num_classes, cfg.batch_real)
-        embedder = model_from_config(model_cfg, num_classes, public_x.shape[1], public_x.shape[2])
-        embedder = embedder.to(device).train().requires_grad_(False)
-        embedder.embed = compiled(embedder.embed, cfg.compile, torch.device(device), "distill.compile")
-    # DM-then-DKKT: the DKKT term joins at iteration `dkkt_start` (1 unless cfg.dkkt_from schedules DM alone first).
+    dm = DmTerm(public_x, public_y, num_classes, cfg, model_cfg, families, device) if uses_dm else None
+    # DM-then-DKKT: the DKKT term joins at iteration `dkkt_start` (1 unless cfg.dkkt_from schedules DM alone first),
+    # its multipliers fitted to the images of that moment (or the constant lambda_init without fitting).
     dkkt_start = int(cfg.dkkt_from * cfg.iterations) + 1 if uses_dm else 1
+    dkkt = None
     if uses_dkkt:
-        if resume is not None:
-            start_lambdas = resume.lambdas.to(device)
-        elif cfg.lambda_fit_steps and dkkt_start == 1:
-            start_lambdas, _ = fitted_multipliers(frozen, syn.detach(), syn_y, cfg.lambda_fit_steps, cfg.lambda_lr)
-        else:  # the constant start (refitted when the DKKT term joins later, below)
-            start_lambdas = torch.full((syn.shape[0],), cfg.lambda_init, device=device)
-        multipliers = Multipliers(start_lambdas, cfg.lambda_lr)
-        balance = DkktWeight(cfg, syn.numel(), device)
-        theta_abs_mean = flat_parameters(frozen).abs().mean()
+        dkkt = DkktTerm(frozen, cfg, torch.full((syn.shape[0],), cfg.lambda_init, device=device), syn.numel(), families,
+                        device)
+        if cfg.lambda_fit_steps and dkkt_start == 1 and resume is None:
+            dkkt.refit(syn, syn_y)
     start = 1
     if resume is not None:
-        _restore(resume, syn, opt_img, multipliers if uses_dkkt else None, balance if uses_dkkt else None, gen, device,
-                 continues=resume.iteration < cfg.iterations)
+        _restore(resume, syn, opt_img, dkkt, gen, device, continues=resume.iteration < cfg.iterations)
         start = resume.iteration + 1
 
     for it in range(start, cfg.iterations + 1):
-        dkkt_on = uses_dkkt and it >= dkkt_start
-        if dkkt_on and it == dkkt_start > 1 and cfg.lambda_fit_steps:  # lambda for the images DM has made so far
-            fitted, _ = fitted_multipliers(frozen, syn.detach(), syn_y, cfg.lambda_fit_steps, cfg.lambda_lr)
-            multipliers = Multipliers(fitted, cfg.lambda_lr)
+        dkkt_on = dkkt is not None and it >= dkkt_start
+        if dkkt_on and it == dkkt_start > 1 and cfg.lambda_fit_steps:
+            dkkt.refit(syn, syn_y)
         # One backward per term (each graph is traversed once, as a single backward of the sum would), so that
         # every term's gradient on the images is known: the DKKT weight is balanced on it and its share logged.
-        terms: dict[str, torch.Tensor] = {}
-        grad_img = torch.zeros_like(syn)
-        if uses_dm:
-            randomize_(embedder)
-            real_x, real_groups = pool.sample(gen)
-            per_class = sample_dsa(families, num_classes, gen, device)  # one draw per class, real and synthetic
-            with autocast(device, cfg.precision):
-                terms["dm"] = dm_loss(embedder, real_x, real_groups, syn, syn_y, num_classes, per_class)
-            (grad_img,) = torch.autograd.grad(terms["dm"], syn)
-            terms["grad_dm"] = grad_img.norm()
+        terms, grad_img = dm.gradient(syn, syn_y, gen) if dm is not None else ({}, torch.zeros_like(syn))
         if dkkt_on:
-            x, y, lam = dkkt_candidates(syn, syn_y, multipliers.values, cfg.dkkt_candidates, gen)
-            aug = sample_dsa(families, x.shape[0], gen, device)  # one independent draw per candidate
-            with autocast(device, cfg.precision):
-                terms["dkkt"], dkkt_terms = dkkt_loss(frozen, x, y, lam, cfg, aug)
+            dkkt_terms, grad_dkkt = dkkt.gradient(syn, syn_y, gen, terms.get("grad_dm"))
             terms.update(dkkt_terms)
-            grad_dkkt, multipliers.values.grad = torch.autograd.grad(terms["dkkt"], [syn, multipliers.values])
-            dkkt_norm = grad_dkkt.norm()
-            terms["dkkt_weight"] = balance.update(terms.get("grad_dm"), dkkt_norm)
-            grad_img = grad_img + terms["dkkt_weight"] * grad_dkkt
-            terms["grad_dkkt"] = terms["dkkt_weight"] * dkkt_norm
-            terms["stat_rel"] = terms.get("stat", terms.get("stat_aug")) / theta_abs_mean
+            grad_img = grad_img + grad_dkkt
         syn.grad = grad_img
         opt_img.step()
         if dkkt_on:
-            multipliers.step()
+            dkkt.step()
         if callback is not None and (it % cfg.log_every == 0 or it % cfg.checkpoint_every == 0 or it == cfg.iterations):
-            terms["loss"] = terms.get("dm", 0.0) + (terms["dkkt_weight"] * terms["dkkt"] if dkkt_on else 0.0)
-            if uses_dm and dkkt_on:
-                total = terms["grad_dm"] + terms["grad_dkkt"]
-                terms["share_dkkt"] = terms["grad_dkkt"] / total.clamp(min=torch.finfo(total.dtype).tiny)  # 0 when both are
-            if uses_dkkt:
-                terms.update(multipliers.stats())
-            values = torch.stack([v.detach().float() for v in terms.values()]).tolist()  # one device sync
-            _check_finite(it, dict(zip(terms, values, strict=True)))
-            lambdas = multipliers.values.detach().cpu().clone() if uses_dkkt else None
-            current = SyntheticSet(syn.detach().cpu().clone(), syn_y.cpu(), lambdas, cfg.method, seed, config)
-            callback(it, dict(zip(terms, values, strict=True)), current)
+            values = _logged(it, terms, dkkt, dkkt_on)
+            lambdas = dkkt.lambdas.cpu().clone() if dkkt is not None else None
+            callback(it, values, SyntheticSet(syn.detach().cpu().clone(), syn_y.cpu(), lambdas, cfg.method, seed, config))
         if checkpoint is not None and it % cfg.checkpoint_every == 0:
-            checkpoint(_capture(it, syn, opt_img, multipliers if uses_dkkt else None, balance if uses_dkkt else None, gen,
-                                device))
+            checkpoint(_capture(it, syn, opt_img, dkkt, gen, device))
 
     if not bool(torch.isfinite(syn).all()):
         raise DistillDiverged(f"{cfg.method}: the synthetic images are not finite after {cfg.iterations} iterations "
                               "(log more often, distill.log_every, to see where); no set is saved")
-    lambdas = multipliers.values.detach().cpu() if uses_dkkt else None
-    return SyntheticSet(syn.detach().cpu(), syn_y.cpu(), lambdas, cfg.method, seed, config)
+    return SyntheticSet(syn.detach().cpu(), syn_y.cpu(), dkkt.lambdas.cpu() if dkkt is not None else None, cfg.method,
+                        seed, config)
+
+
+def _logged(it: int, terms: dict[str, torch.Tensor], dkkt: DkktTerm | None, dkkt_on: bool) -> dict[str, float]:
+    """This iteration's logged values: its terms, the total loss, DKKT's share of the image gradient (when both terms
+    act), the multipliers' stats; fetched with one device sync, checked finite."""
+    terms["loss"] = terms.get("dm", 0.0) + (terms["dkkt_weight"] * terms["dkkt"] if dkkt_on else 0.0)
+    if "grad_dm" in terms and dkkt_on:
+        total = terms["grad_dm"] + terms["grad_dkkt"]
+        terms["share_dkkt"] = terms["grad_dkkt"] / total.clamp(min=torch.finfo(total.dtype).tiny)  # 0 when both are
+    if dkkt is not None:
+        terms.update(dkkt.stats())
+    values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist(), strict=True))
+    _check_finite(it, values)
+    return values
 
 
 class DistillDiverged(ValueError):
@@ -242,42 +207,28 @@ def _check_finite(it: int, values: dict[str, float]) -> None:
                               f"({', '.join(f'{k}={values[k]:.4g}' for k in values if k in ('dm', 'dkkt', 'dkkt_weight'))})")
 
 
-def _capture(
-    it: int, syn: torch.Tensor, opt_img: torch.optim.Optimizer, multipliers: Multipliers | None,
-    balance: DkktWeight | None, gen: torch.Generator, device: torch.device,
-) -> DistillState:
+def _capture(it: int, syn: torch.Tensor, opt_img: torch.optim.Optimizer, dkkt: DkktTerm | None, gen: torch.Generator,
+             device: torch.device) -> DistillState:
     rng = {"cpu": torch.get_rng_state(), "loop": gen.get_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    return DistillState(
-        iteration=it,
-        images=syn.detach().cpu().clone(),
-        lambdas=multipliers.values.detach().cpu().clone() if multipliers is not None else None,
-        opt_img=_to_cpu(opt_img.state_dict()),
-        opt_lambda=_to_cpu(multipliers.optimizer.state_dict()) if multipliers is not None else None,
-        rng=rng,
-        balance=balance.state() if balance is not None else None,
-    )
+    dkkt_state = dkkt.state() if dkkt is not None else {"lambdas": None, "opt_lambda": None, "balance": None}
+    return DistillState(iteration=it, images=syn.detach().cpu().clone(), opt_img=cpu_copy(opt_img.state_dict()), rng=rng,
+                        **dkkt_state)
 
 
-def _restore(
-    state: DistillState, syn: torch.Tensor, opt_img: torch.optim.Optimizer, multipliers: Multipliers | None,
-    balance: DkktWeight | None, gen: torch.Generator, device: torch.device, continues: bool,
-) -> None:
-    if tuple(state.images.shape) != tuple(syn.shape) or (multipliers is None) != (state.lambdas is None):
+def _restore(state: DistillState, syn: torch.Tensor, opt_img: torch.optim.Optimizer, dkkt: DkktTerm | None,
+             gen: torch.Generator, device: torch.device, continues: bool) -> None:
+    if tuple(state.images.shape) != tuple(syn.shape) or (dkkt is None) != (state.lambdas is None):
         raise ValueError(
             f"the checkpoint holds images {tuple(state.images.shape)} (lambdas: {state.lambdas is not None}), "
             f"not what distill.ipc / distill.method give {tuple(syn.shape)}; remove it to start over"
         )
     with torch.no_grad():
         syn.copy_(state.images.to(device))
-        if multipliers is not None:
-            multipliers.values.copy_(state.lambdas.to(device))
     opt_img.load_state_dict(state.opt_img)  # moves the buffers to the parameter's device
-    if multipliers is not None:
-        multipliers.optimizer.load_state_dict(state.opt_lambda)
-    if balance is not None and state.balance is not None:
-        balance.load(state.balance)
+    if dkkt is not None:
+        dkkt.load(state.lambdas, state.opt_lambda, state.balance)
     torch.set_rng_state(state.rng["cpu"])
     if continues:  # a finished checkpoint draws nothing more: it may be evaluated on any device
         try:
@@ -287,14 +238,3 @@ def _restore(
                              "continue it there, or remove it to start over") from None
     if "cuda" in state.rng and device.type == "cuda":
         torch.cuda.set_rng_state(state.rng["cuda"], device)
-
-
-def _to_cpu(tree: Any) -> Any:
-    """An optimizer state_dict with every tensor cloned to the CPU."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu().clone()
-    if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_cpu(v) for v in tree)
-    return tree

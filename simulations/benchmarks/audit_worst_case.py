@@ -24,9 +24,9 @@ from common.config import load_config, parse_overrides
 from common.data import to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data
 from common.models import model_from_config
-from common.protocol import round_config
+from common.protocol import round_settings
 from common.runtime import describe_machine, git_commit, seed_everything
-from common.training import evaluate, settings_from_config, train_local
+from common.training import evaluate, train_local
 
 
 def train_received_model(config: str, overrides: dict, out: Path) -> dict:
@@ -42,7 +42,7 @@ def train_received_model(config: str, overrides: dict, out: Path) -> dict:
     model = model_from_config(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
     rounds = []
     for server_round in range(1, cfg.federation.rounds + 1):
-        settings = dataclasses.replace(settings_from_config(round_config(cfg, server_round)), augment=False)
+        settings = dataclasses.replace(round_settings(cfg, server_round), augment=False)
         result = train_local(model, x, y, settings, seed=cfg.seed * 1_000_003 + server_round * 1009)  # the ClientApp's
         loss, accuracy = evaluate(model, x, y)
         rounds.append({"round": server_round, "lr": settings.lr, "train_loss": loss, "train_accuracy": accuracy,

@@ -50,7 +50,8 @@ from server.distill.dkkt import freeze_model, naive_stationarity_loss, stationar
 from server.distill.dm import PublicPool, dm_loss, randomize_
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
 from server.distill.evaluate import NetProtocol, train_and_test, train_and_test_batched
-from server.distill.methods import distill, dkkt_candidates
+from server.distill.methods import distill
+from server.distill.terms import dkkt_candidates
 
 console = Console(width=max(Console().width, 150))
 FULL_ITERATIONS = 20_000

@@ -12,8 +12,9 @@ from common.config import build_config
 from common.data import DataError, load_dataset
 from common.holdings import decide_holdings
 from common.models import build_model
-from common.protocol import EXPERIMENT_KEY, read_experiment, round_config, round_lr
+from common.protocol import EXPERIMENT_KEY, read_experiment, round_config, round_lr, round_settings
 from common.records import model_to_record
+from common.training import settings_from_config
 from edge_client.client_app import evaluate_reply, train_reply
 from edge_client.shard import load_shard
 from server.boundary import evaluate_reply_problems, model_spec, train_reply_problems
@@ -119,6 +120,13 @@ def test_round_config_decays_the_lr_and_round_trips_the_experiment():
     assert config["lr"] == pytest.approx(0.0125)
     assert read_experiment(config) == cfg
     assert json.loads(config[EXPERIMENT_KEY])["model"]["width"] == 8
+
+
+def test_the_training_settings_a_client_reads_are_those_the_server_decided():
+    cfg = tiny_cfg(**{"federation.local_epochs": 3, "federation.optimizer": "adam", "federation.weight_decay": 0.0})
+    settings = settings_from_config(round_config(cfg, 2))
+    assert settings == round_settings(cfg, 2)
+    assert (settings.epochs, settings.batch_size, settings.optimizer, settings.lr) == (3, 32, "adam", pytest.approx(0.025))
 
 
 def test_a_node_with_neither_a_data_path_nor_a_dataset_is_told_to_get_its_archive(monkeypatch, tmp_path):
