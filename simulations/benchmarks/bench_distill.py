@@ -278,7 +278,7 @@ def ceiling_row(section: str, what: str, step: Callable[[], Any], baseline: floa
     with FlopCounterMode(display=False) as counter:
         step()
     flops, peak = counter.get_total_flops(), matmul_gflops(device)
-    peak_bf16 = matmul_gflops(device, torch.bfloat16, n=512)  # small: a CPU without bf16 units takes seconds per call
+    peak_bf16 = matmul_gflops(device, torch.bfloat16, n=BF16_MATMUL_N)
     ceiling = peak * 1e9 / flops
     return Row(section, f"fp32 ceiling: {what}'s FLOPs at the measured fp32 matmul rate", ceiling, "it/s",
                ceiling / baseline, None, f"{flops / 1e9:.1f} GFLOP per step at {peak:.0f} GFLOP/s (bf16 matmul, n=512: "
@@ -345,6 +345,11 @@ def bench_dkkt(sizes: Sizes, args: argparse.Namespace, device: torch.device) -> 
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
+# The bf16 rate is measured at n = 512: a CPU without bf16 units (AVX2 only) runs a 2048 matmul in bf16 at under
+# 1 GFLOP/s, minutes for the 13 calls of one measurement.
+BF16_MATMUL_N = 512
+
+
 def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
     """Measured dense matmul throughput (GFLOP/s) at `dtype`: the arithmetic ceiling of this device and thread count."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -398,12 +403,12 @@ def bench_eval(sizes: Sizes, args: argparse.Namespace, device: torch.device, var
     rows.append(Row(section, f"sequential, whole batches ({len(whole_acc)} net(s))", whole, "nets/s", 1.0, peak_mb(device),
                     extra={"accuracies": whole_acc}))
     flops, peak = eval_net_flops(syn_x, syn_y, test_x.shape[0], cfg, model_cfg, sizes.classes), matmul_gflops(device)
-    peak_bf16 = matmul_gflops(device, torch.bfloat16)
+    peak_bf16 = matmul_gflops(device, torch.bfloat16, n=BF16_MATMUL_N)
     floor = peak * 1e9 / flops
     rows.append(Row(section, "fp32 ceiling: one net's FLOPs at the measured fp32 matmul rate", floor, "nets/s",
                     floor / whole, None, f"{flops / 1e12:.2f} TFLOP per net at {peak:.0f} GFLOP/s (bf16 matmul: "
                     f"{peak_bf16:.0f} GFLOP/s)", {"tflop_per_net": flops / 1e12, "matmul_gflops_fp32": peak,
-                                                  "matmul_gflops_bf16": peak_bf16}))
+                                                  "matmul_gflops_bf16_n512": peak_bf16}))
     seq_acc, seq = sequential(cfg)
     diff = max(abs(a - b) for a, b in zip(seq_acc, whole_acc, strict=True))
     rows.append(Row(section, f"sequential train_and_test ({len(seq_acc)} net(s))", seq, "nets/s", seq / whole,
