@@ -1,10 +1,9 @@
 """The distillation methods: random real images, DM, DSV (DKKT only) and DM + DKKT.
 
 Images are optimised with SGD(lr_img, momentum_img) as in DM; the DKKT multipliers lambda (one per
-synthetic image) with their own Adam and a projection onto lambda >= 0 (see docs/method.md).
-Everything stays on `device`; no DataLoader. `distill.compile` compiles the DM embedder and the DKKT term's per-chunk
-gradient; `distill.precision=bf16` runs both losses under bfloat16 autocast (decided here, `common.runtime.autocast`).
-"""
+synthetic image) with their own Adam and a projection onto lambda >= 0 (see docs/method.md). Each iteration adds the
+gradients of the two terms (`terms.DmTerm`, `terms.DkktTerm`, where `distill.compile` and `distill.precision=bf16`
+act, through `common.runtime`) and steps. Everything stays on `device`; no DataLoader."""
 
 from __future__ import annotations
 
