@@ -1,7 +1,9 @@
 """A grid's cells: one cell type, the resume rule, the function a worker runs, one collection of the results.
 
 A cell is one `run_distillation` of one config into `<stage>/cells/<name>/` (result.json last, so a folder with
-result.json is finished). The resume rule: a finished cell is kept as it is; before any work, every started cell's
+result.json is finished). A cell whose distillation diverges (non-finite losses or images) ends with failed.json
+instead, naming the error; the other cells go on, and a failed cell counts as done until its failed.json is removed.
+The resume rule: a finished or failed cell is kept as it is; before any work, every started cell's
 folder is checked, and one that holds a run of another configuration is refused (ValueError naming the keys,
 server.distill.artifacts.check_resumable); a started cell of the same configuration continues from its checkpoint.
 After each cell the stage's results.csv is rewritten from every finished cell.
@@ -24,6 +26,7 @@ from common.holdings import split_seed
 from simulations.grid.pool import Pool
 
 EVALUATION_SPLITS = ("test", "validation")
+FAILED = "failed.json"
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ def run_task(task: CellTask) -> dict[str, Any] | None:
     import torch
 
     from common.progress import LineProgress
-    from common.runtime import describe_machine, pick_device
+    from common.runtime import describe_machine, git_commit, pick_device
+    from server.distill.methods import DistillDiverged
     from server.distill.run import run_distillation
     from server.server_data import distill_inputs
 
@@ -77,9 +81,13 @@ def run_task(task: CellTask) -> dict[str, Any] | None:
     inputs = distill_inputs(cfg, task.evaluate_on, task.model)
     save_json(task.cell_dir / "cell.json", cell_info(task.cell_dir, task.cell.name, {**task.cell.columns, **task.info},
                                                      describe_machine(pick_device(cfg.device))))
-    result = run_distillation(cfg, inputs.model, inputs.public_x, inputs.public_y, inputs.eval_x, inputs.eval_y,
-                              task.cell_dir, inputs.normalization, num_classes=inputs.num_classes,
-                              progress=LineProgress(interval=task.progress_every))
+    try:
+        result = run_distillation(cfg, inputs.model, inputs.public_x, inputs.public_y, inputs.eval_x, inputs.eval_y,
+                                  task.cell_dir, inputs.normalization, num_classes=inputs.num_classes,
+                                  progress=LineProgress(interval=task.progress_every))
+    except DistillDiverged as err:
+        save_json(task.cell_dir / FAILED, {"cell": task.cell.name, "error": str(err), "commit": git_commit()})
+        return {"cell": task.cell.name, "failed": str(err)}
     if task.archs:
         from simulations.grid.cross_arch import cross_arch
 
@@ -109,7 +117,14 @@ def check_cells(stage_dir: Path, cells: Iterable[GridCell]) -> None:
 
 
 def is_finished(stage_dir: Path, cell: GridCell) -> bool:
-    return (stage_dir / "cells" / cell.name / "result.json").is_file()
+    """Done: its result.json, or the failed.json of a diverged distillation."""
+    folder = stage_dir / "cells" / cell.name
+    return (folder / "result.json").is_file() or (folder / FAILED).is_file()
+
+
+def failed_cells(stage_dir: Path) -> dict[str, str]:
+    """The cells whose distillation diverged: name -> error."""
+    return {p.parent.name: json.loads(p.read_text())["error"] for p in sorted((stage_dir / "cells").glob(f"*/{FAILED}"))}
 
 
 def run_cells(stage_dir: Path, tasks: Sequence[CellTask], pool: Pool, log: Callable[[str], None],
@@ -122,6 +137,10 @@ def run_cells(stage_dir: Path, tasks: Sequence[CellTask], pool: Pool, log: Calla
             complete = False
             continue
         write(stage_dir)
+        if "failed" in outcome:
+            log(f"{outcome['cell']}: FAILED, {outcome['failed']} (recorded in its {FAILED}; remove that file to run the "
+                "cell again)")
+            continue
         log(f"{outcome['cell']}: {100 * outcome['mean']:.2f} ± {100 * outcome['std']:.2f} % "
             f"({outcome['seconds']:.0f} s)")
     return complete

@@ -13,9 +13,18 @@ import pandas as pd
 from common.atomic import atomic_write, load_torch
 from common.config import ExperimentConfig
 from common.runtime import git_commit
-from simulations.grid.cells import write_results
+from simulations.grid.cells import failed_cells, write_results
 from simulations.grid.protocol import VARIANTS, Protocol
 from simulations.grid.stages import Context
+
+
+def failed_statement(table_dir: Path) -> str | None:
+    """The cells whose distillation diverged (not in the table), each with its error; None when there are none."""
+    failed = failed_cells(table_dir)
+    if not failed:
+        return None
+    return "\n".join([f"**{len(failed)} cell(s) failed** (distillation diverged; not in the table above, each "
+                      "`failed.json` holds the error):", *(f"- `{name}`: {error}" for name, error in failed.items())])
 
 
 def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge: dict[str, Any], ratio: float | None,
@@ -156,7 +165,7 @@ def report_stage(ctx: Context, cfg: ExperimentConfig) -> None:
         f"# {title} (preset `{preset}`)",
         protocol_header(protocol, preset, cfg, edge, ratio, sorted(table_dir.glob("cells/*/result.json"))),
         curve_statement(ctx.out),
-        "Test accuracy (%):", markdown_table(results), variant_legend(protocol),
+        "Test accuracy (%):", markdown_table(results), failed_statement(table_dir), variant_legend(protocol),
         paired_gains(results, "dm+dkkt", ("random", "dm", "dm@conv", "dm@step")),
         audit_table(audit) if not audit.empty else None,
         traffic_table(edge_traffic(ctx, edge), synthetic_sizes(table_dir, results)),
