@@ -31,6 +31,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +47,7 @@ import common.models as models
 from common.atomic import save_json
 from common.config import DistillConfig, EvaluationConfig, ModelConfig
 from common.models import build_model
-from common.runtime import autocast, describe_machine, pick_device
+from common.runtime import autocast, describe_machine, git_commit, pick_device
 from server.distill.dkkt import freeze_model, naive_stationarity_loss, stationarity_loss
 from server.distill.dm import PublicPool, dm_loss, randomize_
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
@@ -646,6 +648,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"= {full['total_s'] / 60:.1f} min")
     if args.json:
         save_json(args.json, {
+            "command": "python -m simulations.bench_distill " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "device": describe_machine(device), "cpu_cores": os.cpu_count(), "sizes": vars(sizes),
             "args": {k: v for k, v in vars(args).items()}, "rows": [vars(r) for r in rows],
             "ratios": summary, "estimate": est, "full": full,

@@ -12,6 +12,8 @@ def test_bench_distill_small_runs_and_prints_the_ratios(tmp_path, capsys):
                   "evaluation: one net, default / whole batches", "estimate"):
         assert ratio in printed
     result = json.loads(out.read_text())
+    assert result["command"] == f"python -m simulations.bench_distill --small --device cpu --json {out}"
+    assert result["commit"] and result["date"]  # every committed figure says which code made it, and when
     assert result["ratios"] and all(v is not None and v > 0 for v in result["ratios"].values())
     assert result["estimate"]["total_s"] > 0
     sections = {r["section"].split(",")[0] for r in result["rows"]}
