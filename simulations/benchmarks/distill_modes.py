@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,13 +38,13 @@ def received_model(out: Path) -> Path:
     return out / json.loads((out / "edge_model.json").read_text())["run"] / "received_model.pt"
 
 
-def distill_modes(cells: Sequence[Path], modes: Sequence[EvaluationMode], data: str | None, out: Path
-                  ) -> dict[str, Any]:
-    """Every (cell, mode) not yet in `out`, appended to it after each one (atomic writes)."""
+def distill_modes(cells: Sequence[Path], modes: Sequence[EvaluationMode], data: str | None, out: Path,
+                  command: str = "") -> dict[str, Any]:
+    """Every (cell, mode) not yet in `out`, appended to it after each one (atomic writes); `command` is recorded."""
     from server.distill.run import run_distillation
 
     report = json.loads(out.read_text()) if out.is_file() else {"runs": []}
-    report.update(machine=describe_machine(torch.device("cpu")), commit=git_commit())
+    report.update(machine=describe_machine(torch.device("cpu")), commit=git_commit(), command=command)
     done = {(r["cell"], r["mode"]) for r in report["runs"]}
     for mode in modes:
         for cell in cells:
@@ -58,6 +61,7 @@ def distill_modes(cells: Sequence[Path], modes: Sequence[EvaluationMode], data: 
                 "cell": str(cell), "mode": mode.name, "method": recorded["method"], "ipc": recorded["ipc"],
                 "seeds": recorded["seeds"], "accuracies": result["accuracies"], "recorded": recorded["accuracies"],
                 "distill_s": result["timings"]["distill_s"], "recorded_distill_s": recorded["timings"]["distill_s"],
+                "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                             })
             save_json(out, report)
             print(f"{cell.name} {mode.name}: {' '.join(f'{a:.4f}' for a in result['accuracies'])} (fp32 recorded "
@@ -101,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         modes = [EvaluationMode.parse(m) for m in args.modes.split(",") if m]
     except ConfigError as err:
         p.error(str(err).replace("evaluation mode", "distillation mode"))
-    report = distill_modes(args.cells, modes, args.data, args.out)
+    command = "python -m simulations.benchmarks.distill_modes " + shlex.join(sys.argv[1:] if argv is None else argv)
+    report = distill_modes(args.cells, modes, args.data, args.out, command)
     table = markdown(report)
     atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(table))
     print(table)
