@@ -8,6 +8,7 @@ import platform
 import random
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -70,6 +71,11 @@ def describe_machine(device: torch.device) -> str:
              if line.startswith("model name")] if cpuinfo.is_file() else []
     return (f"CPU: {len(names) or 'unknown number of'} cores ({names[0] if names else platform.machine()}), "
             f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+
+
+def utc_stamp() -> str:
+    """Now, as the date every result record carries: "YYYY-MM-DD HH:MM UTC"."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
 def git_commit() -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from common.data import to_normalized_tensor
 from common.holdings import decide_holdings, load_experiment_data
 from common.models import model_from_config
 from common.protocol import round_settings
-from common.runtime import describe_machine, git_commit, seed_everything
+from common.runtime import describe_machine, git_commit, seed_everything, utc_stamp
 from common.training import evaluate, train_local
 
 
@@ -53,7 +52,7 @@ def train_received_model(config: str, overrides: dict, out: Path) -> dict:
     record = {"config": config, "overrides": overrides, "private_images": len(train), "rounds": rounds,
               "test_accuracy": test_accuracy,
               "augmentation": False, "machine": describe_machine(torch.device("cpu")), "commit": git_commit(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+              "date": utc_stamp()}
     save_json(out / "metrics.json", record)
     return record
 

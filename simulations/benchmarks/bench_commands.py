@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import save_json
-from common.runtime import git_commit
+from common.runtime import git_commit, utc_stamp
 
 
 def commands(work: Path) -> dict[str, list[str]]:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append", action="store_true", help="add to the invocations already in --out")
     args = parser.parse_args(argv)
     root = Path(__file__).resolve().parents[2]
-    commit, date = git_commit(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # of the code measured
+    commit, date = git_commit(), utc_stamp()  # of the code measured
     with tempfile.TemporaryDirectory(prefix="bench-commands-") as tmp:
         work = Path(tmp)
         env = {**os.environ, "FEDDISTILL_CACHE": str(work / "cache"), "FLWR_TELEMETRY_ENABLED": "0"}

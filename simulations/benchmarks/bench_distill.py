@@ -47,7 +47,7 @@ import common.models as models
 from common.atomic import save_json
 from common.config import DistillConfig, EvaluationConfig, ModelConfig
 from common.models import build_model
-from common.runtime import autocast, describe_machine, git_commit, pick_device
+from common.runtime import autocast, describe_machine, git_commit, pick_device, utc_stamp
 from server.distill.dkkt import freeze_model, naive_stationarity_loss, stationarity_loss
 from server.distill.dm import PublicPool, dm_loss, randomize_
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
@@ -649,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         save_json(args.json, {
             "command": "python -m simulations.bench_distill " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": git_commit(), "date": utc_stamp(),
             "device": describe_machine(device), "cpu_cores": os.cpu_count(), "sizes": vars(sizes),
             "args": {k: v for k, v in vars(args).items()}, "rows": [vars(r) for r in rows],
             "ratios": summary, "estimate": est, "full": full,

@@ -18,7 +18,6 @@ import json
 import shlex
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 from common.atomic import atomic_write, save_json
 from common.config import ConfigError, build_config
 from common.progress import LineProgress
-from common.runtime import describe_machine, git_commit
+from common.runtime import describe_machine, git_commit, utc_stamp
 from server.server_data import distill_inputs
 from simulations.commands.synthetic_pack import EvaluationMode
 
@@ -61,8 +60,8 @@ def distill_modes(cells: Sequence[Path], modes: Sequence[EvaluationMode], data: 
                 "cell": str(cell), "mode": mode.name, "method": recorded["method"], "ipc": recorded["ipc"],
                 "seeds": recorded["seeds"], "accuracies": result["accuracies"], "recorded": recorded["accuracies"],
                 "distill_s": result["timings"]["distill_s"], "recorded_distill_s": recorded["timings"]["distill_s"],
-                "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                            })
+                "finished": utc_stamp(),
+            })
             save_json(out, report)
             print(f"{cell.name} {mode.name}: {' '.join(f'{a:.4f}' for a in result['accuracies'])} (fp32 recorded "
                   f"{' '.join(f'{r:.4f}' for r in recorded['accuracies'])}), distill {result['timings']['distill_s']:.0f} s",

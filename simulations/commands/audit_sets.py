@@ -26,7 +26,7 @@ from common.config import ExperimentConfig, build_config
 from common.data import DataError, Dataset, Normalization, denormalize
 from common.holdings import load_experiment_data, split_seed
 from common.models import model_from_config
-from common.runtime import describe_machine, git_commit
+from common.runtime import describe_machine, git_commit, utc_stamp
 from server.distill.artifacts import synthetic_normalization
 from simulations.commands.audit import (
     FEATURE_MODEL,
@@ -253,7 +253,7 @@ def run_audit(targets: list[Path], out: Path, feature_net: Path, seed: int = 0, 
     save_json(out / "audit.json", {
         "targets": [str(t) for t in targets], "seed": seed, "planted": planted, "feature_net": str(feature_net),
         "feature_net_record": next(iter(records.values()), None), "machine": describe_machine(torch.device("cpu")),
-        "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": git_commit(), "date": utc_stamp(),
         "seconds": round(time.perf_counter() - start, 1)})
     return frame
 
