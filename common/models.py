@@ -17,6 +17,23 @@ from common.config import ConfigError, ModelConfig
 Norm = Literal["instancenorm", "batchnorm", "none"]
 
 
+class AvgPool2x2(nn.AvgPool2d):
+    """nn.AvgPool2d(2, 2) (same output size, flooring odd sides), computed on the CPU as two strided sums: there the
+    native kernel reads an NCHW activation ~9x slower than these adds (docs/benchmarks.md, "Distillation modes"). The
+    same values to float rounding, differentiable twice (DKKT), and still an AvgPool2d for code that looks for one."""
+
+    def __init__(self) -> None:
+        super().__init__(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous():
+            return super().forward(x)
+        n, c, h, w = x.shape
+        rows = x[:, :, : h - h % 2].view(n, c, h // 2, 2, w)
+        pairs = rows[:, :, :, 0] + rows[:, :, :, 1]
+        return (pairs[..., 0 : w - 1 : 2] + pairs[..., 1:w:2]) * 0.25
+
+
 def _norm_layer(norm: Norm, channels: int) -> nn.Module:
     if norm == "instancenorm":
         return nn.GroupNorm(channels, channels, affine=True)
@@ -56,7 +73,7 @@ class ConvNet(nn.Module):
                 nn.Conv2d(in_channels, width, kernel_size=3, padding=1),
                 _norm_layer(norm, width),
                 nn.ReLU(inplace=True),
-                nn.AvgPool2d(kernel_size=2, stride=2),
+                AvgPool2x2(),
             ]
             in_channels = width
         self.features = nn.Sequential(*layers)

@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from common.config import ConfigError
-from common.models import build_model, count_parameters
+from common.models import AvgPool2x2, build_model, count_parameters
 from common.records import load_record_into, model_to_record, record_to_state_dict
 from common.runtime import pick_device, seed_everything
 
@@ -33,6 +33,20 @@ def test_pooling_floors_odd_sizes_as_the_dm_reference(size, side):
     model = build_model(num_classes=3, channels=1, image_size=size, width=8, depth=3)  # 28 -> 14 -> 7 -> 3
     assert model.feature_dim == 8 * side * side
     assert model(torch.randn(2, 1, size, size)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 32, 32), (2, 5, 7, 7), (1, 2, 3, 5)])
+def test_the_cpu_pooling_is_avgpool2d_to_rounding_with_its_first_and_second_derivatives(shape):
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    ours, native = AvgPool2x2()(x), torch.nn.AvgPool2d(2, 2)(x)
+    assert ours.shape == native.shape and torch.allclose(ours, native, rtol=0, atol=1e-12)
+    weights = torch.randn_like(native)
+    grad_ours, = torch.autograd.grad((ours * weights).sum(), x, create_graph=True)
+    grad_native, = torch.autograd.grad((native * weights).sum(), x, create_graph=True)
+    assert torch.allclose(grad_ours, grad_native, rtol=0, atol=1e-12)
+    assert torch.autograd.gradgradcheck(AvgPool2x2(), (x,))  # DKKT differentiates the model's gradient
+    cl = x.detach().contiguous(memory_format=torch.channels_last)  # not the strided path: the native kernel
+    assert torch.allclose(AvgPool2x2()(cl), torch.nn.AvgPool2d(2, 2)(cl), rtol=0, atol=1e-12)
 
 
 @pytest.mark.reliability

@@ -20,3 +20,4 @@ def test_bench_distill_small_runs_and_prints_the_ratios(tmp_path, capsys):
     assert {"DM step ipc 2", "DKKT stationarity", "evaluation ipc 2", "DM+DKKT iteration (methods.distill)"} <= sections
     variants = {r["variant"] for r in result["rows"]}  # every "before" row beside its "after" row
     assert {"ours, whole batch (no CPU chunks)", "batched, whole batch (no CPU chunks)", "batched (default path)"} <= variants
+    assert any(v.startswith("ipc 2, nn.AvgPool2d") for v in variants) and "ipc 2" in variants
