@@ -130,11 +130,18 @@ def failed_cells(stage_dir: Path) -> dict[str, str]:
 def run_cells(stage_dir: Path, tasks: Sequence[CellTask], pool: Pool, log: Callable[[str], None],
               write: Callable[[Path], Any]) -> bool:
     """Runs `tasks` (unfinished cells of one stage) through `pool`, calling `write(stage_dir)` after each finished
-    cell; False when the deadline stopped some before they started."""
+    cell; False when some did not finish: the deadline stopped them before they started, or their worker was lost
+    (a Ray pool yields the error, e.g. ActorUnavailableError; the cell resumes from its checkpoint on the next run)."""
     complete = True
     for outcome in pool.imap_unordered(run_task, tasks):
         if outcome is None:
             complete = False
+            continue
+        if isinstance(outcome, BaseException):
+            complete = False
+            detail = " ".join(str(outcome).split())[:200]
+            log(f"a worker was lost ({type(outcome).__name__}: {detail}); its cell stays unfinished and continues from "
+                "its checkpoint when the command runs again")
             continue
         write(stage_dir)
         if "failed" in outcome:

@@ -50,7 +50,8 @@ from simulations.grid.protocol import (
 
 
 class OutOfTime(Exception):
-    """--max-minutes is spent: stop before the next cell (everything finished so far is on disk)."""
+    """Cells left unfinished: --max-minutes is spent (stop before the next cell) or a worker was lost; everything
+    finished so far is on disk."""
 
 
 @dataclass(frozen=True)
@@ -338,7 +339,8 @@ def run(protocol: Protocol, out: Path, stages: Sequence[str], extra: dict[str, A
             cells = [c for c in table_cells(protocol, extra, ratio, conv) if only is None or only.keeps(c.columns)]
             run_stage(ctx, "table", cells, model, "test")
     except OutOfTime:
-        ctx.log(f"stopped: --max-minutes {max_minutes} spent; run the same command again to continue")
+        ctx.log(f"stopped with cells unfinished (--max-minutes {max_minutes} spent, or a worker lost: see above); run "
+                "the same command again to continue")
     if "report" in stages and (ctx.out / "edge_model.json").is_file():
         report_stage(ctx, cfg)
     return 0
