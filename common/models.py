@@ -19,7 +19,7 @@ Norm = Literal["instancenorm", "batchnorm", "none"]
 
 class AvgPool2x2(nn.AvgPool2d):
     """nn.AvgPool2d(2, 2) (same output size, flooring odd sides), computed on the CPU as two strided sums: there the
-    native kernel reads an NCHW activation ~9x slower than these adds (docs/benchmarks.md, "Distillation modes"). The
+    native kernel is slower on an NCHW activation than these adds (docs/benchmarks.md, "The CPU pooling"). The
     same values to float rounding, differentiable twice (DKKT), and still an AvgPool2d for code that looks for one."""
 
     def __init__(self) -> None:

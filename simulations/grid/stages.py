@@ -49,7 +49,7 @@ from simulations.grid.protocol import (
 )
 
 
-class OutOfTime(Exception):
+class CellsUnfinished(Exception):
     """Cells left unfinished: --max-minutes is spent (stop before the next cell) or a worker was lost; everything
     finished so far is on disk."""
 
@@ -68,7 +68,7 @@ class Context:
 
     def check_time(self) -> None:
         if time.time() > self.deadline:
-            raise OutOfTime
+            raise CellsUnfinished
 
     @property
     def reuse(self) -> Path | None:
@@ -128,7 +128,7 @@ def reuse_cell(ctx: Context, stage: str, cell: GridCell, cell_dir: Path) -> bool
 
 def run_stage(ctx: Context, stage: str, cells: Sequence[GridCell], model: Path, evaluate_on: str) -> pd.DataFrame:
     """Runs the unfinished cells of a stage through the pool (taking reusable ones first); OUT/<stage>/results.csv.
-    OutOfTime when the deadline left some unstarted."""
+    CellsUnfinished when the deadline left some unstarted or a worker was lost."""
     stage_dir = ctx.out / stage
     check_cells(stage_dir, cells)
     tasks = []
@@ -146,7 +146,7 @@ def run_stage(ctx: Context, stage: str, cells: Sequence[GridCell], model: Path, 
             complete = run_cells(stage_dir, tasks, pool, lambda line: ctx.log(f"{stage} {line}"), write_results)
     results = write_results(stage_dir)
     if not complete:
-        raise OutOfTime
+        raise CellsUnfinished
     return results
 
 
@@ -338,7 +338,7 @@ def run(protocol: Protocol, out: Path, stages: Sequence[str], extra: dict[str, A
                 raise ConfigError("the table needs the calibrated dkkt_ratio: run the calibrate stage first")
             cells = [c for c in table_cells(protocol, extra, ratio, conv) if only is None or only.keeps(c.columns)]
             run_stage(ctx, "table", cells, model, "test")
-    except OutOfTime:
+    except CellsUnfinished:
         ctx.log(f"stopped with cells unfinished (--max-minutes {max_minutes} spent, or a worker lost: see above); run "
                 "the same command again to continue")
     if "report" in stages and (ctx.out / "edge_model.json").is_file():
