@@ -81,10 +81,10 @@ def test_calibration_evaluates_on_the_validation_slice_and_never_reads_the_test_
 
     def fake_run_stage(ctx, stage, cells, model, evaluate_on):
         seen.update(stage=stage, evaluate_on=evaluate_on, cells=len(cells))
-        raise stages.OutOfTime
+        raise stages.CellsUnfinished
 
     monkeypatch.setattr(stages, "run_stage", fake_run_stage)
-    with pytest.raises(stages.OutOfTime):
+    with pytest.raises(stages.CellsUnfinished):
         stages.calibrate_stage(stages.Context(protocol, tmp_path), {}, tmp_path / "model.pt")
     assert seen == {"stage": "calibration", "evaluate_on": "validation", "cells": 3}
     cfg = base_config(protocol, {})
