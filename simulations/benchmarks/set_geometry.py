@@ -30,23 +30,23 @@ import torch
 
 from common.atomic import atomic_write, save_json
 from common.config import build_config
+from common.data import DataError
 from common.models import build_model
 from common.runtime import describe_machine, git_commit, utc_stamp
 from server.distill.artifacts import load_synthetic
 from server.distill.dm import randomize_, segment_mean
 from server.server_data import distill_inputs
+from simulations.commands.audit_sets import cell_seed_folder
 
 
 def seed_folder(cell: Path) -> Path:
-    """An evidence cell's seed_0 (or where cell.json's reused_from points), or the folder itself."""
+    """A folder with synthetic.pt, or an evidence cell's seed folder (as `feddistill audit` finds it)."""
     if (cell / "synthetic.pt").is_file():
         return cell
-    if (cell / "seed_0" / "synthetic.pt").is_file():
-        return cell / "seed_0"
-    reused = json.loads((cell / "cell.json").read_text()).get("reused_from") if (cell / "cell.json").is_file() else None
-    if reused and (cell / reused / "seed_0" / "synthetic.pt").is_file():
-        return (cell / reused / "seed_0").resolve()
-    raise SystemExit(f"{cell}: no synthetic.pt here, in seed_0, or where cell.json's reused_from points")
+    try:
+        return cell_seed_folder(cell)
+    except (DataError, OSError):
+        raise SystemExit(f"{cell}: no synthetic.pt here, in seed_0, or where cell.json's reused_from points") from None
 
 
 @torch.no_grad()

@@ -67,7 +67,7 @@ def _seed_folder(name: str, folder: Path) -> SyntheticSource:
                            build_config(info["config"]), str(folder))
 
 
-def _cell_seed_folder(cell: Path) -> Path:
+def cell_seed_folder(cell: Path) -> Path:
     """An evidence cell's seed_0, in the cell or where its cell.json says it was reused from."""
     if (cell / "seed_0" / "synthetic.pt").is_file():
         return cell / "seed_0"
@@ -87,7 +87,7 @@ def find_sets(path: Path) -> list[SyntheticSource]:
     if (path / "synthetic.pt").is_file():
         return [_seed_folder(path.name, path)]
     if (path / "cell.json").is_file():
-        return [_seed_folder(path.name, _cell_seed_folder(path))]
+        return [_seed_folder(path.name, cell_seed_folder(path))]
     seeds = sorted(path.glob("seed_*/synthetic.pt"))
     if seeds:
         return [_seed_folder(f"{path.name}-{s.parent.name}", s.parent) for s in seeds]
@@ -96,7 +96,7 @@ def find_sets(path: Path) -> list[SyntheticSource]:
         return [_seed_folder(f"{s.parent.parent.name}-{s.parent.name}", s.parent) for s in runs]
     cells = sorted(c.parent for c in path.glob("*/result.json") if (c.parent / "cell.json").is_file())
     if cells:
-        return [_seed_folder(cell.name, _cell_seed_folder(cell)) for cell in cells]
+        return [_seed_folder(cell.name, cell_seed_folder(cell)) for cell in cells]
     raise DataError(f"{path}: no synthetic set (a pack, a seed_k folder, a distill or run folder, or evidence cells)")
 
 
