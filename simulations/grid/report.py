@@ -130,11 +130,20 @@ def audit_summary(protocol: Protocol, results: pd.DataFrame) -> pd.DataFrame:
     return summary[summary["set"].str.split("+").str[0].isin(set(results["cell"]))]
 
 
+def gain_tables(results: pd.DataFrame) -> list[str]:
+    """The paired gains of `dm+dkkt` over the baselines, then of each of its other starts (`dm+dkkt@...`, e.g. the
+    top-lambda one) over `dm+dkkt` itself and the same baselines."""
+    from simulations.reports.report import paired_gains
+
+    starts = sorted(m for m in set(results["method"]) if m.startswith("dm+dkkt@"))
+    return [paired_gains(results, "dm+dkkt", ("random", "dm", "dm@conv", "dm@step")),
+            *(paired_gains(results, m, ("dm+dkkt", "dm", "dm@conv")) for m in starts)]
+
+
 def report_stage(ctx: Context, cfg: ExperimentConfig) -> None:
     from simulations.reports.report import (
         audit_table,
         markdown_table,
-        paired_gains,
         plot_accuracy_vs_pipc,
         plot_history,
         plot_method_bars,
@@ -167,7 +176,7 @@ def report_stage(ctx: Context, cfg: ExperimentConfig) -> None:
         protocol_header(protocol, preset, cfg, edge, ratio, sorted(table_dir.glob("cells/*/result.json"))),
         curve_statement(ctx.out),
         "Test accuracy (%):", markdown_table(results), failed_statement(table_dir), variant_legend(protocol),
-        paired_gains(results, "dm+dkkt", ("random", "dm", "dm@conv", "dm@step")),
+        *gain_tables(results),
         audit_table(audit) if not audit.empty else None,
         traffic_table(edge_traffic(ctx, edge), synthetic_sizes(table_dir, results)),
         f"Time per cell (with --workers, several cells shared the machine at once); {len(results)} cells, "

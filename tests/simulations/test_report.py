@@ -147,3 +147,16 @@ def test_traffic_table_states_where_the_bytes_come_from():
     table = traffic_table((153_600_000, "computed"), {10: {"stored": 1_229_600, "uint8": 307_300}})
     assert "| 10 | 153.6 MB | 1229.6 kB | 307.3 kB |" in table and "Bytes received: computed." in table
     assert "not recorded" in traffic_table((None, "no metrics"), {1: {"stored": 1, "uint8": 1}})
+
+
+def test_each_other_start_of_dm_dkkt_gets_its_paired_gains():
+    from simulations.grid.report import gain_tables
+
+    rows = [(method, seed, acc) for seed in (0, 1) for method, acc in
+            (("random", 0.2), ("dm", 0.3), ("dm+dkkt", 0.35), ("dm+dkkt@lambda", 0.37 + 0.01 * seed))]
+    results = pd.DataFrame([{"ipc": 10, "pipc": 20, "method": m, "seed": s, "accuracies": json.dumps([a, a])}
+                            for m, s, a in rows])
+    base, start = gain_tables(results)
+    assert "| 10 | 20 | 35.0 | +15.0 ± 0.0 (2/2) | +5.0 ± 0.0 (2/2) |" in base
+    assert "| ipc | pipc | dm+dkkt@lambda | − dm+dkkt | − dm |" in start
+    assert "| 10 | 20 | 37.5 | +2.5 ± 0.5 (2/2) | +7.5 ± 0.5 (2/2) |" in start
