@@ -17,8 +17,10 @@ On CIFAR-shaped random tensors (10 classes, 3x32x32, ConvNet-3 width 128), same 
 On CUDA, bf16 autocast, channels_last and torch.compile variants of our DM step and of the batched evaluation
 are timed too (--variants), each with its loss / accuracy difference to fp32; peak memory per row. The compile
 and bf16 variants also time `train_and_test` with `evaluation.compile` and `evaluation.precision=bf16` (the one-off
-compile reported, not timed); on the CPU: --variants compile,bf16. With variants, the DM step at pipc 50 and the
-ipc-10 iteration also get an fp32 ceiling row: their FLOPs (torch.utils.flop_counter) at the measured fp32 matmul rate.
+compile reported, not timed); on the CPU: --variants compile,bf16. The DM step's variants combine with `+`
+(e.g. channels_last+compile: model and images in channels-last memory, embed compiled). With variants, the DM step
+at pipc 50 and the ipc-10 iteration also get an fp32 ceiling row: their FLOPs (torch.utils.flop_counter) at the
+measured fp32 matmul rate.
 
   python -m simulations.bench_distill                         # everything, default sizes, auto device
   python -m simulations.bench_distill --device cuda --json bench_distill.json
@@ -238,16 +240,17 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
         baseline_loss = None
         for variant in ("whole batch", "ours", "cpu estimator", *variants):
             try:
+                channels_last = "channels_last" in variant.split("+")
                 syn = syn0.clone().requires_grad_(True)
-                if variant == "channels_last":
+                if channels_last:
                     syn = syn0.clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)
                 opt = torch.optim.SGD([syn], lr=1.0, momentum=0.5)
-                px = public_x.contiguous(memory_format=torch.channels_last) if variant == "channels_last" else public_x
+                px = public_x.contiguous(memory_format=torch.channels_last) if channels_last else public_x
                 batch_real = sizes.cpu_batch_real if variant == "cpu estimator" else sizes.batch_real
                 pool = PublicPool(px, public_y, sizes.classes, batch_real)
                 module = build_model(sizes.classes, sizes.channels, sizes.size, sizes.width)
                 module = module.to(device).train().requires_grad_(False)
-                if variant == "channels_last":
+                if channels_last:
                     module = module.to(memory_format=torch.channels_last)
                 if "compile" in variant.split("+"):  # the module itself (cpu_chunk reads its layers), embed compiled
                     module.embed = torch.compile(module.embed, dynamic=False)
@@ -600,8 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nets", type=int, default=FULL_NETS, help="nets trained at once by the batched evaluation")
     p.add_argument("--seq-nets", type=int, default=1, help="nets trained one after another for the sequential rate")
     p.add_argument("--variants", default=None,
-                   help="comma list of bf16,channels_last,compile,compile+bf16 (default: all but compile+bf16 on CUDA, "
-                        "none on CPU; 'none' for none)")
+                   help="comma list of bf16,channels_last,compile and their +-combinations, e.g. channels_last+compile "
+                        "(default: bf16,channels_last,compile on CUDA, none on CPU; 'none' for none)")
     p.add_argument("--sections", default="dm,dkkt,eval,distill", help="comma list of dm,dkkt,eval,distill")
     p.add_argument("--dm-pools", default="pipc,batch_real",
                    help="the DM step's pools: pipc (real batch = pipc per class), batch_real (256 of 512 per class)")

@@ -21,3 +21,13 @@ def test_bench_distill_small_runs_and_prints_the_ratios(tmp_path, capsys):
     variants = {r["variant"] for r in result["rows"]}  # every "before" row beside its "after" row
     assert {"ours, whole batch (no CPU chunks)", "batched, whole batch (no CPU chunks)", "batched (default path)"} <= variants
     assert any(v.startswith("ipc 2, nn.AvgPool2d") for v in variants) and "ipc 2" in variants
+
+
+def test_bench_distill_times_the_channels_last_dm_step_on_the_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench_distill.main(["--small", "--device", "cpu", "--sections", "dm", "--dm-pools", "pipc",
+                               "--variants", "channels_last", "--json", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    row = rows["ours + channels_last"]
+    assert row["rate"] > 0, row
+    assert float(row["note"].split("loss rel. diff ")[1]) < 1e-5  # the same loss, another memory layout
