@@ -140,6 +140,25 @@ def gain_tables(results: pd.DataFrame) -> list[str]:
             *(paired_gains(results, m, ("dm+dkkt", "dm", "dm@conv")) for m in starts)]
 
 
+def timing_section(results: pd.DataFrame) -> str:
+    """Seconds per cell, and the grid's cost: cell time and CPU-hours (cell time x the cell's torch threads, 1 where
+    its machine line does not record them) in all and per method."""
+    seconds = results.groupby(["ipc", "pipc", "method"]).agg(
+        done=("seed", "count"), distill_s=("distill_s", "mean"), evaluate_s=("evaluate_s", "mean")).reset_index()
+    rows = ["| ipc | pipc | method | seeds done | distillation s / seed | evaluation s / seed |", "|---|---|---|---|---|---|"]
+    rows += [f"| {r['ipc']} | {r['pipc']} | {r['method']} | {r['done']} | {r['distill_s']:.0f} | {r['evaluate_s']:.0f} |"
+             for _, r in seconds.iterrows()]
+    hours = (results["distill_s"].fillna(0) + results["evaluate_s"].fillna(0)) / 3600
+    threads = pd.to_numeric(results["machine"].fillna("").str.extract(r"(\d+) torch threads")[0])
+    cpu_hours = (hours * threads.fillna(1)).groupby(results["method"]).sum().sort_values(ascending=False)
+    per_method = ", ".join(f"{method} {h:.1f}" for method, h in cpu_hours.items())
+    return (f"Time per cell (with --workers, several cells shared the machine at once); {len(results)} cells, "
+            f"{hours.sum():.1f} hours of cell time, {cpu_hours.sum():.1f} CPU-hours (cell time x its torch threads, "
+            f"counted as 1 for the {int(threads.isna().sum())} cells whose machine line does not record them) in all; "
+            f"CPU-hours per method: {per_method}."
+            "\n\n" + "\n".join(rows))
+
+
 def report_stage(ctx: Context, cfg: ExperimentConfig) -> None:
     from simulations.reports.report import (
         audit_table,
@@ -160,16 +179,9 @@ def report_stage(ctx: Context, cfg: ExperimentConfig) -> None:
     edge = json.loads((ctx.out / "edge_model.json").read_text())
     calibration = ctx.out / "calibration.json"
     ratio = json.loads(calibration.read_text())["chosen_dkkt_ratio"] if calibration.is_file() else None
-    seconds = results.groupby(["ipc", "pipc", "method"]).agg(
-        done=("seed", "count"), distill_s=("distill_s", "mean"), evaluate_s=("evaluate_s", "mean")).reset_index()
-    timing = ["| ipc | pipc | method | seeds done | distillation s / seed | evaluation s / seed |", "|---|---|---|---|---|---|"]
-    for _, row in seconds.iterrows():
-        timing.append(f"| {row['ipc']} | {row['pipc']} | {row['method']} | {row['done']} | {row['distill_s']:.0f} | "
-                      f"{row['evaluate_s']:.0f} |")
     protocol = ctx.protocol
     title = (f"DM + DKKT against DM at pipc {', '.join(map(str, sorted(protocol.pipcs)))}" if protocol.pipcs
              else f"DM + DKKT against DM with {cfg.split.pipc} public images per class")
-    cpu_hours = (results["distill_s"].sum() + results["evaluate_s"].sum()) / 3600
     audit = audit_summary(protocol, results)
     text = "\n\n".join(filter(None, [
         f"# {title} (preset `{preset}`)",
@@ -179,8 +191,7 @@ def report_stage(ctx: Context, cfg: ExperimentConfig) -> None:
         *gain_tables(results),
         audit_table(audit) if not audit.empty else None,
         traffic_table(edge_traffic(ctx, edge), synthetic_sizes(table_dir, results)),
-        f"Time per cell (with --workers, several cells shared the machine at once); {len(results)} cells, "
-        f"{cpu_hours:.1f} hours of cell time in all:", "\n".join(timing),
+        timing_section(results),
     ])) + "\n"
     atomic_write(ctx.out / "table.md", lambda tmp: tmp.write_text(text))
     atomic_write(ctx.out / "results.csv", lambda tmp: results.to_csv(tmp, index=False))

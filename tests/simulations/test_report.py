@@ -160,3 +160,21 @@ def test_each_other_start_of_dm_dkkt_gets_its_paired_gains():
     assert "| 10 | 20 | 35.0 | +15.0 ± 0.0 (2/2) | +5.0 ± 0.0 (2/2) |" in base
     assert "| ipc | pipc | dm+dkkt@lambda | − dm+dkkt | − dm |" in start
     assert "| 10 | 20 | 37.5 | +2.5 ± 0.5 (2/2) | +7.5 ± 0.5 (2/2) |" in start
+
+
+def test_timing_section_counts_cpu_hours_by_each_cells_threads():
+    from simulations.grid.report import timing_section
+
+    machine = "CPU: 2 cores (AMD EPYC), {} torch threads, torch 2.14.1"
+    results = pd.DataFrame([
+        {"ipc": 1, "pipc": 10, "method": "dm", "seed": 0, "distill_s": 1800.0, "evaluate_s": 1800.0,
+         "machine": machine.format(2)},
+        {"ipc": 1, "pipc": 10, "method": "dm", "seed": 1, "distill_s": 900.0, "evaluate_s": 900.0,
+         "machine": machine.format(1)},
+        {"ipc": 1, "pipc": 10, "method": "random", "seed": 0, "distill_s": float("nan"), "evaluate_s": 3600.0,
+         "machine": None},
+    ])
+    text = timing_section(results)
+    assert "3 cells, 2.5 hours of cell time, 3.5 CPU-hours" in text
+    assert "counted as 1 for the 1 cells" in text and "CPU-hours per method: dm 2.5, random 1.0." in text
+    assert "| 1 | 10 | dm | 2 | 1350 | 1350 |" in text
