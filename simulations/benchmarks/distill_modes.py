@@ -39,7 +39,8 @@ def received_model(out: Path) -> Path:
 
 def distill_modes(cells: Sequence[Path], modes: Sequence[EvaluationMode], data: str | None, out: Path,
                   command: str = "") -> dict[str, Any]:
-    """Every (cell, mode) not yet in `out`, appended to it after each one (atomic writes); `command` is recorded."""
+    """Every (cell, mode) not yet in `out`, appended to it after each one (atomic writes). Each run records its
+    commit and machine; the top level holds the last invocation's `command`, commit and machine."""
     from server.distill.run import run_distillation
 
     report = json.loads(out.read_text()) if out.is_file() else {"runs": []}
@@ -60,7 +61,7 @@ def distill_modes(cells: Sequence[Path], modes: Sequence[EvaluationMode], data: 
                 "cell": str(cell), "mode": mode.name, "method": recorded["method"], "ipc": recorded["ipc"],
                 "seeds": recorded["seeds"], "accuracies": result["accuracies"], "recorded": recorded["accuracies"],
                 "distill_s": result["timings"]["distill_s"], "recorded_distill_s": recorded["timings"]["distill_s"],
-                "finished": utc_stamp(),
+                "finished": utc_stamp(), "commit": report["commit"], "machine": report["machine"],
             })
             save_json(out, report)
             print(f"{cell.name} {mode.name}: {' '.join(f'{a:.4f}' for a in result['accuracies'])} (fp32 recorded "
