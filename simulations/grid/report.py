@@ -131,13 +131,14 @@ def audit_summary(protocol: Protocol, results: pd.DataFrame) -> pd.DataFrame:
 
 
 def gain_tables(results: pd.DataFrame) -> list[str]:
-    """The paired gains of `dm+dkkt` over the baselines, then of each of its other starts (`dm+dkkt@...`, e.g. the
-    top-lambda one) over `dm+dkkt` itself and the same baselines."""
+    """The paired gains of `dm+dkkt` over the baselines, then of each of its variants (other starts such as the
+    top-lambda one, ablations such as `dm+primal`) over `dm+dkkt` itself and the same baselines."""
     from simulations.reports.report import paired_gains
 
-    starts = sorted(m for m in set(results["method"]) if m.startswith("dm+dkkt@"))
+    variants = sorted(m for m in set(results["method"])
+                      if m != "dm+dkkt" and m in VARIANTS and VARIANTS[m].method == "dm+dkkt")
     return [paired_gains(results, "dm+dkkt", ("random", "dm", "dm@conv", "dm@step")),
-            *(paired_gains(results, m, ("dm+dkkt", "dm", "dm@conv")) for m in starts)]
+            *(paired_gains(results, m, ("dm+dkkt", "dm", "dm@conv")) for m in variants)]
 
 
 def timing_section(results: pd.DataFrame) -> str:

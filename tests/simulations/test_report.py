@@ -149,14 +149,16 @@ def test_traffic_table_states_where_the_bytes_come_from():
     assert "not recorded" in traffic_table((None, "no metrics"), {1: {"stored": 1, "uint8": 1}})
 
 
-def test_each_other_start_of_dm_dkkt_gets_its_paired_gains():
+def test_each_variant_of_dm_dkkt_gets_its_paired_gains():
     from simulations.grid.report import gain_tables
 
     rows = [(method, seed, acc) for seed in (0, 1) for method, acc in
-            (("random", 0.2), ("dm", 0.3), ("dm+dkkt", 0.35), ("dm+dkkt@lambda", 0.37 + 0.01 * seed))]
+            (("random", 0.2), ("dm", 0.3), ("dm@conv", 0.31), ("dm+dkkt", 0.35), ("dm+dkkt@lambda", 0.37 + 0.01 * seed),
+             ("dm+primal", 0.33))]
     results = pd.DataFrame([{"ipc": 10, "pipc": 20, "method": m, "seed": s, "accuracies": json.dumps([a, a])}
                             for m, s, a in rows])
-    base, start = gain_tables(results)
+    base, start, ablation = gain_tables(results)
+    assert "| 10 | 20 | 33.0 | -2.0 ± 0.0 (0/2) | +3.0 ± 0.0 (2/2) | +2.0 ± 0.0 (2/2) |" in ablation
     assert "| 10 | 20 | 35.0 | +15.0 ± 0.0 (2/2) | +5.0 ± 0.0 (2/2) |" in base
     assert "| ipc | pipc | dm+dkkt@lambda | − dm+dkkt | − dm |" in start
     assert "| 10 | 20 | 37.5 | +2.5 ± 0.5 (2/2) | +7.5 ± 0.5 (2/2) |" in start
