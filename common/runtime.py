@@ -63,13 +63,17 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
 
 
 def describe_machine(device: torch.device) -> str:
-    """The machine a figure was measured on: the GPU's name, or the CPU's model, core count and torch threads."""
+    """The machine a figure was measured on: the GPU's name, or the CPU's model, its vector units (torch's CPU
+    capability and any bf16 units: two CPUs of one model name can differ there), core count and torch threads."""
     if device.type == "cuda":
         return f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.is_file() else []
-    return (f"CPU: {len(names) or 'unknown number of'} cores ({names[0] if names else platform.machine()}), "
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
+    units = f"{torch.backends.cpu.get_cpu_capability()}, {' + '.join(bf16) if bf16 else 'no bf16 units'}"
+    return (f"CPU: {len(names) or 'unknown number of'} cores ({names[0] if names else platform.machine()}; {units}), "
             f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 
