@@ -202,7 +202,8 @@ class DistillConfig(_Section):
     compile: bool = False
     # bf16: the DM embedder and the DKKT term under bfloat16 autocast (images, lambda, weights and the optimisers stay
     # fp32): another estimator, whose accuracy difference to fp32 docs/benchmarks.md measures; fp32 is the reference.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 on a CPU with bf16 units, fp32 elsewhere (common.runtime.resolve_precision; result.json records which).
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     checkpoint_every: int = Field(500, ge=1)
     # Progress metrics are read back every log_every iterations: each read is a device sync that would
     # otherwise stall the GPU pipeline once per iteration.
@@ -574,7 +575,8 @@ def config_hash(config: Mapping[str, Any], ignore: Collection[str] = RESUME_NEUT
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Collection[str] = ()) -> list[str]:
     """'key: old -> new' for every dotted key whose value in a recorded config `old` differs from `new`; a key `old`
     lacks (added since) counts as its default, which keeps the old behaviour; a nested split at pipc = private_pipc is
-    the plain split of that pipc. Keys in `ignore` are not compared."""
+    the plain split of that pipc; distill.precision `auto` matches a recorded fp32 or bf16 (what auto runs, by the
+    machine: their accuracy agrees, docs/benchmarks.md). Keys in `ignore` are not compared."""
     defaults = config_to_dict(ExperimentConfig())
     old, new = _plain_split(old), _plain_split(new)
     differ = []
@@ -587,9 +589,14 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], ignore: C
         recorded = recorded if isinstance(recorded, dict) else {}
         for key, value in values.items():
             was = recorded.get(key, defaults.get(section, {}).get(key, value))
-            if f"{section}.{key}" not in ignore and was != value:
+            if f"{section}.{key}" not in ignore and was != value and not _auto_precision(f"{section}.{key}", was, value):
                 differ.append(f"{section}.{key}: {_shown(was)} -> {_shown(value)}")
     return differ
+
+
+def _auto_precision(key: str, was: Any, value: Any) -> bool:
+    """distill.precision: `auto` against a concrete fp32 / bf16, either way round."""
+    return key == "distill.precision" and "auto" in (was, value) and {was, value} <= {"auto", "fp32", "bf16"}
 
 
 def _plain_split(config: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -52,10 +52,30 @@ def compiled(fn: Callable[..., torch.Tensor], enabled: bool, device: torch.devic
     return torch.compile(fn, dynamic=False)
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
+CPU_BF16_UNITS = ("avx512_bf16", "amx_bf16")  # bf16 arithmetic in hardware (AVX-512 BF16: AMD Zen 4+; AMX: Intel)
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """'fp32' or 'bf16': `precision` itself, or for 'auto' bf16 on a CPU with bf16 units (CPU_BF16_UNITS), where
+    bf16 distillation is the faster mode and its accuracy held (docs/benchmarks.md, "Distillation modes"), and
+    fp32 elsewhere (a CPU without them, where bf16 is emulated and many times slower; a GPU, where it is unmeasured)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cpu" and cpu_flags() & set(CPU_BF16_UNITS) else "fp32"
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """bfloat16 autocast for precision 'bf16' (weights and images stay fp32), nothing for 'fp32'."""
-    if precision == "bf16":
+    """bfloat16 autocast for precision 'bf16' (weights and images stay fp32), nothing for 'fp32'; 'auto' is
+    resolved first (resolve_precision)."""
+    if resolve_precision(device, precision) == "bf16":
         with torch.autocast(device.type, dtype=torch.bfloat16):
             yield
     else:
@@ -68,10 +88,9 @@ def describe_machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    bf16 = [flag for flag in CPU_BF16_UNITS if flag in cpu_flags()]
     units = f"{torch.backends.cpu.get_cpu_capability()}, {' + '.join(bf16) if bf16 else 'no bf16 units'}"
     return (f"CPU: {len(names) or 'unknown number of'} cores ({names[0] if names else platform.machine()}; {units}), "
             f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")

@@ -15,7 +15,7 @@ from common.config import ExperimentConfig, config_hash, config_to_dict
 from common.data import Normalization
 from common.methods import method
 from common.progress import NoProgress, Progress, format_metrics
-from common.runtime import git_commit, pick_device
+from common.runtime import git_commit, pick_device, resolve_precision
 from server.distill.artifacts import (
     check_resumable,
     load_checkpoint,
@@ -154,6 +154,7 @@ def _evaluate_seed(
         "mean": mean,
         "std": std,
         "timings": {"distill_s": distill_s, "evaluate_s": time.perf_counter() - start},
+        "distill_precision": resolve_precision(device, cfg.distill.precision),  # what `auto` ran as, on this machine
     }
     save_result(seed_dir / "result.json", result)
     return result
@@ -162,6 +163,7 @@ def _evaluate_seed(
 def _summarise(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], out_dir: Path, device: torch.device) -> dict[str, Any]:
     """out_dir/result.json: every evaluation of every seed pooled."""
     all_acc = [a for r in per_seed for a in r["accuracies"]]
+    unrecorded = "unrecorded" if cfg.distill.precision == "auto" else cfg.distill.precision
     mean, std = mean_std(all_acc)
     result = {
         "method": cfg.distill.method,
@@ -177,6 +179,8 @@ def _summarise(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], out_dir: P
             "evaluate_s": sum(r["timings"]["evaluate_s"] for r in per_seed),
         },
         "device": str(device),
+        # the seeds' precisions as distilled; a seed finished before seeds recorded it ran its config's (never `auto`)
+        "distill_precision": "+".join(sorted({r.get("distill_precision", unrecorded) for r in per_seed})),
         "commit": git_commit(),
         "config": config_to_dict(cfg),
         "config_sha256": config_hash(config_to_dict(cfg)),

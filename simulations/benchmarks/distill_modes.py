@@ -6,6 +6,9 @@
 Each evidence cell (OUT/<stage>/cells/<name>, its fp32 set distilled and evaluated) is run again from its recorded
 config with `distill.compile` / `distill.precision` set by the mode (`compile`, `bf16`, `compile+bf16`), on the same
 received model (OUT/edge_model.json), public subset, seed and evaluation nets, into <out folder>/<mode>/<name>.
+Mode `fp32` runs the recorded fp32 protocol again: the control. Any change of float rounding (a mode, or another
+CPU's kernels) sends a distillation down another path from the same seed, so a mode is judged against the spread of
+such reruns, not only against the one recorded set.
 Written per (cell, mode): the accuracies, the cell's recorded fp32 accuracies and the distillation seconds; the table
 beside the JSON (.md) compares each mode with fp32 per (ipc, method). Resumable: finished pairs in --out are kept,
 an interrupted distillation continues from its checkpoint.
@@ -94,7 +97,8 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cells", nargs="+", type=Path, help="evidence cell folders (OUT/<stage>/cells/<name>)")
-    p.add_argument("--modes", default="compile,bf16", help="comma list of compile, bf16, compile+bf16")
+    p.add_argument("--modes", default="compile,bf16",
+                   help="comma list of compile, bf16, compile+bf16, and fp32 (the recorded mode again: the control)")
     p.add_argument("--out", type=Path, required=True, help="the JSON report (resumed when it exists); a .md beside it")
     p.add_argument("--data", default=None, help="the dataset archive (default: the config's data.path / $FEDDISTILL_DATA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -35,7 +35,12 @@ def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge
         f"{o.get('distill.dkkt_candidates', 0) or 'all'}, {o.get('evaluation.epochs', cfg.evaluation.epochs)} evaluation epochs"
         for ipc, o in protocol.per_ipc.items()
     )
-    cells = sorted({json.loads(p.read_text()).get("commit") or "unrecorded" for p in cell_results})
+    records = [json.loads(p.read_text()) for p in cell_results]
+    cells = sorted({r.get("commit") or "unrecorded" for r in records})
+    precision = cfg.distill.precision
+    if precision == "auto":
+        ran = sorted({r.get("distill_precision") or r["config"]["distill"].get("precision", "fp32") for r in records})
+        precision = f"auto precision (bf16 on a CPU with bf16 units, else fp32; the cells ran in {', '.join(ran) or '-'})"
     machines = sorted({json.loads((p.parent / "cell.json").read_text()).get("machine")
                        or "CPU: 2 cores (dev VM, model unrecorded)"
                        for p in cell_results})
@@ -59,7 +64,7 @@ def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge
         f"Scale (reduced, not the paper's 20k iterations / 1000 epochs): {scale}; {cfg.evaluation.num_nets} evaluation nets "
         f"per seed; mean ± std over every net of every seed (seeds {', '.join(map(str, protocol.seeds))}; "
         f"ipc {', '.join(map(str, protocol.single_seed_ipcs))}: seed {protocol.seeds[0]} only). Distillation in "
-        f"{cfg.distill.precision}{', compiled' if cfg.distill.compile else ', eager'}, evaluation in "
+        f"{precision}{', compiled' if cfg.distill.compile else ', eager'}, evaluation in "
         f"{cfg.evaluation.precision}{', compiled' if cfg.evaluation.compile else ', eager'} (docs/benchmarks.md, "
         "\"Distillation modes\": compile held the accuracy on the CPU protocol at ipc 10, not for dm+dkkt at ipc 1; "
         "bf16 is a slowdown on a CPU without bf16 units).",

@@ -5,6 +5,7 @@ path the benchmarks rely on). `distill.compile` (DM embedder and DKKT term) is p
 import pytest
 import torch
 
+from common import runtime
 from common.config import DistillConfig, ModelConfig
 from common.models import build_model
 from common.runtime import autocast
@@ -81,9 +82,14 @@ def test_bf16_distill_update_points_where_the_fp32_update_does(theta_star):
     assert cosine(bf16.images - start.images, fp32.images - start.images) > 0.99
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_every_pass_runs_in_the_configured_precision_and_eager_by_default(theta_star, monkeypatch, precision):
-    """fp32 with compile off is the eager fp32 path (no autocast, no compiled gradient); bf16 autocasts every pass."""
+@pytest.mark.parametrize(("precision", "flags", "runs_bf16"), [
+    ("fp32", {"avx512_bf16"}, False), ("bf16", set(), True),
+    ("auto", {"avx2", "avx512_bf16"}, True), ("auto", {"amx_bf16"}, True), ("auto", {"avx2"}, False)])
+def test_every_pass_runs_in_the_configured_precision_and_eager_by_default(theta_star, monkeypatch, precision, flags,
+                                                                         runs_bf16):
+    """fp32 with compile off is the eager fp32 path (no autocast, no compiled gradient); bf16 autocasts every pass;
+    auto is bf16 on a CPU with bf16 units (AVX-512 BF16 or AMX) and fp32 on one without."""
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
     seen: list[bool] = []
     monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x, f=torch.nn.Conv2d.forward: (
         seen.append(torch.is_autocast_enabled("cpu")), f(self, x))[1])
@@ -91,4 +97,11 @@ def test_every_pass_runs_in_the_configured_precision_and_eager_by_default(theta_
     public_x, y = images(4 * C, 8), torch.arange(C).repeat(4)
     cfg = DistillConfig(method="dm+dkkt", ipc=2, iterations=2, batch_real=4, lambda_fit_steps=0, precision=precision)
     distill(theta_star, public_x, y, cfg, ModelConfig(width=WIDTH), C, 5, "cpu")
-    assert seen and all(seen) == (precision == "bf16") and any(seen) == (precision == "bf16")
+    assert seen and all(seen) == runs_bf16 and any(seen) == runs_bf16
+
+
+def test_auto_is_fp32_on_a_gpu_where_bf16_distillation_is_unmeasured(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert runtime.resolve_precision(torch.device("cuda"), "auto") == "fp32"
+    assert runtime.resolve_precision(torch.device("cpu"), "auto") == "bf16"
+    assert [runtime.resolve_precision(torch.device("cpu"), p) for p in ("fp32", "bf16")] == ["fp32", "bf16"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common import runtime
 from common.atomic import load_torch
 from common.config import DistillConfig, ExperimentConfig, ModelConfig
 from common.data import CIFAR10_NORMALIZATION
@@ -53,6 +54,7 @@ def test_each_method_runs_end_to_end_and_writes_its_artifacts(method, theta_star
     result = run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path, CIFAR10_NORMALIZATION)
 
     assert result["seeds"] == [3, 4] and len(result["accuracies"]) == 4
+    assert result["distill_precision"] == "fp32"
     on_disk = json.loads((tmp_path / "result.json").read_text())
     assert on_disk["accuracies"] == result["accuracies"] and on_disk["method"] == method
     for k in range(2):
@@ -76,6 +78,17 @@ def test_each_method_runs_end_to_end_and_writes_its_artifacts(method, theta_star
 
             assert plot_history(seed_dir / "history.jsonl", tmp_path / f"{method}-{k}.png").stat().st_size > 0
     assert on_disk["commit"]
+
+
+@pytest.mark.parametrize(("flags", "ran"), [({"avx512_bf16"}, "bf16"), (set(), "fp32")])
+def test_auto_precision_records_what_it_ran_as(flags, ran, theta_star, tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    public_x, public_y = data(PIPC, seed=1)
+    test_x, test_y = data(5, seed=2)
+    cfg = experiment("dm", precision="auto")
+    result = run_distillation(cfg, theta_star, public_x, public_y, test_x, test_y, tmp_path, CIFAR10_NORMALIZATION)
+    assert result["config"]["distill"]["precision"] == "auto"
+    assert result["distill_precision"] == ran and [r["distill_precision"] for r in result["per_seed"]] == [ran]
 
 
 def test_random_takes_public_images_and_real_init_starts_from_them():

@@ -55,3 +55,14 @@ def test_an_unreadable_record_is_a_one_line_error(tmp_path):
     (tmp_path / "result.json").write_text("{not json")
     with pytest.raises(ValueError, match="result.json: not valid JSON"):
         check_resumable(tmp_path, config_to_dict(build_config(RAW)))
+
+
+def test_auto_precision_matches_a_run_recorded_in_fp32_or_bf16_and_nothing_else():
+    """`auto` runs fp32 or bf16 by the machine (their accuracy agrees): a cell recorded in either is reused or resumed
+    under `auto`, and the other way round; fp32 against bf16 still differs."""
+    auto = config_to_dict(build_config(RAW, {"distill.precision": "auto"}))
+    for concrete in ("fp32", "bf16"):
+        recorded_cfg = config_to_dict(build_config(RAW, {"distill.precision": concrete}))
+        assert same_configuration(recorded_cfg, auto) and same_configuration(auto, recorded_cfg)
+    assert config_differences(config_to_dict(build_config(RAW)), config_to_dict(build_config(
+        RAW, {"distill.precision": "bf16"}))) == ['distill.precision: "fp32" -> "bf16"']
