@@ -31,6 +31,13 @@ def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _as_recorded(config: dict) -> dict:
+    """distill.precision `auto` as the fp32 its committed cells recorded (config_differences matches the two)."""
+    if config["distill"]["precision"] != "auto":
+        return config
+    return {**config, "distill": {**config["distill"], "precision": "fp32"}}
+
+
 def test_every_protocol_grid_file_is_a_preset_of_before():
     assert grids.protocol_names() == sorted(PROTOCOLS)
 
@@ -40,8 +47,8 @@ def test_a_protocol_grid_makes_the_same_cells_with_the_same_configs(preset):
     """Table cells at a fixed ratio and DM counts (the largest curve point), calibration cells, the edge model."""
     protocol = grids.load_protocol(preset)
     conv = {ipc: max(its) for ipc, its in protocol.curve.items()} or None
-    table = [(c.name, config_to_dict(c.cfg), c.columns) for c in grids.table_cells(protocol, {}, 0.3, conv)]
-    calibration = [(c.name, config_to_dict(c.cfg)) for c in grids.calibration_cells(protocol, {})]
+    table = [(c.name, _as_recorded(config_to_dict(c.cfg)), c.columns) for c in grids.table_cells(protocol, {}, 0.3, conv)]
+    calibration = [(c.name, _as_recorded(config_to_dict(c.cfg))) for c in grids.calibration_cells(protocol, {})]
     got = (_digest(table), _digest(calibration), len(table), edge_model_key(grids.base_config(protocol, {})))
     assert got == PROTOCOLS[preset]
 
