@@ -66,8 +66,8 @@ def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge
         f"ipc {', '.join(map(str, protocol.single_seed_ipcs))}: seed {protocol.seeds[0]} only). Distillation in "
         f"{precision}{', compiled' if cfg.distill.compile else ', eager'}, evaluation in "
         f"{cfg.evaluation.precision}{', compiled' if cfg.evaluation.compile else ', eager'} (docs/benchmarks.md, "
-        "\"Distillation modes\": compile held the accuracy on the CPU protocol at ipc 10, not for dm+dkkt at ipc 1; "
-        "bf16 is a slowdown on a CPU without bf16 units).",
+        "\"Distillation modes\": compile and bf16 each held the accuracy on the CPU protocol at ipc 1 and 10, within "
+        "the spread of fp32 reruns; bf16 is the fastest mode on a CPU with bf16 units and a slowdown on one without).",
         f"dkkt_weight auto, dkkt_ratio {ratio:g} (chosen on the validation slice, calibration.json)" if ratio is not None
         else "dkkt_ratio: not calibrated yet",
     ])
