@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import random
@@ -52,8 +53,9 @@ def compiled(fn: Callable[..., torch.Tensor], enabled: bool, device: torch.devic
     return torch.compile(fn, dynamic=False)
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    """The CPU's feature flags (/proc/cpuinfo, read once per process; empty where there is none)."""
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
