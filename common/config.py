@@ -197,8 +197,9 @@ class DistillConfig(_Section):
     # at lambda_lr (server/distill/lambdas.py); 0: start every lambda at lambda_init.
     lambda_fit_steps: int = Field(300, ge=0)
     num_seeds: int = Field(1, ge=1)
-    # torch.compile the DM embedder and the DKKT term's per-chunk gradient (its double backward included): the same
-    # losses to float rounding, faster per step after a one-off compile (docs/benchmarks.md, "Distillation modes").
+    # torch.compile the DM embedder, and the backward of theta*'s instance norms in the DKKT term (inductor fuses their
+    # double backward): the same losses to float rounding, faster per step after one-off compiles of seconds
+    # (docs/benchmarks.md, "Distillation modes").
     compile: bool = False
     # bf16: the DM embedder and the DKKT term under bfloat16 autocast (images, lambda, weights and the optimisers stay
     # fp32): another estimator, whose accuracy difference to fp32 docs/benchmarks.md measures; fp32 is the reference.

@@ -42,15 +42,21 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
-def compiled(fn: Callable[..., torch.Tensor], enabled: bool, device: torch.device, key: str) -> Callable[..., torch.Tensor]:
-    """`fn` itself, or (enabled: the config `key` is on) `torch.compile(fn)` at fixed shapes; a ConfigError naming
-    `key` where the CPU has no C++ compiler for inductor."""
-    if not enabled:
-        return fn
+def require_compiler(device: torch.device, key: str) -> None:
+    """A ConfigError naming the config `key` where torch.compile cannot run: a CPU without a C++ compiler for inductor."""
     if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "clang++", "c++")):
         raise ConfigError(f"{key}=true: torch.compile on the CPU needs a C++ compiler (g++ or clang++) on PATH and none "
                           f"was found; install one or set {key}=false")
-    return torch.compile(fn, dynamic=False)
+
+
+def compiled(fn: Callable[..., torch.Tensor], enabled: bool, device: torch.device, key: str, dynamic: bool = False
+             ) -> Callable[..., torch.Tensor]:
+    """`fn` itself, or (enabled: the config `key` is on) `torch.compile(fn)`, at fixed shapes or (`dynamic`) one graph
+    for every shape; a ConfigError naming `key` where it cannot run (`require_compiler`)."""
+    if not enabled:
+        return fn
+    require_compiler(device, key)
+    return torch.compile(fn, dynamic=dynamic)
 
 
 @functools.cache

@@ -8,30 +8,27 @@ RESEARCH.md section 1.3, as implemented (g_j = grad_theta CE(f(x_j; theta*), y_j
 (stat_weight = plain_weight = 1 is the paper's loss; the weights switch each part off for the ablations.)
 
 sum_j lambda_j g_j is computed as the gradient of the lambda-weighted CE sum (linearity of the gradient):
-one forward and one backward through theta*, kept in the graph (create_graph semantics via torch.func.grad)
+one forward and one backward through theta*, kept in the graph (torch.autograd.grad with create_graph)
 so that the loss is differentiable w.r.t. the images and lambda. This is exact because the model treats
 samples independently (instance norm, or batch norm in eval mode), and it never materialises the n x P
 per-sample gradients that vmap(grad) would (500 images x 320k parameters = 160M floats, all of which the
 backward of the lambda-weighted sum would have to keep). `naive_stationarity_loss` is the per-sample loop
-used as the correctness guard. With `distill.compile` each chunk's gradient runs through torch.compile (inductor
-traces the double backward too; the same values to float rounding); with `distill.precision=bf16` the caller runs the
-term under bfloat16 autocast (`methods.distill`).
+used as the correctness guard. With `distill.compile` the caller passes a theta* whose instance norms have a compiled
+backward (`norm_backward`; the same values to float rounding); with `distill.precision=bf16` it runs the term under
+bfloat16 autocast (`terms.DkktTerm`).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import functional_call
 
 from common.config import DistillConfig
 from common.models import cpu_chunk
-from common.runtime import compiled
 from server.distill.dsa import DSAParams, apply_dsa
 
 
@@ -50,34 +47,25 @@ def _stationarity_distance(params: dict[str, torch.Tensor], weighted_grads: dict
     return sum((params[k] + weighted_grads[k]).abs().sum() for k in params) / total
 
 
-def _weighted_ce(params: dict[str, torch.Tensor], model: nn.Module, buffers: dict[str, torch.Tensor], xs: torch.Tensor,
-                 ys: torch.Tensor, ls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = functional_call(model, (params, buffers), (xs,))
-    return (ls * F.cross_entropy(logits, ys, reduction="none")).sum(), logits
-
-
 def _chunk_grads(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], xs: torch.Tensor,
                  ys: torch.Tensor, ls: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(sum_j lambda_j g_j over the chunk, its logits), both differentiable w.r.t. the images and lambda."""
-    return grad(_weighted_ce, has_aux=True)(params, model, buffers, xs, ys, ls)
-
-
-@functools.cache
-def _compiled_chunk_grads(device_type: str) -> Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    return compiled(_chunk_grads, True, torch.device(device_type), "distill.compile")
+    leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+    logits = functional_call(model, (leaves, buffers), (xs,))
+    weighted_ce = (ls * F.cross_entropy(logits, ys, reduction="none")).sum()
+    grads = torch.autograd.grad(weighted_ce, list(leaves.values()), create_graph=True, materialize_grads=True)
+    return dict(zip(leaves, grads, strict=True)), logits
 
 
 def stationarity_and_logits(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, compile: bool = False
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_stat for candidates (x, y) with multipliers `lambdas`, and the logits f(x; theta*) (both differentiable);
-    `compile`: each chunk's gradient through torch.compile (the same values to float rounding)."""
+    """L_stat for candidates (x, y) with multipliers `lambdas`, and the logits f(x; theta*) (both differentiable)."""
     params = _flat_params(model)
     buffers = dict(model.named_buffers())
-    chunk_grads = _compiled_chunk_grads(x.device.type) if compile else _chunk_grads
     # On the CPU, sum the chunks' weighted gradients (cache-sized activations; the same sum to float rounding).
     chunk = cpu_chunk(model, x) or x.shape[0]
-    parts = [chunk_grads(model, params, buffers, xs, ys, ls)
+    parts = [_chunk_grads(model, params, buffers, xs, ys, ls)
              for xs, ys, ls in zip(x.split(chunk), y.split(chunk), lambdas.split(chunk), strict=True)]
     if len(parts) == 1:
         weighted_grads, logits = parts[0]
@@ -111,10 +99,10 @@ def primal_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def kkt_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, primal_weight: float, compile: bool = False
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor, primal_weight: float
 ) -> dict[str, torch.Tensor]:
     """{'kkt': L_stat + primal_weight * L_prim, 'stat': L_stat, 'primal': L_prim}."""
-    stat, logits = stationarity_and_logits(model, x, y, lambdas, compile)
+    stat, logits = stationarity_and_logits(model, x, y, lambdas)
     prim = primal_loss(logits.to(x.dtype), y)  # the images' dtype: bf16 logits under autocast
     return {"kkt": stat + primal_weight * prim, "stat": stat, "primal": prim}
 
@@ -144,7 +132,7 @@ def dkkt_parts(
     for suffix, (weight, view) in views.items():
         if weight == 0:
             continue
-        kkt = kkt_loss(model, apply_dsa(x, aug) if view is None else view, y, lambdas, cfg.primal_weight, cfg.compile)
+        kkt = kkt_loss(model, apply_dsa(x, aug) if view is None else view, y, lambdas, cfg.primal_weight)
         terms.update({f"stat{suffix}": kkt["stat"], f"primal{suffix}": kkt["primal"]})
         parts.update({f"stat{suffix}": weight * cfg.stat_weight * kkt["stat"],
                       f"primal{suffix}": weight * cfg.primal_weight * kkt["primal"]})

@@ -15,12 +15,13 @@ from torch import nn
 
 from common.config import DistillConfig, ModelConfig
 from common.models import model_from_config
-from common.runtime import autocast, compiled
+from common.runtime import autocast, compiled, require_compiler
 from server.distill.balance import DkktWeight
 from server.distill.dkkt import dkkt_loss
 from server.distill.dm import PublicPool, dm_loss, randomize_
 from server.distill.dsa import sample_dsa
 from server.distill.lambdas import Multipliers, fitted_multipliers, flat_parameters
+from server.distill.norm_backward import with_compiled_norm_backward
 
 Terms = dict[str, torch.Tensor]
 
@@ -67,6 +68,11 @@ class DkktTerm:
     def __init__(self, frozen: nn.Module, cfg: DistillConfig, lambdas: torch.Tensor, num_pixels: int,
                  families: list[str], device: torch.device) -> None:
         self.frozen, self.cfg, self.families, self.device = frozen, cfg, families, device
+        # distill.compile: the loss runs on a copy whose instance norms have a compiled (double) backward; the
+        # multiplier fit (vmap over per-sample gradients) keeps theta* as it is.
+        if cfg.compile:
+            require_compiler(device, "distill.compile")
+        self.loss_model = with_compiled_norm_backward(frozen) if cfg.compile else frozen
         self.multipliers = Multipliers(lambdas, cfg.lambda_lr)
         self.weight = DkktWeight(cfg, num_pixels, device)
         self.theta_abs_mean = flat_parameters(frozen).abs().mean()
@@ -86,7 +92,7 @@ class DkktTerm:
         x, y, lam = dkkt_candidates(syn, syn_y, lambdas, self.cfg.dkkt_candidates, gen)
         aug = sample_dsa(self.families, x.shape[0], gen, self.device)  # one independent draw per candidate
         with autocast(self.device, self.cfg.precision):
-            loss, parts = dkkt_loss(self.frozen, x, y, lam, self.cfg, aug)
+            loss, parts = dkkt_loss(self.loss_model, x, y, lam, self.cfg, aug)
         grad, lambdas.grad = torch.autograd.grad(loss, [syn, lambdas])
         norm = grad.norm()
         weight = self.weight.update(dm_norm, norm)

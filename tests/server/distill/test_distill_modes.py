@@ -9,7 +9,7 @@ from common import runtime
 from common.config import DistillConfig, ModelConfig
 from common.models import build_model
 from common.runtime import autocast
-from server.distill import dkkt
+from server.distill import norm_backward
 from server.distill.dkkt import freeze_model, stationarity_and_logits
 from server.distill.dm import PublicPool, dm_loss
 from server.distill.dsa import parse_strategy, sample_dsa
@@ -87,13 +87,13 @@ def test_bf16_distill_update_points_where_the_fp32_update_does(theta_star):
     ("auto", {"avx2", "avx512_bf16"}, True), ("auto", {"amx_bf16"}, True), ("auto", {"avx2"}, False)])
 def test_every_pass_runs_in_the_configured_precision_and_eager_by_default(theta_star, monkeypatch, precision, flags,
                                                                          runs_bf16):
-    """fp32 with compile off is the eager fp32 path (no autocast, no compiled gradient); bf16 autocasts every pass;
+    """fp32 with compile off is the eager fp32 path (no autocast, no compiled norm backward); bf16 autocasts every pass;
     auto is bf16 on a CPU with bf16 units (AVX-512 BF16 or AMX) and fp32 on one without."""
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
     seen: list[bool] = []
     monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x, f=torch.nn.Conv2d.forward: (
         seen.append(torch.is_autocast_enabled("cpu")), f(self, x))[1])
-    monkeypatch.setattr(dkkt, "_compiled_chunk_grads", lambda device_type: pytest.fail("compiled without compile"))
+    monkeypatch.setattr(norm_backward, "_compiled_backward", lambda device_type: pytest.fail("compiled without compile"))
     public_x, y = images(4 * C, 8), torch.arange(C).repeat(4)
     cfg = DistillConfig(method="dm+dkkt", ipc=2, iterations=2, batch_real=4, lambda_fit_steps=0, precision=precision)
     distill(theta_star, public_x, y, cfg, ModelConfig(width=WIDTH), C, 5, "cpu")

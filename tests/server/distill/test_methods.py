@@ -12,6 +12,7 @@ from common.atomic import load_torch
 from common.config import DistillConfig, ExperimentConfig, ModelConfig
 from common.data import CIFAR10_NORMALIZATION
 from common.models import build_model
+from server.distill import norm_backward
 from server.distill.artifacts import load_synthetic
 from server.distill.methods import SyntheticSet, distill
 from server.distill.run import run_distillation
@@ -195,13 +196,21 @@ def test_dm_then_dkkt_runs_dm_alone_first_then_refits_lambda_and_resumes_exactly
 
 
 @pytest.mark.skipif(not shutil.which("g++") and not shutil.which("clang++"), reason="torch.compile on the CPU needs g++")
-def test_distill_compile_gives_the_eager_images(theta_star):
-    """distill.compile compiles the DM embedder and the DKKT term's per-chunk gradient: the same images to float rounding."""
+def test_distill_compile_gives_the_eager_images(theta_star, monkeypatch):
+    """distill.compile compiles the DM embedder and the backward of theta*'s instance norms in the DKKT term (it runs
+    once per norm layer and chunk, and its own gradient is the double backward): the same images to float rounding."""
+    calls = []
+    compiled_backward = norm_backward._compiled_backward
+    monkeypatch.setattr(norm_backward, "_compiled_backward",
+                        lambda device_type: (calls.append(device_type), compiled_backward(device_type))[1])
     public_x, public_y = data(PIPC, seed=1)
     cfg = DistillConfig(method="dm+dkkt", ipc=IPC, iterations=4, batch_real=4, lambda_fit_steps=2)
     eager = distill(theta_star, public_x, public_y, cfg, ModelConfig(width=8), C, 5, "cpu")
+    assert not calls
     fast = distill(theta_star, public_x, public_y, cfg.model_copy(update={"compile": True}), ModelConfig(width=8), C, 5,
                    "cpu")
+    # iterations x views (plain, augmented) x norm layers x (theta*'s gradient, the primal term's image gradient)
+    assert len(calls) == 4 * 2 * 3 * 2
     start = distill(None, public_x, public_y, cfg.model_copy(update={"method": "random"}), ModelConfig(width=8), C, 5,
                     "cpu")
     assert not torch.allclose(eager.images, start.images)  # the iterations moved the images
