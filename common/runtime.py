@@ -49,14 +49,13 @@ def require_compiler(device: torch.device, key: str) -> None:
                           f"was found; install one or set {key}=false")
 
 
-def compiled(fn: Callable[..., torch.Tensor], enabled: bool, device: torch.device, key: str, dynamic: bool = False
-             ) -> Callable[..., torch.Tensor]:
-    """`fn` itself, or (enabled: the config `key` is on) `torch.compile(fn)`, at fixed shapes or (`dynamic`) one graph
-    for every shape; a ConfigError naming `key` where it cannot run (`require_compiler`)."""
+def compiled(fn: Callable[..., torch.Tensor], enabled: bool, device: torch.device, key: str) -> Callable[..., torch.Tensor]:
+    """`fn` itself, or (enabled: the config `key` is on) `torch.compile(fn)` at fixed shapes; a ConfigError naming
+    `key` where it cannot run (`require_compiler`)."""
     if not enabled:
         return fn
     require_compiler(device, key)
-    return torch.compile(fn, dynamic=dynamic)
+    return torch.compile(fn, dynamic=False)
 
 
 @functools.cache
