@@ -577,7 +577,8 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], ignore: C
     """'key: old -> new' for every dotted key whose value in a recorded config `old` differs from `new`; a key `old`
     lacks (added since) counts as its default, which keeps the old behaviour; a nested split at pipc = private_pipc is
     the plain split of that pipc; distill.precision `auto` matches a recorded fp32 or bf16 (what auto runs, by the
-    machine: their accuracy agrees, docs/benchmarks.md). Keys in `ignore` are not compared."""
+    machine), and distill.compile matches either way (the same losses to float rounding); the accuracy of each agrees
+    with eager fp32 (docs/benchmarks.md, "Distillation modes"). Keys in `ignore` are not compared."""
     defaults = config_to_dict(ExperimentConfig())
     old, new = _plain_split(old), _plain_split(new)
     differ = []
@@ -590,13 +591,16 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], ignore: C
         recorded = recorded if isinstance(recorded, dict) else {}
         for key, value in values.items():
             was = recorded.get(key, defaults.get(section, {}).get(key, value))
-            if f"{section}.{key}" not in ignore and was != value and not _auto_precision(f"{section}.{key}", was, value):
+            if f"{section}.{key}" not in ignore and was != value and not _same_protocol(f"{section}.{key}", was, value):
                 differ.append(f"{section}.{key}: {_shown(was)} -> {_shown(value)}")
     return differ
 
 
-def _auto_precision(key: str, was: Any, value: Any) -> bool:
-    """distill.precision: `auto` against a concrete fp32 / bf16, either way round."""
+def _same_protocol(key: str, was: Any, value: Any) -> bool:
+    """Two values of a distillation mode that run the same protocol: distill.compile either way, distill.precision
+    `auto` against a concrete fp32 / bf16 either way round."""
+    if key == "distill.compile":
+        return True
     return key == "distill.precision" and "auto" in (was, value) and {was, value} <= {"auto", "fp32", "bf16"}
 
 

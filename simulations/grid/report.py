@@ -41,6 +41,9 @@ def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge
     if precision == "auto":
         ran = sorted({r.get("distill_precision") or r["config"]["distill"].get("precision", "fp32") for r in records})
         precision = f"auto precision (bf16 on a CPU with bf16 units, else fp32; the cells ran in {', '.join(ran) or '-'})"
+    compiled = sum(bool(r["config"]["distill"].get("compile")) for r in records) if records else cfg.distill.compile
+    compile_mode = ("eager" if not compiled else "compiled" if not records or compiled == len(records)
+                    else f"compiled in {compiled} of {len(records)} cells, eager in the rest")
     machines = sorted({json.loads((p.parent / "cell.json").read_text()).get("machine")
                        or "CPU: 2 cores (dev VM, model unrecorded)"
                        for p in cell_results})
@@ -64,10 +67,11 @@ def protocol_header(protocol: Protocol, preset: str, cfg: ExperimentConfig, edge
         f"Scale (reduced, not the paper's 20k iterations / 1000 epochs): {scale}; {cfg.evaluation.num_nets} evaluation nets "
         f"per seed; mean ± std over every net of every seed (seeds {', '.join(map(str, protocol.seeds))}; "
         f"ipc {', '.join(map(str, protocol.single_seed_ipcs))}: seed {protocol.seeds[0]} only). Distillation in "
-        f"{precision}{', compiled' if cfg.distill.compile else ', eager'}, evaluation in "
+        f"{precision}, {compile_mode}, evaluation in "
         f"{cfg.evaluation.precision}{', compiled' if cfg.evaluation.compile else ', eager'} (docs/benchmarks.md, "
-        "\"Distillation modes\": compile and bf16 each held the accuracy on the CPU protocol at ipc 1 and 10, within "
-        "the spread of fp32 reruns; bf16 is the fastest mode on a CPU with bf16 units and a slowdown on one without).",
+        "\"Distillation modes\": compile, bf16 and both together each held the accuracy on the CPU protocol at ipc 1 "
+        "and 10, within the spread of fp32 reruns; compile with bf16 is the fastest mode on a CPU with bf16 units, and "
+        "bf16 a slowdown on one without).",
         f"dkkt_weight auto, dkkt_ratio {ratio:g} (chosen on the validation slice, calibration.json)" if ratio is not None
         else "dkkt_ratio: not calibrated yet",
     ])

@@ -32,10 +32,11 @@ def _digest(obj: object) -> str:
 
 
 def _as_recorded(config: dict) -> dict:
-    """distill.precision `auto` as the fp32 its committed cells recorded (config_differences matches the two)."""
+    """The distillation mode as its committed cells recorded it: eager fp32 for `distill.compile` and
+    `distill.precision=auto` (config_differences matches them)."""
     if config["distill"]["precision"] != "auto":
         return config
-    return {**config, "distill": {**config["distill"], "precision": "fp32"}}
+    return {**config, "distill": {**config["distill"], "precision": "fp32", "compile": False}}
 
 
 def test_every_protocol_grid_file_is_a_preset_of_before():

@@ -180,3 +180,25 @@ def test_timing_section_counts_cpu_hours_by_each_cells_threads():
     assert "3 cells, 2.5 hours of cell time, 3.5 CPU-hours" in text
     assert "counted as 1 for the 1 cells" in text and "CPU-hours per method: dm 2.5, random 1.0." in text
     assert "| 1 | 10 | dm | 2 | 1350 | 1350 |" in text
+
+
+def test_the_protocol_header_says_how_the_cells_distilled(tmp_path):
+    """Reused eager cells beside compiled ones: the header counts them, where the preset alone would say compiled."""
+    from simulations.grid.protocol import base_config, load_protocol
+    from simulations.grid.report import protocol_header
+
+    protocol = load_protocol("split-ratio-cpu")
+    cfg = base_config(protocol, {})
+    edge = {"num_clients": 5, "rounds": 3, "test_accuracy": 0.5}
+    results = []
+    for i, compile_ in enumerate([True, False, False]):
+        cell = tmp_path / f"cell{i}"
+        config = {**CONFIG, "distill": {**CONFIG["distill"], "compile": compile_}}
+        save_json(cell / "cell.json", {"cell": cell.name})
+        save_json(cell / "result.json", {"config": config, "commit": "abc1234", "distill_precision": "bf16"})
+        results.append(cell / "result.json")
+    assert cfg.distill.compile
+    assert "cells ran in bf16), compiled in 1 of 3 cells, eager in the rest, evaluation in fp32, eager" in (
+        protocol_header(protocol, "split-ratio-cpu", cfg, edge, 0.3, results))
+    assert "bf16), compiled, evaluation" in protocol_header(protocol, "split-ratio-cpu", cfg, edge, 0.3, results[:1])
+    assert "bf16), eager, evaluation" in protocol_header(protocol, "split-ratio-cpu", cfg, edge, 0.3, results[1:])

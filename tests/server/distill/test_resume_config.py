@@ -66,3 +66,13 @@ def test_auto_precision_matches_a_run_recorded_in_fp32_or_bf16_and_nothing_else(
         assert same_configuration(recorded_cfg, auto) and same_configuration(auto, recorded_cfg)
     assert config_differences(config_to_dict(build_config(RAW)), config_to_dict(build_config(
         RAW, {"distill.precision": "bf16"}))) == ['distill.precision: "fp32" -> "bf16"']
+
+
+def test_a_compiled_run_matches_an_eager_one_either_way():
+    """distill.compile gives the same losses to float rounding (test_methods.py pins the images): a cell recorded
+    eager is reused or resumed compiled, and the other way round, whatever else differs is still named."""
+    eager = config_to_dict(build_config(RAW))
+    compiled = config_to_dict(build_config(RAW, {"distill.compile": True}))
+    assert same_configuration(eager, compiled) and same_configuration(compiled, eager)
+    assert config_differences(eager, config_to_dict(build_config(RAW, {"distill.compile": True, "distill.ipc": 2}))) == [
+        f"distill.ipc: {eager['distill']['ipc']} -> 2"]
