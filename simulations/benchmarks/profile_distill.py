@@ -1,0 +1,102 @@
+"""Where a whole `dm+dkkt` iteration spends its time: torch.profiler over timed iterations of `methods.distill` (the
+sizes of `simulations.bench_distill`: ConvNet-3 width 128, ipc 10, the pipc-50 pool whole in each DM step, every
+candidate in the DKKT term), in each distillation mode, one process.
+
+Per mode: the rate under the profiler, the operators' self CPU time per iteration, and the convolutions' share of it
+(forward and backward). 1 / that share bounds what any saving outside the convolutions can give.
+
+    python -m simulations.benchmarks.profile_distill --modes fp32,compile+bf16 --threads 2 \
+        --json docs/results/profile-cpu-width128-iteration.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from common.atomic import save_json
+from common.config import DistillConfig
+from common.models import build_model
+from common.runtime import describe_machine, git_commit, utc_stamp
+from server.distill.methods import distill
+from simulations.benchmarks.bench_distill import Sizes, class_data, model_of
+
+MODES = ("fp32", "bf16", "compile", "compile+bf16")
+
+
+def is_convolution(op: str) -> bool:
+    """The aten operators that run a convolution or its backward (oneDNN's kernels sit under them)."""
+    return "convolution" in op
+
+
+def profile_mode(sizes: Sizes, mode: str, iterations: int, warmup: int, top: int) -> dict[str, Any]:
+    """One `dm+dkkt` distillation of warmup + iterations steps in `mode`, the last `iterations` under the profiler."""
+    public_x, public_y = class_data(sizes, sizes.pipc, torch.device("cpu"), seed=4)
+    model = build_model(sizes.classes, sizes.channels, sizes.size, sizes.width)
+    cfg = DistillConfig(method="dm+dkkt", ipc=sizes.ipc, iterations=warmup + iterations, batch_real=sizes.batch_real,
+                        log_every=1, checkpoint_every=10**9, compile="compile" in mode,
+                        precision="bf16" if "bf16" in mode else "fp32")
+    prof = profile(activities=[ProfilerActivity.CPU])
+    marks: dict[str, float] = {}
+
+    def on_iteration(it: int, metrics: dict[str, float], current: Any) -> None:
+        if it == warmup:
+            prof.__enter__()
+            marks["start"] = time.perf_counter()
+        elif it == warmup + iterations:
+            marks["end"] = time.perf_counter()
+            prof.__exit__(None, None, None)
+
+    distill(model, public_x, public_y, cfg, model_of(sizes), sizes.classes, 0, torch.device("cpu"), on_iteration)
+    ops = sorted(((e.key, e.self_cpu_time_total / 1e3 / iterations, e.count / iterations) for e in prof.key_averages()),
+                 key=lambda op: -op[1])
+    total = sum(ms for _, ms, _ in ops)
+    conv = sum(ms for name, ms, _ in ops if is_convolution(name))
+    return {"mode": mode, "it_per_s": iterations / (marks["end"] - marks["start"]), "self_ms_per_it": total,
+            "convolution_share": conv / total, "bound_outside_convolutions": total / conv if conv else None,
+            "top_ops": [{"op": name, "self_ms_per_it": ms, "calls_per_it": calls} for name, ms, calls in ops[:top]]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", default="fp32,compile+bf16", help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--iters", type=int, default=6, help="profiled iterations per mode")
+    p.add_argument("--warmup", type=int, default=3, help="iterations before (the compiles happen there)")
+    p.add_argument("--top", type=int, default=15, help="operators kept per mode, by self CPU time")
+    p.add_argument("--small", action="store_true", help="tiny sizes (a smoke run in seconds)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the profiles as JSON")
+    args = p.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    if unknown := sorted(set(modes) - set(MODES)):
+        p.error(f"--modes: unknown {', '.join(unknown)} (choose from {', '.join(MODES)})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = Sizes(classes=3, size=8, width=8, ipc=2, pipc=4, batch_real=8) if args.small else Sizes()
+    print(f"device: {describe_machine(torch.device('cpu'))}; sizes {sizes}")
+    profiles = []
+    for mode in modes:
+        result = profile_mode(sizes, mode, args.iters, args.warmup, args.top)
+        profiles.append(result)
+        print(f"{mode}: {result['it_per_s']:.3f} it/s under the profiler, convolutions "
+              f"{100 * result['convolution_share']:.1f} % of {result['self_ms_per_it']:.0f} ms self CPU per iteration")
+        for op in result["top_ops"]:
+            print(f"  {op['op'][:60]:60s} {op['self_ms_per_it']:8.1f} ms/it {op['calls_per_it']:7.1f} calls/it")
+    if args.json:
+        save_json(args.json, {
+            "command": "python -m simulations.benchmarks.profile_distill " + shlex.join(sys.argv[1:] if argv is None
+                                                                                          else argv),
+            "commit": git_commit(), "date": utc_stamp(), "device": describe_machine(torch.device("cpu")),
+            "sizes": vars(sizes), "iterations": args.iters, "warmup": args.warmup, "profiles": profiles})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
