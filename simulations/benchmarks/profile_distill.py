@@ -3,7 +3,9 @@ sizes of `simulations.bench_distill`: ConvNet-3 width 128, ipc 10, the pipc-50 p
 candidate in the DKKT term), in each distillation mode, one process.
 
 Per mode: the rate under the profiler, the operators' self CPU time per iteration, and the convolutions' share of it
-(forward and backward). 1 / that share bounds what any saving outside the convolutions can give.
+(forward and backward). 1 / that share bounds what any saving outside the convolutions can give. Then each of
+ConvNet-3's convolutions at the CPU chunk's batch, forward, in fp32 and bf16, against a matmul of its im2col shape:
+whether the convolutions already run at the matmul rate the machine reaches at that size.
 
     python -m simulations.benchmarks.profile_distill --modes fp32,compile+bf16 --threads 2 \
         --json docs/results/profile-cpu-width128-iteration.json
@@ -15,15 +17,16 @@ import argparse
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from common.atomic import save_json
 from common.config import DistillConfig
-from common.models import build_model
+from common.models import CPU_CHUNK, build_model
 from common.runtime import describe_machine, git_commit, utc_stamp
 from server.distill.methods import distill
 from simulations.benchmarks.bench_distill import Sizes, class_data, model_of
@@ -64,6 +67,35 @@ def profile_mode(sizes: Sizes, mode: str, iterations: int, warmup: int, top: int
             "top_ops": [{"op": name, "self_ms_per_it": ms, "calls_per_it": calls} for name, ms, calls in ops[:top]]}
 
 
+def rate_ms(fn: Callable[[], Any], repeats: int = 30) -> float:
+    """Milliseconds per call of `fn`, after 5 untimed calls."""
+    for _ in range(5):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def convolutions_against_matmul(sizes: Sizes, batch: int) -> list[dict[str, Any]]:
+    """Each 3x3 convolution of ConvNet-3 (its input channels and side) on `batch` images, in fp32 and bf16: ms per
+    forward and GFLOP/s, beside a matmul of its im2col shape ([batch * side^2, 9 * channels] x [9 * channels, width])."""
+    rows = []
+    for channels, side in ((sizes.channels, sizes.size), (sizes.width, sizes.size // 2), (sizes.width, sizes.size // 4)):
+        flops = 2 * batch * side * side * 9 * channels * sizes.width
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(batch, channels, side, side, dtype=dtype)
+            w = torch.randn(sizes.width, channels, 3, 3, dtype=dtype)
+            cols = torch.randn(batch * side * side, 9 * channels, dtype=dtype)
+            weights = torch.randn(9 * channels, sizes.width, dtype=dtype)
+            conv = rate_ms(lambda x=x, w=w: F.conv2d(x, w, padding=1))
+            matmul = rate_ms(lambda cols=cols, weights=weights: cols @ weights)
+            rows.append({"input": [batch, channels, side, side], "dtype": str(dtype).removeprefix("torch."),
+                         "conv_ms": conv, "conv_gflops": flops / conv / 1e6,
+                         "matmul_ms": matmul, "matmul_gflops": flops / matmul / 1e6})
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default="fp32,compile+bf16", help=f"comma list of {', '.join(MODES)}")
@@ -89,12 +121,17 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{100 * result['convolution_share']:.1f} % of {result['self_ms_per_it']:.0f} ms self CPU per iteration")
         for op in result["top_ops"]:
             print(f"  {op['op'][:60]:60s} {op['self_ms_per_it']:8.1f} ms/it {op['calls_per_it']:7.1f} calls/it")
+    convolutions = convolutions_against_matmul(sizes, CPU_CHUNK)
+    for row in convolutions:
+        print(f"conv {row['input']} {row['dtype']}: {row['conv_gflops']:.0f} GFLOP/s, a matmul of its im2col shape "
+              f"{row['matmul_gflops']:.0f} GFLOP/s")
     if args.json:
         save_json(args.json, {
             "command": "python -m simulations.benchmarks.profile_distill " + shlex.join(sys.argv[1:] if argv is None
                                                                                           else argv),
             "commit": git_commit(), "date": utc_stamp(), "device": describe_machine(torch.device("cpu")),
-            "sizes": vars(sizes), "iterations": args.iters, "warmup": args.warmup, "profiles": profiles})
+            "sizes": vars(sizes), "iterations": args.iters, "warmup": args.warmup, "profiles": profiles,
+            "convolutions": convolutions})
     return 0
 
 

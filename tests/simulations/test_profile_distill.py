@@ -21,6 +21,10 @@ def test_a_small_profile_records_the_convolutions_share_and_the_top_operators(tm
     assert len(fp32["top_ops"]) == 5 and any(is_convolution(op["op"]) for op in fp32["top_ops"])
     times = [op["self_ms_per_it"] for op in fp32["top_ops"]]
     assert times == sorted(times, reverse=True)
+    # ConvNet-3's three convolutions (3 -> 8 channels at 8x8, then 8 -> 8 at 4x4 and 2x2), each in fp32 and bf16
+    assert [(row["input"][1:], row["dtype"]) for row in record["convolutions"]] == [
+        (shape, dtype) for shape in ([3, 8, 8], [8, 4, 4], [8, 2, 2]) for dtype in ("float32", "bfloat16")]
+    assert all(row["conv_gflops"] > 0 and row["matmul_gflops"] > 0 for row in record["convolutions"])
 
 
 def test_an_unknown_mode_is_a_usage_error(capsys):
