@@ -8,7 +8,7 @@ ConvNet-3's convolutions at the CPU chunk's batch, forward, in fp32 and bf16, ag
 whether the convolutions already run at the matmul rate the machine reaches at that size.
 
     python -m simulations.benchmarks.profile_distill --modes fp32,compile+bf16 --threads 2 \
-        --json docs/results/profile-cpu-width128-iteration.json
+        --json docs/results/profile-cpu-width128-zen4-iteration.json
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import argparse
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from common.config import DistillConfig
 from common.models import CPU_CHUNK, build_model
 from common.runtime import describe_machine, git_commit, utc_stamp
 from server.distill.methods import distill
-from simulations.benchmarks.bench_distill import Sizes, class_data, model_of
+from simulations.benchmarks.bench_distill import Sizes, class_data, model_of, rate_of
 
 MODES = ("fp32", "bf16", "compile", "compile+bf16")
 
@@ -67,20 +67,10 @@ def profile_mode(sizes: Sizes, mode: str, iterations: int, warmup: int, top: int
             "top_ops": [{"op": name, "self_ms_per_it": ms, "calls_per_it": calls} for name, ms, calls in ops[:top]]}
 
 
-def rate_ms(fn: Callable[[], Any], repeats: int = 30) -> float:
-    """Milliseconds per call of `fn`, after 5 untimed calls."""
-    for _ in range(5):
-        fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats * 1e3
-
-
 def convolutions_against_matmul(sizes: Sizes, batch: int) -> list[dict[str, Any]]:
     """Each 3x3 convolution of ConvNet-3 (its input channels and side) on `batch` images, in fp32 and bf16: ms per
     forward and GFLOP/s, beside a matmul of its im2col shape ([batch * side^2, 9 * channels] x [9 * channels, width])."""
-    rows = []
+    rows, cpu = [], torch.device("cpu")
     for channels, side in ((sizes.channels, sizes.size), (sizes.width, sizes.size // 2), (sizes.width, sizes.size // 4)):
         flops = 2 * batch * side * side * 9 * channels * sizes.width
         for dtype in (torch.float32, torch.bfloat16):
@@ -88,8 +78,8 @@ def convolutions_against_matmul(sizes: Sizes, batch: int) -> list[dict[str, Any]
             w = torch.randn(sizes.width, channels, 3, 3, dtype=dtype)
             cols = torch.randn(batch * side * side, 9 * channels, dtype=dtype)
             weights = torch.randn(9 * channels, sizes.width, dtype=dtype)
-            conv = rate_ms(lambda x=x, w=w: F.conv2d(x, w, padding=1))
-            matmul = rate_ms(lambda cols=cols, weights=weights: cols @ weights)
+            conv = 1e3 / rate_of(lambda x=x, w=w: F.conv2d(x, w, padding=1), 30, 5, cpu)
+            matmul = 1e3 / rate_of(lambda cols=cols, weights=weights: cols @ weights, 30, 5, cpu)
             rows.append({"input": [batch, channels, side, side], "dtype": str(dtype).removeprefix("torch."),
                          "conv_ms": conv, "conv_gflops": flops / conv / 1e6,
                          "matmul_ms": matmul, "matmul_gflops": flops / matmul / 1e6})
