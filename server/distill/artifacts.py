@@ -74,7 +74,11 @@ def synthetic_bytes(out_dir: Path, name: str = "synthetic") -> dict[str, int]:
 
 
 def save_checkpoint(state: DistillState, labels: torch.Tensor, out_dir: Path, meta: dict[str, Any]) -> Path:
-    """<out_dir>/checkpoint.pt (readable by load_synthetic too) and checkpoint.json (`meta` plus the iteration)."""
+    """<out_dir>/checkpoint.json (`meta` plus the iteration), then checkpoint.pt (readable by load_synthetic too).
+
+    In that order, a process killed between the two writes leaves a checkpoint.pt with a checkpoint.json at least as
+    new beside it, naming its method, seed and config (check_resumable, load_checkpoint); the .pt's own iteration is
+    the one resumed."""
     out_dir = Path(out_dir)
     tensors = {
         "images": state.images,
@@ -87,10 +91,9 @@ def save_checkpoint(state: DistillState, labels: torch.Tensor, out_dir: Path, me
     }
     if state.lambdas is not None:
         tensors["lambdas"] = state.lambdas
-    path = save_torch(out_dir / f"{CHECKPOINT}.pt", tensors)
     save_json(out_dir / f"{CHECKPOINT}.json",
               {**meta, "config_sha256": config_hash(meta["config"]), "iteration": state.iteration})
-    return path
+    return save_torch(out_dir / f"{CHECKPOINT}.pt", tensors)
 
 
 def check_resumable(out_dir: Path, config: dict[str, Any]) -> None:

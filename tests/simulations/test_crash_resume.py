@@ -91,9 +91,9 @@ def test_a_killed_federation_resumes_from_its_last_round_and_ends_like_an_uninte
 def test_a_killed_distillation_resumes_from_its_checkpoint_and_ends_with_the_same_images(tmp_path, reliability):
     killed = tmp_path / "killed"
     kill_when(["distill", *DISTILL, "--out", str(killed)],
-              lambda: first("seed_0/checkpoint.json", killed), tmp_path / "killed.log")
+              lambda: first("seed_0/checkpoint.pt", killed), tmp_path / "killed.log")
     assert not (killed / "seed_0" / "synthetic.pt").exists()
-    iteration = json.loads((killed / "seed_0" / "checkpoint.json").read_text())["iteration"]
+    iteration = int(load_torch(killed / "seed_0" / "checkpoint.pt")["iteration"])
 
     assert main(["distill", "--resume", str(killed)]) == 0
     assert main(["distill", *DISTILL, "--out", str(tmp_path / "reference")]) == 0

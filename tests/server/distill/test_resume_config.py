@@ -76,3 +76,33 @@ def test_a_compiled_run_matches_an_eager_one_either_way():
     assert same_configuration(eager, compiled) and same_configuration(compiled, eager)
     assert config_differences(eager, config_to_dict(build_config(RAW, {"distill.compile": True, "distill.ipc": 2}))) == [
         f"distill.ipc: {eager['distill']['ipc']} -> 2"]
+
+
+def test_a_checkpoint_cut_between_its_two_writes_resumes_the_previous_one(tmp_path, monkeypatch):
+    """Killed after checkpoint.json and before checkpoint.pt (the window a killed sweep hit): the .pt beside it is the
+    previous checkpoint, whose method, seed and config the newer .json names, so the seed resumes from it."""
+    import torch
+
+    from server.distill import artifacts
+    from server.distill.methods import DistillState
+
+    config = config_to_dict(build_config(RAW))
+    meta = {"method": "dm", "seed": 0, "ipc": 1, "config": config}
+    labels = torch.arange(2)
+
+    def state(iteration: int) -> DistillState:
+        return DistillState(iteration, torch.full((2, 3, 4, 4), float(iteration)), None, {}, None,
+                            {"cpu": torch.get_rng_state()})
+
+    artifacts.save_checkpoint(state(1), labels, tmp_path, meta)
+
+    def killed(path, obj):
+        raise KeyboardInterrupt  # the process dies before the .pt is replaced
+
+    monkeypatch.setattr(artifacts, "save_torch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        artifacts.save_checkpoint(state(2), labels, tmp_path, meta)
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["iteration"] == 2
+    check_resumable(tmp_path, config)
+    resumed = artifacts.load_checkpoint(tmp_path, "dm", 0)
+    assert resumed.iteration == 1 and torch.equal(resumed.images, state(1).images)
