@@ -89,9 +89,15 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
+# Environment variables that cap the vector ISA ATen, inductor, oneDNN and MKL use: set, they make a CPU run the code
+# paths of a lesser one (e.g. AVX2 on an AVX-512 machine), so a record names them.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def describe_machine(device: torch.device) -> str:
     """The machine a figure was measured on: the GPU's name, or the CPU's model, its vector units (torch's CPU
-    capability and any bf16 units: two CPUs of one model name can differ there), core count and torch threads."""
+    capability and any bf16 units: two CPUs of one model name can differ there), core count and torch threads, and
+    any ISA limit set in the environment (ISA_LIMITS)."""
     if device.type == "cuda":
         return f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cpuinfo = Path("/proc/cpuinfo")
@@ -99,8 +105,10 @@ def describe_machine(device: torch.device) -> str:
              if line.startswith("model name")] if cpuinfo.is_file() else []
     bf16 = [flag for flag in CPU_BF16_UNITS if flag in cpu_flags()]
     units = f"{torch.backends.cpu.get_cpu_capability()}, {' + '.join(bf16) if bf16 else 'no bf16 units'}"
+    limits = [f"{key}={os.environ[key]}" for key in ISA_LIMITS if os.environ.get(key)]
     return (f"CPU: {len(names) or 'unknown number of'} cores ({names[0] if names else platform.machine()}; {units}), "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
+            + (f"; ISA limited by {', '.join(limits)}" if limits else ""))
 
 
 def utc_stamp() -> str:
