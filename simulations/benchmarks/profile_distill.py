@@ -3,9 +3,10 @@ sizes of `simulations.bench_distill`: ConvNet-3 width 128, ipc 10, the pipc-50 p
 candidate in the DKKT term), in each distillation mode, one process.
 
 Per mode: the rate under the profiler, the operators' self CPU time per iteration, and the convolutions' share of it
-(forward and backward). 1 / that share bounds what any saving outside the convolutions can give. The convolutions are
-also listed by input shape, and the share of the weight term PyTorch's convolution double backward computes whether
-or not it is wanted (`is_double_backward_weight_term`: theta* is frozen, so in the DKKT term it never is). Then each of
+(forward and backward). 1 / that share bounds what any saving outside the convolutions can give. One more step,
+profiled apart with input shapes, lists the convolutions by shape and the fraction of their time that goes to the
+weight term PyTorch's convolution double backward computes whether or not it is wanted
+(`is_double_backward_weight_term`: theta* is frozen, so in the DKKT term it never is). Then each of
 ConvNet-3's convolutions at the CPU chunk's batch, forward, in fp32 and bf16, against a matmul of its im2col shape:
 whether the convolutions already run at the matmul rate the machine reaches at that size.
 
@@ -50,39 +51,47 @@ def is_double_backward_weight_term(op: str, shapes: Sequence[Sequence[int]]) -> 
 
 
 def profile_mode(sizes: Sizes, mode: str, iterations: int, warmup: int, top: int) -> dict[str, Any]:
-    """One `dm+dkkt` distillation of warmup + iterations steps in `mode`, the last `iterations` under the profiler."""
+    """One `dm+dkkt` distillation in `mode`: `warmup` steps, `iterations` under the profiler (timed), then one more
+    with the operators' input shapes recorded, apart: recording them roughly doubles the process's memory per
+    profiled iteration here and slows the element-wise operators several-fold, so that step gives the convolutions by
+    shape and the weight term's fraction of the convolution time, and the timed steps everything else."""
     public_x, public_y = class_data(sizes, sizes.pipc, torch.device("cpu"), seed=4)
     model = build_model(sizes.classes, sizes.channels, sizes.size, sizes.width)
-    cfg = DistillConfig(method="dm+dkkt", ipc=sizes.ipc, iterations=warmup + iterations, batch_real=sizes.batch_real,
-                        log_every=1, checkpoint_every=10**9, compile="compile" in mode,
+    cfg = DistillConfig(method="dm+dkkt", ipc=sizes.ipc, iterations=warmup + iterations + 1,
+                        batch_real=sizes.batch_real, log_every=1, checkpoint_every=10**9, compile="compile" in mode,
                         precision="bf16" if "bf16" in mode else "fp32")
-    prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+    timed = profile(activities=[ProfilerActivity.CPU])
+    shaped = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
     marks: dict[str, float] = {}
 
     def on_iteration(it: int, metrics: dict[str, float], current: Any) -> None:
         if it == warmup:
-            prof.__enter__()
+            timed.__enter__()
             marks["start"] = time.perf_counter()
         elif it == warmup + iterations:
             marks["end"] = time.perf_counter()
-            prof.__exit__(None, None, None)
+            timed.__exit__(None, None, None)
+            shaped.__enter__()
+        elif it == warmup + iterations + 1:
+            shaped.__exit__(None, None, None)
 
     distill(model, public_x, public_y, cfg, model_of(sizes), sizes.classes, 0, torch.device("cpu"), on_iteration)
-    ops = sorted(((e.key, e.self_cpu_time_total / 1e3 / iterations, e.count / iterations) for e in prof.key_averages()),
+    ops = sorted(((e.key, e.self_cpu_time_total / 1e3 / iterations, e.count / iterations) for e in timed.key_averages()),
                  key=lambda op: -op[1])
     total = sum(ms for _, ms, _ in ops)
     conv = sum(ms for name, ms, _ in ops if is_convolution(name))
     by_shape = sorted(({"op": e.key, "input_shapes": [list(shape) for shape in e.input_shapes[:2]],
-                        "self_ms_per_it": e.self_cpu_time_total / 1e3 / iterations, "calls_per_it": e.count / iterations,
+                        "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count,
                         "weight_term": is_double_backward_weight_term(e.key, e.input_shapes)}
-                       for e in prof.key_averages(group_by_input_shape=True) if is_convolution(e.key)),
-                      key=lambda row: -row["self_ms_per_it"])
-    weight_term = sum(row["self_ms_per_it"] for row in by_shape if row["weight_term"])
+                       for e in shaped.key_averages(group_by_input_shape=True) if is_convolution(e.key)),
+                      key=lambda row: -row["self_ms"])
+    shaped_conv = sum(row["self_ms"] for row in by_shape)
+    of_convolutions = sum(row["self_ms"] for row in by_shape if row["weight_term"]) / shaped_conv
     return {"mode": mode, "it_per_s": iterations / (marks["end"] - marks["start"]), "self_ms_per_it": total,
             "convolution_share": conv / total, "bound_outside_convolutions": total / conv if conv else None,
-            "weight_term_share": weight_term / total,
+            "weight_term_of_convolutions": of_convolutions, "weight_term_share": of_convolutions * conv / total,
             "top_ops": [{"op": name, "self_ms_per_it": ms, "calls_per_it": calls} for name, ms, calls in ops[:top]],
-            "convolutions_by_shape": [row for row in by_shape if row["self_ms_per_it"] > 0]}
+            "convolutions_by_shape": [row for row in by_shape if row["self_ms"] > 0]}
 
 
 def convolutions_against_matmul(sizes: Sizes, batch: int) -> list[dict[str, Any]]:
@@ -127,13 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         profiles.append(result)
         print(f"{mode}: {result['it_per_s']:.3f} it/s under the profiler, convolutions "
               f"{100 * result['convolution_share']:.1f} % of {result['self_ms_per_it']:.0f} ms self CPU per iteration, "
-              f"the unwanted weight term of their double backward {100 * result['weight_term_share']:.1f} %")
+              f"the unwanted weight term of their double backward {100 * result['weight_term_of_convolutions']:.1f} % "
+              f"of the convolutions (the shapes step), so {100 * result['weight_term_share']:.1f} % of the iteration")
         for op in result["top_ops"]:
             print(f"  {op['op'][:60]:60s} {op['self_ms_per_it']:8.1f} ms/it {op['calls_per_it']:7.1f} calls/it")
         for row in result["convolutions_by_shape"]:
             shapes = " x ".join(str(shape) for shape in row["input_shapes"])
             print(f"  {row['op'][:26]:26s} {shapes[:50]:50s}{' (weight term)' if row['weight_term'] else '':14s} "
-                  f"{row['self_ms_per_it']:8.1f} ms/it {row['calls_per_it']:7.1f} calls/it")
+                  f"{row['self_ms']:8.1f} ms {row['calls']:5d} calls (the shapes step)")
     convolutions = convolutions_against_matmul(sizes, CPU_CHUNK)
     for row in convolutions:
         print(f"conv {row['input']} {row['dtype']}: {row['conv_gflops']:.0f} GFLOP/s, a matmul of its im2col shape "

@@ -28,8 +28,9 @@ def test_a_small_profile_records_the_convolutions_share_and_the_top_operators(tm
     terms = [row for row in by_shape if row["weight_term"]]
     assert terms and {tuple(map(tuple, row["input_shapes"])) for row in terms} <= {((8, 6, 4, 4), (8, 6, 4, 4)),
                                                                           ((8, 6, 2, 2), (8, 6, 2, 2))}
-    assert fp32["weight_term_share"] * fp32["self_ms_per_it"] == pytest.approx(
-        sum(row["self_ms_per_it"] for row in terms))
+    assert fp32["weight_term_of_convolutions"] == pytest.approx(
+        sum(row["self_ms"] for row in terms) / sum(row["self_ms"] for row in by_shape))
+    assert 0 < fp32["weight_term_share"] == pytest.approx(fp32["weight_term_of_convolutions"] * fp32["convolution_share"])
     # ConvNet-3's three convolutions (3 -> 8 channels at 8x8, then 8 -> 8 at 4x4 and 2x2), each in fp32 and bf16
     assert [(row["input"][1:], row["dtype"]) for row in record["convolutions"]] == [
         (shape, dtype) for shape in ([3, 8, 8], [8, 4, 4], [8, 2, 2]) for dtype in ("float32", "bfloat16")]
