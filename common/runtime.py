@@ -49,6 +49,22 @@ def require_compiler(device: torch.device, key: str) -> None:
                           f"was found; install one or set {key}=false")
 
 
+def isolate_compile_cache() -> None:
+    """Compiled code in a cache directory of its own when ATEN_CPU_CAPABILITY is set and no directory is chosen
+    (TORCHINDUCTOR_CACHE_DIR): inductor generates CPU code for that vector ISA but does not key its cache on it. On
+    torch 2.14.1 (2026-12-06, docs/benchmarks.md) code cached under `avx2` aborted an AVX-512 run with heap corruption,
+    and code cached without the variable gave NaN under `avx2`."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}-{capability.lower()}"
+
+
+# At import, before anything imports torch._dynamo: its import fixes the cache directory for the process.
+isolate_compile_cache()
+
+
 def compiled(fn: Callable[..., torch.Tensor], enabled: bool, device: torch.device, key: str) -> Callable[..., torch.Tensor]:
     """`fn` itself, or (enabled: the config `key` is on) `torch.compile(fn)` at fixed shapes; a ConfigError naming
     `key` where it cannot run (`require_compiler`)."""

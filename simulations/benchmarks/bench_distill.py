@@ -49,7 +49,7 @@ import common.models as models
 from common.atomic import save_json
 from common.config import DistillConfig, EvaluationConfig, ModelConfig
 from common.models import build_model
-from common.runtime import autocast, describe_machine, git_commit, pick_device, utc_stamp
+from common.runtime import autocast, compiled, describe_machine, git_commit, pick_device, utc_stamp
 from server.distill.dkkt import freeze_model, naive_stationarity_loss, stationarity_loss
 from server.distill.dm import PublicPool, dm_loss, randomize_
 from server.distill.dsa import DEFAULT_STRATEGY, DSAParams, apply_dsa, parse_strategy, sample_dsa
@@ -253,7 +253,7 @@ def bench_dm(sizes: Sizes, args: argparse.Namespace, device: torch.device, varia
                 if channels_last:
                     module = module.to(memory_format=torch.channels_last)
                 if "compile" in variant.split("+"):  # the module itself (cpu_chunk reads its layers), embed compiled
-                    module.embed = torch.compile(module.embed, dynamic=False)
+                    module.embed = compiled(module.embed, True, device, "distill.compile")
                 precision = "bf16" if "bf16" in variant.split("+") else "fp32"
                 # The loss of one fixed draw, for the difference to fp32.
                 torch.manual_seed(1)

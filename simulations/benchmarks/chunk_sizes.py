@@ -7,10 +7,10 @@ chunk size in each mode, one process.
   eval_step  one evaluation training step on the ipc-10 set (100 images): forward in chunks, cross-entropy, backward,
              SGD step (`evaluate.train_net`'s inner loop, `net_forward` in the mode).
 
-ConvNet-3 at width 128 (`simulations.bench_distill.Sizes`). Modes: fp32 (eager) and the split-ratio CPU preset's
-compile+bf16 (`distill.compile`, `distill.precision=bf16`; `evaluation.compile` and `evaluation.precision=bf16` for the
-evaluation step). "whole" is one pass over all images. Compiled code is reset between chunk sizes, so each size
-compiles afresh in its untimed warm-up.
+ConvNet-3 at width 128 (`simulations.bench_distill.Sizes`, --ipc). Modes: fp32 (eager), bf16, compile and
+compile+bf16 (the split-ratio CPU preset's on a CPU with bf16 units): `distill.compile` and `distill.precision`, and
+`evaluation.compile` and `evaluation.precision` for the evaluation step. "whole" is one pass over all images.
+Compiled code is reset between chunk sizes, so each size compiles afresh in its untimed warm-up.
 
     python -m simulations.benchmarks.chunk_sizes --threads 2 --json docs/results/chunk-sizes-cpu-width128-zen4.json
 """
@@ -31,13 +31,13 @@ import common.models as models
 from common.atomic import save_json
 from common.config import EvaluationConfig
 from common.models import build_model, in_chunks
-from common.runtime import autocast, describe_machine, git_commit, utc_stamp
+from common.runtime import autocast, compiled, describe_machine, git_commit, utc_stamp
 from server.distill.dkkt import freeze_model, stationarity_and_logits
 from server.distill.evaluate import net_forward
 from server.distill.norm_backward import with_compiled_norm_backward
 from simulations.benchmarks.bench_distill import Sizes, class_data, rate_of
 
-MODES = ("fp32", "compile+bf16")
+MODES = ("fp32", "bf16", "compile", "compile+bf16")
 WORKLOADS = ("dkkt", "dm_real", "eval_step")
 WHOLE = "whole"
 
@@ -73,7 +73,7 @@ def workload(name: str, mode: str, sizes: Sizes) -> Callable[[], Any]:
         return dkkt
     if name == "dm_real":
         embedder = net.train().requires_grad_(False)
-        embed = torch.compile(embedder.embed, dynamic=False) if compile_ else embedder.embed
+        embed = compiled(embedder.embed, compile_, cpu, "distill.compile")
         real_x, _ = class_data(sizes, sizes.pipc, cpu, seed=4)
 
         def dm_real() -> torch.Tensor:
@@ -122,7 +122,9 @@ def parse_chunks(spec: str) -> list[int | None]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chunks", default="10,20,50,whole", help="comma list of images per pass, 'whole' for one pass")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--modes", default="fp32,compile+bf16", help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--ipc", type=int, default=None, help="synthetic images per class: the DKKT candidates and the "
+                   "evaluation set (default 10)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
     p.add_argument("--iters", type=int, default=10, help="timed calls per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before (the compiles happen there)")
@@ -143,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = Sizes(classes=3, size=8, width=8, ipc=2, pipc=4) if args.small else Sizes()
+    sizes.ipc = args.ipc or sizes.ipc
     print(f"device: {describe_machine(torch.device('cpu'))}; sizes {sizes}")
     rows = measure(sizes, workloads, modes, chunks, args.iters, args.warmup)
     if args.json:
