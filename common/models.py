@@ -139,16 +139,16 @@ def count_parameters(model: nn.Module) -> int:
 CPU_CHUNK = 20  # images per pass on the CPU (docs/benchmarks.md, "CPU fast path"): cache-sized activations
 
 
-def cpu_chunk(model: nn.Module, x: torch.Tensor) -> int | None:
-    """How many images of `x` one pass of `model` should take: CPU_CHUNK on the CPU, where a ConvNet-3's
-    memory-bound layers (norm, ReLU, pooling) run ~1.4x faster on cache-sized activations; None (all at once) on
-    an accelerator, or where a pass over a chunk would differ from a pass over the whole batch (batch norm in
+def cpu_chunk(model: nn.Module, x: torch.Tensor, size: int | None = None) -> int | None:
+    """How many images of `x` one pass of `model` should take: `size` (default CPU_CHUNK) on the CPU, where a
+    ConvNet-3's memory-bound layers (norm, ReLU, pooling) run faster on cache-sized activations; None (all at once)
+    on an accelerator, or where a pass over a chunk would differ from a pass over the whole batch (batch norm in
     training mode)."""
     if x.device.type != "cpu":
         return None
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
         return None
-    return CPU_CHUNK
+    return size or CPU_CHUNK
 
 
 def in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int | None) -> torch.Tensor:

@@ -57,6 +57,12 @@ def _chunk_grads(model: nn.Module, params: dict[str, torch.Tensor], buffers: dic
     return dict(zip(leaves, grads, strict=True)), logits
 
 
+# Images per pass of this term on the CPU under bfloat16 autocast (`distill.precision`), eager or compiled: there 50
+# ran 1.04-1.14x faster than CPU_CHUNK's 20 at 100 and 200 candidates; in fp32, 20 stays the faster (docs/benchmarks.md,
+# "Chunk sizes", simulations.benchmarks.chunk_sizes).
+BF16_CHUNK = 50
+
+
 def stationarity_and_logits(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambdas: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +70,8 @@ def stationarity_and_logits(
     params = _flat_params(model)
     buffers = dict(model.named_buffers())
     # On the CPU, sum the chunks' weighted gradients (cache-sized activations; the same sum to float rounding).
-    chunk = cpu_chunk(model, x) or x.shape[0]
+    bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    chunk = cpu_chunk(model, x, BF16_CHUNK if bf16 else None) or x.shape[0]
     parts = [_chunk_grads(model, params, buffers, xs, ys, ls)
              for xs, ys, ls in zip(x.split(chunk), y.split(chunk), lambdas.split(chunk), strict=True)]
     if len(parts) == 1:

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 import common.models as models
+import server.distill.dkkt as dkkt_term
 from common.atomic import save_json
 from common.config import EvaluationConfig
 from common.models import build_model, in_chunks
 from common.runtime import autocast, compiled, describe_machine, git_commit, utc_stamp
-from server.distill.dkkt import freeze_model, stationarity_and_logits
 from server.distill.evaluate import net_forward
 from server.distill.norm_backward import with_compiled_norm_backward
 from simulations.benchmarks.bench_distill import Sizes, class_data, rate_of
@@ -44,13 +44,14 @@ WHOLE = "whole"
 
 @contextlib.contextmanager
 def chunk_of(size: int | None) -> Iterator[None]:
-    """`common.models.CPU_CHUNK` set to `size` (None: one pass over the whole batch), restored after."""
-    saved = models.CPU_CHUNK
-    models.CPU_CHUNK = size or 10**9
+    """Every CPU pass `size` images (None: one pass over the whole batch): `common.models.CPU_CHUNK` and the DKKT
+    term's bf16 chunk (`server.distill.dkkt.BF16_CHUNK`) set, restored after."""
+    saved = models.CPU_CHUNK, dkkt_term.BF16_CHUNK
+    models.CPU_CHUNK = dkkt_term.BF16_CHUNK = size or 10**9
     try:
         yield
     finally:
-        models.CPU_CHUNK = saved
+        models.CPU_CHUNK, dkkt_term.BF16_CHUNK = saved
 
 
 def workload(name: str, mode: str, sizes: Sizes) -> Callable[[], Any]:
@@ -60,7 +61,7 @@ def workload(name: str, mode: str, sizes: Sizes) -> Callable[[], Any]:
     cpu = torch.device("cpu")
     net = build_model(sizes.classes, sizes.channels, sizes.size, sizes.width)
     if name == "dkkt":
-        frozen = freeze_model(net, cpu)
+        frozen = dkkt_term.freeze_model(net, cpu)
         model = with_compiled_norm_backward(frozen) if compile_ else frozen
         n = sizes.ipc * sizes.classes
         x = torch.randn(n, sizes.channels, sizes.size, sizes.size, requires_grad=True)
@@ -68,7 +69,7 @@ def workload(name: str, mode: str, sizes: Sizes) -> Callable[[], Any]:
 
         def dkkt() -> Any:
             with autocast(cpu, precision):
-                stat, _ = stationarity_and_logits(model, x, y, lambdas)
+                stat, _ = dkkt_term.stationarity_and_logits(model, x, y, lambdas)
             return torch.autograd.grad(stat, [x, lambdas])
         return dkkt
     if name == "dm_real":

@@ -87,3 +87,29 @@ def test_evaluation_nets_and_accuracies_on_fixed_seeds(chunked):
     accuracies = chunked(lambda: [train_and_test(syn_x, syn_y, test_x, test_y, NetProtocol(cfg, model_cfg, CLASSES), s)
                                   for s in (0, 1, 2)])
     assert accuracies[0] == accuracies[1]
+
+
+@pytest.mark.parametrize(("precision", "expected"), [("fp32", "cpu"), ("bf16", "bf16")])
+def test_the_stationarity_term_takes_bf16_chunks_under_bf16_autocast(monkeypatch, precision, expected):
+    """Under bf16 autocast the DKKT term's passes take dkkt.BF16_CHUNK images (measured faster there), in fp32
+    CPU_CHUNK; the value is the whole-batch one to float rounding either way."""
+    import server.distill.dkkt as dkkt
+    from common.runtime import autocast
+
+    monkeypatch.setattr(models, "CPU_CHUNK", 7)
+    monkeypatch.setattr(dkkt, "BF16_CHUNK", 11)
+    sizes: list[int] = []
+    chunk_grads = dkkt._chunk_grads
+    monkeypatch.setattr(dkkt, "_chunk_grads", lambda model, p, b, xs, *rest: sizes.append(xs.shape[0])
+                        or chunk_grads(model, p, b, xs, *rest))
+    model = freeze_model(build_model(CLASSES, 3, 16, WIDTH), "cpu")
+    x, y = images(N_REAL, 4), torch.arange(CLASSES).repeat_interleave(N_REAL // CLASSES)
+    lam = torch.rand(N_REAL, generator=torch.Generator().manual_seed(5))
+    with autocast(torch.device("cpu"), precision):
+        chunked = stationarity_loss(model, x, y, lam)
+    assert sizes == ({"cpu": [7, 7, 7, 7, 2], "bf16": [11, 11, 8]}[expected])
+    monkeypatch.setattr(models, "CPU_CHUNK", 10**9)
+    monkeypatch.setattr(dkkt, "BF16_CHUNK", 10**9)
+    with autocast(torch.device("cpu"), precision):
+        whole = stationarity_loss(model, x, y, lam)
+    torch.testing.assert_close(chunked, whole, rtol=1e-2 if precision == "bf16" else 1e-5, atol=1e-6)
