@@ -59,7 +59,7 @@ def _chunk_grads(model: nn.Module, params: dict[str, torch.Tensor], buffers: dic
 
 # Images per pass of this term on the CPU under bfloat16 autocast (`distill.precision`), eager or compiled: there 50
 # ran 1.04-1.16x faster than CPU_CHUNK's 20 at 100 and 200 candidates; in fp32, 20 stays the faster (docs/benchmarks.md,
-# "Chunk sizes", simulations.benchmarks.chunk_sizes).
+# "Chunk size: re-measured", simulations.benchmarks.chunk_sizes).
 BF16_CHUNK = 50
 
 
