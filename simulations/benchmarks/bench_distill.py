@@ -62,6 +62,14 @@ FULL_ITERATIONS = 20_000
 FULL_NETS = 5
 
 
+DISTILL_MODES = ("fp32", "bf16", "compile", "compile+bf16")  # distillation modes by name, "+" combining two
+
+
+def distill_mode(mode: str) -> dict[str, Any]:
+    """The `distill.compile` and `distill.precision` of a mode name of DISTILL_MODES."""
+    return {"compile": "compile" in mode, "precision": "bf16" if "bf16" in mode else "fp32"}
+
+
 @dataclass
 class Sizes:
     classes: int = 10
@@ -521,7 +529,7 @@ def bench_full_iteration(sizes: Sizes, args: argparse.Namespace, device: torch.d
     r, peak, _ = distill_rate(sizes, sizes.ipc, args.iters, args.warmup, device)
     rows.append(shown(Row(section, f"ipc {sizes.ipc}", r, "it/s", r / base, peak)))
     for variant in (v for v in variants if v in ("compile", "bf16", "compile+bf16")):
-        mode = {"compile": "compile" in variant, "precision": "bf16" if "bf16" in variant else "fp32"}
+        mode = distill_mode(variant)
         try:
             r, peak, _ = distill_rate(sizes, sizes.ipc, args.iters, args.warmup, device, mode)
             rows.append(shown(Row(section, f"ipc {sizes.ipc} + distill.{variant}", r, "it/s", r / base, peak)))

@@ -35,9 +35,9 @@ from common.models import build_model, in_chunks
 from common.runtime import autocast, compiled, describe_machine, git_commit, utc_stamp
 from server.distill.evaluate import net_forward
 from server.distill.norm_backward import with_compiled_norm_backward
-from simulations.benchmarks.bench_distill import Sizes, class_data, rate_of
+from simulations.benchmarks.bench_distill import DISTILL_MODES as MODES
+from simulations.benchmarks.bench_distill import Sizes, class_data, distill_mode, rate_of
 
-MODES = ("fp32", "bf16", "compile", "compile+bf16")
 WORKLOADS = ("dkkt", "dm_real", "eval_step")
 WHOLE = "whole"
 
@@ -57,7 +57,8 @@ def chunk_of(size: int | None) -> Iterator[None]:
 def workload(name: str, mode: str, sizes: Sizes) -> Callable[[], Any]:
     """One call of `name` in `mode` on fixed random inputs (the same seed for every chunk size)."""
     torch.manual_seed(0)
-    compile_, precision = "compile" in mode, "bf16" if "bf16" in mode else "fp32"
+    settings = distill_mode(mode)
+    compile_, precision = settings["compile"], settings["precision"]
     cpu = torch.device("cpu")
     net = build_model(sizes.classes, sizes.channels, sizes.size, sizes.width)
     if name == "dkkt":

@@ -32,9 +32,8 @@ from common.config import DistillConfig
 from common.models import CPU_CHUNK, build_model
 from common.runtime import describe_machine, git_commit, utc_stamp
 from server.distill.methods import distill
-from simulations.benchmarks.bench_distill import Sizes, class_data, model_of, rate_of
-
-MODES = ("fp32", "bf16", "compile", "compile+bf16")
+from simulations.benchmarks.bench_distill import DISTILL_MODES as MODES
+from simulations.benchmarks.bench_distill import Sizes, class_data, distill_mode, model_of, rate_of
 
 
 def is_convolution(op: str) -> bool:
@@ -58,8 +57,7 @@ def profile_mode(sizes: Sizes, mode: str, iterations: int, warmup: int, top: int
     public_x, public_y = class_data(sizes, sizes.pipc, torch.device("cpu"), seed=4)
     model = build_model(sizes.classes, sizes.channels, sizes.size, sizes.width)
     cfg = DistillConfig(method="dm+dkkt", ipc=sizes.ipc, iterations=warmup + iterations + 1,
-                        batch_real=sizes.batch_real, log_every=1, checkpoint_every=10**9, compile="compile" in mode,
-                        precision="bf16" if "bf16" in mode else "fp32")
+                        batch_real=sizes.batch_real, log_every=1, checkpoint_every=10**9, **distill_mode(mode))
     timed = profile(activities=[ProfilerActivity.CPU])
     shaped = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
     marks: dict[str, float] = {}
